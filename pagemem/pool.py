@@ -124,13 +124,15 @@ class PagePool:
             for p, n in Counter(page_ids).items():
                 if rc[p] < n:
                     raise ValueError(f"double free: page {p} has refcount {rc[p]}, freed {n} time(s)")
+        cached, free = self._key_of, self._free
         for p in page_ids:
+            p = int(p)
             rc[p] -= 1
             if rc[p] == 0:
-                if p in self._key_of:
+                if p in cached:
                     self.policy.add(p, priority)
                 else:
-                    self._free[p] = None
+                    free[p] = None
 
     def share(self, page_ids: Sequence[int]) -> None:
         """Add one reference to each page, which must be in use (e.g. a forked sequence)."""
@@ -207,7 +209,9 @@ class PagePool:
     def _check_ids(self, page_ids: Iterable[int], name: str) -> None:
         n = self.num_pages
         for p in page_ids:
-            if type(p) is not int and not isinstance(p, (int, np.integer)) or isinstance(p, bool):
+            if type(p) is int and 0 < p < n:  # the common case, kept cheap
+                continue
+            if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
                 raise TypeError(f"{name} must hold ints, got {type(p).__name__}")
             if not 0 < p < n:
                 what = "NULL_PAGE (0)" if p == NULL_PAGE else f"{p}, outside [1, {n})"
