@@ -19,8 +19,12 @@ from pagemem.config import PoolConfig
 from pagemem.eviction import FIFO, LRU, EvictionPolicy, Priority
 from pagemem.page_table import PagedBatch, SeqPages, pack_batch, slot
 from pagemem.pool import NULL_PAGE, OutOfPages, PagePool, PoolStats
+from pagemem.prefix_cache import PrefixCache, PrefixCacheStats
+from pagemem.swap import HostSwap, OutOfHostPages, SwapTicket
+from pagemem.preemption import Preempted, Preemptor
 
 __all__ = [
     "NULL_PAGE", "PoolConfig", "PagePool", "PoolStats", "OutOfPages", "PagedBatch", "SeqPages",
     "pack_batch", "slot", "LRU", "FIFO", "Priority", "EvictionPolicy", "resolve_device",
+    "PrefixCache", "PrefixCacheStats", "HostSwap", "SwapTicket", "OutOfHostPages", "Preempted", "Preemptor",
 ]

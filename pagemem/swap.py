@@ -1,0 +1,369 @@
+"""HostSwap: pages to pinned host memory and back, on copy streams, handed out as tickets.
+
+Who owns a swapped page, in order:
+
+    swap_out(page_ids)  the caller's one reference to each device page moves to the ticket,
+                        and host slots are taken for them. The device-to-host copy runs on the
+                        out stream after everything already queued on the compute stream. Once it
+                        has completed (its event polled, never a device-wide synchronize),
+                        ``reclaim()`` drops the ticket's references: each page goes back to the
+                        pool's free queue, or to its eviction policy if the prefix cache indexes it.
+    swap_in(ticket)     allocates fresh device pages (refcount 1, owned by the caller), copies the
+                        host slots into them on the in stream and makes the compute stream wait on
+                        that copy. The ticket is spent; its host slots are released by ``reclaim()``
+                        once the copy has completed.
+    discard(ticket)     the sequence was dropped: the host slots are released once the out copy is done.
+
+Shared pages: ``swap_out`` refuses a page whose refcount is above 1 (ValueError, nothing changed).
+Swapping it out would free no device memory (the other sequence keeps the page) and would leave two
+copies to keep coherent; a preempted sequence keeps its shared pages resident instead
+(``pagemem.preemption`` does exactly that).
+
+Copy paths (one rule, per call, ``path="auto"``): positions where both the device page id and
+the host slot advance by one are merged into runs, each one ``cudaMemcpyAsync`` (pages are
+contiguous in the page-major pool). When the mean run is at least ``min_run_bytes`` the runs are
+copied directly; otherwise pages are gathered on the device (``kv[page_ids]``) into a staging
+buffer of ``staging_bytes`` and sent in one copy per contiguous host run, chunk by chunk (swap-in
+mirrors it: copy to staging, then scatter). Per-copy overhead is a few microseconds, so many small
+copies waste PCIe time; the gather costs one device pass (~3 TB/s, 2% of a PCIe transfer).
+``bench/bench_swap.py`` measures both paths; bench/RESULTS.md has the figures behind the default.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from pagemem.pool import OutOfPages, PagePool
+
+_D2H, _H2D = 2, 1  # cudaMemcpyKind
+PATHS = ("auto", "runs", "gather")
+
+
+class OutOfHostPages(RuntimeError):
+    """swap_out() needs more host pages than are free (check can_swap_out first). Nothing changed:
+    a scheduler falls back to preemption by recompute."""
+
+
+@dataclass(eq=False, slots=True)
+class SwapTicket:
+    """Handle to pages swapped out to host memory. Spent by ``swap_in`` or ``discard``, once.
+
+    ``event`` (a CuPy event, None on the CPU) completes when the out copy has; ``state`` is
+    "out" (data on host, or on its way), then "in" or "discarded".
+    """
+
+    host_slots: list[int]   # host page index of each swapped page, in the order given to swap_out
+    nbytes: int
+    event: Any = None
+    state: str = "out"
+    owner: Any = field(default=None, repr=False)
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.host_slots)
+
+    def is_done(self) -> bool:
+        """Whether the out copy has completed (always True on the CPU). Changes nothing."""
+        return self.event is None or self.event.done
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    """Work whose resources are released when ``event`` completes."""
+
+    event: Any                     # CuPy event or None (CPU: already complete)
+    start: Any                     # timing event on the copy stream, or None
+    direction: str                 # "out" | "in" | "discard"
+    nbytes: int
+    seconds: float = 0.0           # CPU copies: measured with perf_counter
+    page_ids: list[int] = field(default_factory=list)    # device refs to drop (swap-out)
+    host_slots: list[int] = field(default_factory=list)  # host slots to free (swap-in, discard)
+    priority: int = 0
+
+
+def merge_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, length) runs where both ``src`` and ``dst`` advance by one."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+class HostSwap:
+    """A pool of host pages (pinned on CUDA, NumPy on the CPU) that device pages swap to.
+
+    ``host``: [num_host_pages, num_layers, 2, page_size, num_kv_heads, head_dim], the pool's dtype.
+    Size it by ``num_host_pages`` or by ``num_bytes`` (whole pages). Copies run on two
+    non-blocking streams, one per direction, so a swap-out and a swap-in overlap (PCIe is duplex).
+    """
+
+    def __init__(self, pool: PagePool, num_host_pages: int | None = None, *, num_bytes: int | None = None,
+                 path: str = "auto", min_run_bytes: int = 1 << 20, staging_bytes: int = 256 << 20) -> None:
+        if not isinstance(pool, PagePool):
+            raise TypeError(f"pool must be a PagePool, got {type(pool).__name__}")
+        self.pool = pool
+        self.page_bytes = pool.config.page_bytes
+        if (num_host_pages is None) == (num_bytes is None):
+            raise ValueError("give exactly one of num_host_pages and num_bytes")
+        n = num_host_pages if num_bytes is None else num_bytes // self.page_bytes
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"num_host_pages must be an int >= 1, got {n!r} (num_bytes={num_bytes})")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.num_host_pages, self.path, self.min_run_bytes = int(n), path, int(min_run_bytes)
+        self.staging_pages = max(1, int(staging_bytes) // self.page_bytes)
+        self.cuda = pool.device == "cuda"
+        shape = (self.num_host_pages, *pool.config.page_shape)
+        if self.cuda:
+            import cupy as cp
+            self._mem = cp.cuda.alloc_pinned_memory(self.num_host_pages * self.page_bytes)
+            raw = np.frombuffer(self._mem, dtype=np.uint8, count=self.num_host_pages * self.page_bytes)
+            self.host = raw.view(pool.config.np_dtype).reshape(shape)
+            self.out_stream = cp.cuda.Stream(non_blocking=True)
+            self.in_stream = cp.cuda.Stream(non_blocking=True)
+            word = next(w for w in (8, 4, 2, 1) if self.page_bytes % w == 0)
+            # [num_pages, page_bytes // word] unsigned ints: moves bits, never values
+            self._kv_words = pool.kv.reshape(pool.num_pages, -1).view(f"u{word}")
+            self._staging: dict[str, Any] = {}
+        else:
+            self.host = np.zeros(shape, dtype=pool.config.np_dtype)
+        self._host_free = np.ones(self.num_host_pages, dtype=bool)
+        self._live: set[SwapTicket] = set()      # tickets in state "out"
+        self._pending: list[_Pending] = []
+        self._bandwidth: dict[str, float | None] = {"out": None, "in": None}
+        self.num_pages_out = self.num_pages_in = 0
+        self.last_path = ""
+
+    # ---- queries -----------------------------------------------------------------------------
+    @property
+    def num_free_host_pages(self) -> int:
+        return int(self._host_free.sum())
+
+    def can_swap_out(self, num_pages: int) -> bool:
+        """Whether swap_out of ``num_pages`` pages fits in the host pages free now (after a reclaim)."""
+        self.reclaim()
+        return num_pages <= self.num_free_host_pages
+
+    def bandwidth(self, direction: str) -> float | None:
+        """Achieved bytes/s of completed copies ("out" or "in"), a running mean weighted to the
+        latest tickets; None before the first completes. Feeds the preemption cost model."""
+        if direction not in self._bandwidth:
+            raise ValueError(f"direction must be 'out' or 'in', got {direction!r}")
+        return self._bandwidth[direction]
+
+    def choose_path(self, device_ids: Sequence[int], host_slots: Sequence[int]) -> str:
+        """'runs' when the mean merged run is at least ``min_run_bytes``, else 'gather'."""
+        if self.path != "auto":
+            return self.path
+        num_runs = len(merge_runs(device_ids, host_slots))
+        return "runs" if len(device_ids) * self.page_bytes >= num_runs * self.min_run_bytes else "gather"
+
+    # ---- swap out / in -----------------------------------------------------------------------
+    def swap_out(self, page_ids: Sequence[int], stream=None, priority: int = 0) -> SwapTicket:
+        """Copy pages to host and return a ticket at once. The caller's reference to each page
+        moves to the ticket; ``reclaim()`` frees the pages (with ``priority``, in reverse order)
+        after the copy completes. Raises ValueError (free, shared or repeated page),
+        OutOfHostPages (host full); either way nothing changed."""
+        page_ids = self._check_pages(page_ids)
+        self.reclaim()
+        n = len(page_ids)
+        if n > self.num_free_host_pages:
+            raise OutOfHostPages(f"swap_out of {n} pages, {self.num_free_host_pages} of "
+                                 f"{self.num_host_pages} host pages free")
+        slots = np.flatnonzero(self._host_free)[:n].tolist()  # lowest first: host runs stay long
+        self._host_free[slots] = False
+        ticket = SwapTicket(slots, n * self.page_bytes, owner=self)
+        pend = _Pending(None, None, "out", ticket.nbytes, page_ids=page_ids, priority=priority)
+        if self.cuda:
+            pend.start, pend.event = self._enqueue(page_ids, slots, _D2H, stream, ())
+        else:
+            t0 = time.perf_counter()
+            self.host[slots] = self.pool.kv[page_ids]
+            pend.seconds = time.perf_counter() - t0
+        ticket.event = pend.event
+        self._live.add(ticket)
+        self._pending.append(pend)
+        self.num_pages_out += n
+        self.reclaim()
+        return ticket
+
+    def swap_in(self, ticket: SwapTicket, stream=None) -> list[int]:
+        """Copy a ticket's pages back into freshly allocated device pages and return their ids
+        (refcount 1, owned by the caller, in the order swapped out). ``stream`` (the compute
+        stream) waits on the copy. Spends the ticket; its host slots are freed by ``reclaim()``.
+        Raises TypeError/ValueError (bad or spent ticket), OutOfPages; either way nothing changed."""
+        self._check_ticket(ticket, "swap_in")
+        self.reclaim()
+        n = ticket.num_pages
+        if not self.pool.can_allocate(n):
+            raise OutOfPages(f"swap_in of {n} pages, {self.pool.num_free_pages} free")
+        page_ids = self.pool.allocate(n)
+        pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.host_slots)
+        if self.cuda:
+            after = () if ticket.is_done() else (ticket.event,)
+            pend.start, pend.event = self._enqueue(page_ids, ticket.host_slots, _H2D, stream, after)
+        else:
+            t0 = time.perf_counter()
+            self.pool.kv[page_ids] = self.host[ticket.host_slots]
+            pend.seconds = time.perf_counter() - t0
+        ticket.state = "in"
+        self._live.discard(ticket)
+        self._pending.append(pend)
+        self.num_pages_in += n
+        self.reclaim()
+        return page_ids
+
+    def discard(self, ticket: SwapTicket) -> None:
+        """Drop a swapped-out ticket without swapping in (its sequence was aborted). The host
+        slots are freed by ``reclaim()`` once the out copy has completed. Spends the ticket."""
+        self._check_ticket(ticket, "discard")
+        ticket.state = "discarded"
+        self._live.discard(ticket)
+        self._pending.append(_Pending(ticket.event, None, "discard", 0, host_slots=ticket.host_slots))
+        self.reclaim()
+
+    def reclaim(self, wait: bool = False) -> int:
+        """Release what completed copies held: device pages of swap-outs go back to the pool,
+        host slots of swap-ins and discards to the host pool. Polls events; ``wait=True`` waits
+        on each pending event (those events only, never the device). Returns pages released."""
+        released, still = 0, []
+        for p in self._pending:
+            if p.event is not None and not p.event.done:
+                if not wait:
+                    still.append(p)
+                    continue
+                p.event.synchronize()
+            released += len(p.page_ids) + len(p.host_slots)
+            self._finish(p)
+        self._pending = still
+        return released
+
+    def wait(self, ticket: SwapTicket) -> None:
+        """Block the host until the ticket's out copy completed (that event only), then reclaim."""
+        if ticket.event is not None:
+            ticket.event.synchronize()
+        self.reclaim()
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _finish(self, p: _Pending) -> None:
+        if p.page_ids:
+            self.pool.free(p.page_ids[::-1], p.priority)
+        if p.host_slots:
+            self._host_free[p.host_slots] = True
+        if p.direction in ("out", "in"):
+            seconds = p.seconds
+            if p.start is not None:
+                import cupy as cp
+                seconds = cp.cuda.get_elapsed_time(p.start, p.event) * 1e-3
+            if seconds > 0:
+                old, new = self._bandwidth[p.direction], p.nbytes / seconds
+                self._bandwidth[p.direction] = new if old is None else 0.5 * old + 0.5 * new
+
+    def _check_pages(self, page_ids: Sequence[int]) -> list[int]:
+        if isinstance(page_ids, (str, bytes)) or not isinstance(page_ids, Sequence):
+            raise TypeError(f"page_ids must be a sequence of ints, got {type(page_ids).__name__}")
+        if len(page_ids) == 0:
+            raise ValueError("page_ids is empty")
+        self.pool._check_ids(page_ids, "page_ids")
+        page_ids = [int(p) for p in page_ids]
+        repeated = [p for p, c in Counter(page_ids).items() if c > 1]
+        if repeated:
+            raise ValueError(f"page_ids: pages {repeated} given more than once")
+        for p in page_ids:
+            rc = self.pool.refcount(p)
+            if rc == 0:
+                raise ValueError(f"page_ids: page {p} is free; only pages in use can be swapped out")
+            if rc > 1:
+                raise ValueError(f"page_ids: page {p} is shared (refcount {rc}); swapping it would "
+                                 f"free no memory: keep shared pages resident")
+        return page_ids
+
+    def _check_ticket(self, ticket: SwapTicket, what: str) -> None:
+        if not isinstance(ticket, SwapTicket):
+            raise TypeError(f"{what}: ticket must be a SwapTicket, got {type(ticket).__name__}")
+        if ticket.owner is not self:
+            raise ValueError(f"{what}: ticket belongs to another HostSwap (another pool)")
+        if ticket.state != "out":
+            raise ValueError(f"{what}: ticket was already used (state {ticket.state!r})")
+
+    def _enqueue(self, device_ids: list[int], host_slots: list[int], kind: int, stream, after) -> tuple:
+        """Queue one direction's copies on its stream after ``stream``'s work and ``after`` events.
+        Returns (start, done) timing events."""
+        import cupy as cp
+        compute = stream if stream is not None else cp.cuda.get_current_stream()
+        copy = self.out_stream if kind == _D2H else self.in_stream
+        ready = cp.cuda.Event(disable_timing=True)
+        ready.record(compute)  # D2H: reads after the last kernel that wrote; H2D: writes after the last reader
+        copy.wait_event(ready)
+        for ev in after:
+            copy.wait_event(ev)
+        start = cp.cuda.Event()
+        start.record(copy)
+        self.last_path = self.choose_path(device_ids, host_slots)
+        if self.last_path == "runs":
+            self._copy_runs(device_ids, host_slots, kind, copy)
+        else:
+            self._copy_gathered(device_ids, host_slots, kind, copy)
+        done = cp.cuda.Event()
+        done.record(copy)
+        if kind == _H2D:
+            compute.wait_event(done)
+        return start, done
+
+    def _copy_runs(self, device_ids: list[int], host_slots: list[int], kind: int, copy) -> None:
+        import cupy as cp
+        pb, dptr, hptr = self.page_bytes, self.pool.kv.data.ptr, self.host.ctypes.data
+        for d, h, n in merge_runs(device_ids, host_slots):
+            dst, src = (hptr + h * pb, dptr + d * pb) if kind == _D2H else (dptr + d * pb, hptr + h * pb)
+            cp.cuda.runtime.memcpyAsync(dst, src, n * pb, kind, copy.ptr)
+
+    def _copy_gathered(self, device_ids: list[int], host_slots: list[int], kind: int, copy) -> None:
+        """Chunks of ``staging_pages``: D2H gathers kv[ids] into staging then copies each host run;
+        H2D copies host runs into staging then scatters. Same stream: chunk k+1 reuses staging safely."""
+        import cupy as cp
+        pb, hptr, m = self.page_bytes, self.host.ctypes.data, self.staging_pages
+        with copy:
+            stage = self._staging.get(str(kind))
+            if stage is None:  # [staging_pages, page words], allocated once per direction on its stream
+                stage = self._staging[str(kind)] = cp.empty((m, self._kv_words.shape[1]), self._kv_words.dtype)
+            for i in range(0, len(device_ids), m):
+                ids, slots = device_ids[i:i + m], host_slots[i:i + m]
+                idx = cp.asarray(np.asarray(ids, dtype=np.int64))  # [k] on this stream's memory pool
+                if kind == _D2H:
+                    cp.take(self._kv_words, idx, axis=0, out=stage[:len(ids)])
+                for j, h, n in merge_runs(range(len(ids)), slots):
+                    sp, hp = stage.data.ptr + j * pb, hptr + h * pb
+                    dst, src = (hp, sp) if kind == _D2H else (sp, hp)
+                    cp.cuda.runtime.memcpyAsync(dst, src, n * pb, kind, copy.ptr)
+                if kind == _H2D:
+                    self._kv_words[idx] = stage[:len(ids)]
+
+    # ---- checks ------------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Raise RuntimeError, with the counts, if host slots leak or overlap, or a device page
+        held by an in-flight swap-out is not referenced in the pool."""
+        held = [s for t in self._live for s in t.host_slots]
+        held += [s for p in self._pending if p.direction != "out" for s in p.host_slots]
+        free = set(np.flatnonzero(self._host_free).tolist())
+        problems = []
+        counts = Counter(held)
+        if any(c > 1 for c in counts.values()):
+            problems.append(f"host slots held twice: {sorted(s for s, c in counts.items() if c > 1)}")
+        if free & set(counts):
+            problems.append(f"host slots both free and held: {sorted(free & set(counts))}")
+        if len(free) + len(counts) != self.num_host_pages:
+            problems.append(f"free {len(free)} + held {len(counts)} != {self.num_host_pages} host pages")
+        if any(t.state != "out" or t.owner is not self for t in self._live):
+            problems.append("a spent or foreign ticket is live")
+        unref = [p for q in self._pending for p in q.page_ids if self.pool._refcount[p] < 1]
+        if unref:
+            problems.append(f"pages {unref} held by in-flight swap-outs have refcount 0")
+        if problems:
+            raise RuntimeError("HostSwap integrity: " + "; ".join(problems))
