@@ -1,0 +1,80 @@
+"""Model: a loaded checkpoint (config, device weights, tokenizer) and ``load_model`` to build one."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from models.config import ModelConfig
+from models.presets import preset_config, random_weights
+from models.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from models.transformer import forward, rope_buffer
+from models.weights import load_weights
+from pagemem import PagedBatch, PagePool, PoolConfig
+from pagemem.backend import array_module, resolve_device, to_dtype
+
+Array = Any
+RANDOM_PREFIX = "random:"
+
+
+@dataclass(slots=True)
+class Model:
+    """A model ready to run: ``weights`` are ``xp`` arrays of ``dtype`` on ``device``.
+    Holds no per-step state: each forward gets its batch and pool as arguments."""
+
+    config: ModelConfig
+    weights: dict[str, Array] = field(repr=False)
+    tokenizer: Tokenizer = field(repr=False)
+    device: str
+    dtype: np.dtype
+    name: str = ""
+
+    @property
+    def xp(self) -> ModuleType:
+        return array_module(self.device)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_ids or tuple(self.tokenizer.eos_token_ids)
+
+    def forward(self, token_ids: Array, positions: Array, batch: PagedBatch, pool: PagePool, *,
+                all_logits: bool = False) -> Array:
+        """Logits [num_seqs, V] float32 of each sequence's last new token ([T, V] with all_logits).
+        Writes the new tokens' K/V into ``pool``; see ``models.transformer.forward``."""
+        return forward(self.config, self.weights, token_ids, positions, batch, pool, all_logits=all_logits)
+
+    def pool_config(self, num_pages: int, page_size: int = 16, dtype: str | None = None) -> PoolConfig:
+        """A PoolConfig matching this model's layers, K/V heads, head_dim, dtype and device."""
+        c = self.config
+        return PoolConfig(num_pages=num_pages, page_size=page_size, num_layers=c.num_layers,
+                          num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                          dtype=dtype or self.dtype.name, device=self.device)
+
+
+def load_model(path_or_random: str | Path, dtype: str | None = None, device: str = "auto",
+               seed: int = 0) -> Model:
+    """Load a Hugging Face checkpoint folder, or ``random:<preset>`` weights drawn from ``seed``.
+
+    ``dtype`` defaults to float32 on the CPU and float16 on CUDA.
+    """
+    device = resolve_device(device)
+    dtype = to_dtype(dtype or ("float16" if device == "cuda" else "float32"))
+    xp = array_module(device)
+    name = str(path_or_random)
+    if name.startswith(RANDOM_PREFIX):
+        config = preset_config(name[len(RANDOM_PREFIX):])
+        weights = random_weights(config, dtype, xp, seed)
+        tokenizer: Tokenizer = ByteTokenizer(config.vocab_size)
+    else:
+        path = Path(path_or_random)
+        if not path.is_dir():
+            raise FileNotFoundError(f"path_or_random: {path} is not a folder (nor 'random:<preset>')")
+        config = ModelConfig.from_hf(path)
+        weights = load_weights(path, config, dtype, xp)
+        tokenizer = load_tokenizer(path, config.vocab_size, config.bos_token_id, config.eos_token_ids)
+    if not config.is_gpt2:
+        weights["rope.inv_freq"] = rope_buffer(config, xp)
+    return Model(config, weights, tokenizer, device, dtype, name)
