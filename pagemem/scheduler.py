@@ -1,0 +1,258 @@
+"""Scheduler: continuous batching over the page pool, with preemption by swap or recompute.
+
+It knows requests, pages and token counts, never a model. Each ``schedule()`` returns
+the requests to run this step and how many of their tokens to compute; the caller runs
+the model on them and reports back with ``update()``.
+
+One step, in order:
+
+    1. running requests, most important first (higher ``priority``, then earlier arrival),
+       each gets its next chunk (1 token when decoding) within the token budget; when the
+       pool has no page for it, the least important, latest-arrived running request not yet
+       scheduled this step is preempted (possibly the request itself), by swap or recompute;
+    2. if nothing was preempted: swapped requests resume first (swap_in), then waiting
+       requests are admitted in order while pages stay above the watermark. Admission is
+       first-come first-served within a priority, so no request starves behind later ones.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagemem.page_table import SeqPages
+from pagemem.pool import PagePool
+
+PREEMPTION_MODES = ("swap", "recompute", "auto")
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    SWAPPED = "swapped"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One sequence as the scheduler sees it: its tokens and where their K/V live."""
+
+    request_id: Any
+    token_ids: list[int]              # prompt + generated so far
+    num_prompt_tokens: int
+    max_tokens: int
+    priority: int = 0                 # higher runs first and is preempted last
+    arrival: int = 0
+    status: Status = Status.WAITING
+    pages: SeqPages | None = None     # None while waiting or swapped
+    num_computed: int = 0             # tokens whose K/V are in the cache
+    ticket: Any = None                # SwapTicket while swapped
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0        # prompt tokens served by the prefix cache
+    preempted_by: dict = field(default_factory=lambda: {"swap": 0, "recompute": 0})
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def _order(self) -> tuple[int, int]:
+        """Sort key: most important first."""
+        return (-self.priority, self.arrival)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledStep:
+    """What to compute this step: ``query_lens[i]`` new tokens of ``requests[i]``."""
+
+    requests: list[Request]
+    query_lens: list[int]
+    preempted: list[tuple[Request, str]]   # (request, "swap" | "recompute")
+    resumed: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+
+class Scheduler:
+    """Continuous batching over a PagePool. ``swap`` (a HostSwap) is needed for "swap" and "auto";
+    ``prefix_cache`` (a PrefixCache) shortens prefill on hits; ``cost_model`` picks per request in "auto"."""
+
+    def __init__(self, pool: PagePool, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 preemption: str = "recompute", swap=None, prefix_cache=None, cost_model=None,
+                 watermark: float = 0.01, stream=None) -> None:
+        if preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
+        if preemption != "recompute" and swap is None:
+            raise ValueError(f"preemption={preemption!r} needs a HostSwap (swap=...)")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.pool, self.swap, self.prefix_cache = pool, swap, prefix_cache
+        self.cost_model, self.preemption, self.stream = cost_model, preemption, stream
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.watermark_pages = int(watermark * (pool.num_pages - 1))
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self._arrivals = itertools.count()
+        self.num_preemptions = {"swap": 0, "recompute": 0}
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add(self, request_id, prompt_ids: list[int], max_tokens: int, priority: int = 0) -> Request:
+        """Queue a request. Raises ValueError if its prompt plus output could never fit the pool."""
+        if len(prompt_ids) < 1:
+            raise ValueError(f"request {request_id!r}: prompt_ids is empty")
+        if max_tokens < 1:
+            raise ValueError(f"request {request_id!r}: max_tokens must be >= 1, got {max_tokens}")
+        need = -(-(len(prompt_ids) + max_tokens) // self.pool.page_size)
+        if need > self.pool.num_pages - 1:
+            raise ValueError(f"request {request_id!r} needs {need} pages for {len(prompt_ids)} prompt + "
+                             f"{max_tokens} output tokens; the pool has {self.pool.num_pages - 1}")
+        req = Request(request_id, list(prompt_ids), len(prompt_ids), max_tokens, priority, next(self._arrivals))
+        self.waiting.append(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # ---- one step --------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledStep:
+        """Choose this step's requests and token counts; allocate their pages (SeqPages.append)."""
+        budget = self.max_num_batched_tokens
+        out: list[Request] = []
+        lens: list[int] = []
+        preempted: list[tuple[Request, str]] = []
+        self.running.sort(key=Request._order)
+        queue = list(self.running)
+        while queue and budget > 0:
+            req = queue.pop(0)
+            n = min(req.num_tokens - req.num_computed, budget)
+            while not req.pages.can_append(n):
+                victim = queue.pop() if queue else req          # least important, latest arrived
+                preempted.append((victim, self._preempt(victim)))
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                continue
+            req.pages.append(n, self.stream)
+            out.append(req)
+            lens.append(n)
+            budget -= n
+        resumed: list[Request] = []
+        if not preempted:
+            budget = self._resume_swapped(out, lens, budget, resumed)
+            self._admit_waiting(out, lens, budget)
+        return ScheduledStep(out, lens, preempted, resumed)
+
+    def update(self, step: ScheduledStep, new_tokens: dict[Request, int]) -> None:
+        """Record that ``step`` ran: its K/V are cached; append each sampled token.
+        ``new_tokens`` maps a request whose chunk reached its last token to the sampled id."""
+        for req in step.requests:
+            req.num_computed = req.pages.num_tokens
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(req.token_ids[:req.num_computed], req.pages.page_table)
+            if req in new_tokens:
+                req.token_ids.append(new_tokens[req])
+
+    def finish(self, req: Request) -> None:
+        """Release a request's pages (tail first) and drop it from the running set."""
+        self.running.remove(req)
+        req.pages.free(req.priority)
+        req.pages = None
+        req.status = Status.FINISHED
+
+    # ---- preemption --------------------------------------------------------------------------------
+    def _mode_for(self, req: Request) -> str:
+        if self.preemption != "auto":
+            return self.preemption
+        return self.cost_model.choose(req.num_computed, len(req.pages.page_table) * self.pool.config.page_bytes)
+
+    def _preempt(self, req: Request) -> str:
+        """Take ``req``'s pages away. Swap keeps its K/V on the host; recompute drops them and
+        keeps its tokens. Falls back to recompute when the host pool is full."""
+        mode = self._mode_for(req)
+        self.running.remove(req)
+        if mode == "swap":
+            from pagemem.swap import OutOfHostPages
+            try:
+                req.ticket = self.swap.swap_out(req.pages.page_table, self.stream)
+            except OutOfHostPages:
+                mode = "recompute"
+        if mode == "swap":                                     # the ticket owns the pages now
+            req.status = Status.SWAPPED
+            self.swapped.append(req)
+        else:
+            req.pages.free(req.priority)
+            req.num_computed = 0
+            req.status = Status.WAITING
+            self.waiting.append(req)
+            self.waiting.sort(key=Request._order)
+        req.pages = None
+        req.num_preemptions += 1
+        req.preempted_by[mode] += 1
+        self.num_preemptions[mode] += 1
+        return mode
+
+    def _watermark(self) -> int:
+        """Pages kept free at admission; waived when nothing runs, so a lone request always fits."""
+        return self.watermark_pages if self.running else 0
+
+    def _resume_swapped(self, out: list[Request], lens: list[int], budget: int, resumed: list[Request]) -> int:
+        """Swap requests back in, most important first, while pages and the budget allow.
+        Returns the budget left."""
+        self.swapped.sort(key=Request._order)
+        while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.swapped[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            total = len(req.ticket.host_slots) + self._pages_to_grow(req.num_computed, n)
+            if not self.pool.can_allocate(total + self._watermark()):
+                break
+            self.swapped.pop(0)
+            page_table = self.swap.swap_in(req.ticket, self.stream)
+            req.ticket = None
+            req.pages = SeqPages(self.pool, page_table, req.num_computed)
+            self._start(req, n, out, lens)
+            resumed.append(req)
+            budget -= n
+        return budget
+
+    def _admit_waiting(self, out: list[Request], lens: list[int], budget: int) -> None:
+        self.waiting.sort(key=Request._order)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            cached = self._match_prefix(req)
+            computed = len(cached) * self.pool.page_size
+            n = min(req.num_tokens - computed, budget)
+            if not self.pool.can_allocate(self._pages_to_grow(computed, n) + self._watermark()):
+                if cached:
+                    self.pool.free(cached[::-1])
+                break
+            self.waiting.pop(0)
+            req.pages = SeqPages(self.pool, cached, computed)
+            req.num_computed = computed
+            req.num_cached_tokens = max(req.num_cached_tokens, min(computed, req.num_prompt_tokens))
+            self._start(req, n, out, lens)
+            budget -= n
+
+    def _match_prefix(self, req: Request) -> list[int]:
+        """Cached full pages of the request's prefix (referenced), never covering its last token:
+        at least one token is computed so the step yields logits."""
+        if self.prefix_cache is None:
+            return []
+        return self.prefix_cache.match(req.token_ids[:req.num_tokens - 1])
+
+    def _pages_to_grow(self, num_tokens: int, n: int) -> int:
+        ps = self.pool.page_size
+        return -(-(num_tokens + n) // ps) - -(-num_tokens // ps)
+
+    def _start(self, req: Request, n: int, out: list[Request], lens: list[int]) -> None:
+        req.status = Status.RUNNING
+        self.running.append(req)
+        req.pages.append(n, self.stream)
+        out.append(req)
+        lens.append(n)
