@@ -23,6 +23,9 @@ from typing import Any
 
 from pagemem.page_table import SeqPages
 from pagemem.pool import PagePool
+from pagemem.preemption import Preempted, Preemptor
+from pagemem.prefix_cache import PrefixCache
+from pagemem.swap import HostSwap, OutOfHostPages
 
 PREEMPTION_MODES = ("swap", "recompute", "auto")
 
@@ -47,7 +50,7 @@ class Request:
     status: Status = Status.WAITING
     pages: SeqPages | None = None     # None while waiting or swapped
     num_computed: int = 0             # tokens whose K/V are in the cache
-    ticket: Any = None                # SwapTicket while swapped
+    preempted: Preempted | None = None  # the swap record while swapped
     num_preemptions: int = 0
     num_cached_tokens: int = 0        # prompt tokens served by the prefix cache
     preempted_by: dict = field(default_factory=lambda: {"swap": 0, "recompute": 0})
@@ -81,10 +84,12 @@ class ScheduledStep:
 
 class Scheduler:
     """Continuous batching over a PagePool. ``swap`` (a HostSwap) is needed for "swap" and "auto";
-    ``prefix_cache`` (a PrefixCache) shortens prefill on hits; ``cost_model`` picks per request in "auto"."""
+    ``prefix_cache`` (a PrefixCache) shortens prefill on hits. In "auto" the Preemptor's cost
+    model picks per request; feed it with ``scheduler.preemptor.set_prefill_rate(tokens_per_s)``."""
 
     def __init__(self, pool: PagePool, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 preemption: str = "recompute", swap=None, prefix_cache=None, cost_model=None,
+                 preemption: str = "recompute", swap: HostSwap | None = None,
+                 prefix_cache: PrefixCache | None = None,
                  watermark: float = 0.01, stream=None) -> None:
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
@@ -93,7 +98,8 @@ class Scheduler:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.pool, self.swap, self.prefix_cache = pool, swap, prefix_cache
-        self.cost_model, self.preemption, self.stream = cost_model, preemption, stream
+        self.preemptor = Preemptor(swap, prefix_cache, pool=pool)
+        self.preemption, self.stream = preemption, stream
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.watermark_pages = int(watermark * (pool.num_pages - 1))
         self.waiting: list[Request] = []
@@ -155,7 +161,7 @@ class Scheduler:
         for req in step.requests:
             req.num_computed = req.pages.num_tokens
             if self.prefix_cache is not None:
-                self.prefix_cache.insert(req.token_ids[:req.num_computed], req.pages.page_table)
+                self.prefix_cache.register(req.pages.page_table, req.token_ids[:req.num_computed])
             if req in new_tokens:
                 req.token_ids.append(new_tokens[req])
 
@@ -167,36 +173,29 @@ class Scheduler:
         req.status = Status.FINISHED
 
     # ---- preemption --------------------------------------------------------------------------------
-    def _mode_for(self, req: Request) -> str:
-        if self.preemption != "auto":
-            return self.preemption
-        return self.cost_model.choose(req.num_computed, len(req.pages.page_table) * self.pool.config.page_bytes)
-
     def _preempt(self, req: Request) -> str:
-        """Take ``req``'s pages away. Swap keeps its K/V on the host; recompute drops them and
-        keeps its tokens. Falls back to recompute when the host pool is full."""
-        mode = self._mode_for(req)
+        """Take ``req``'s pages away through the Preemptor: swap keeps its K/V on the host (shared
+        pages stay resident), recompute drops them and keeps its tokens. Falls back to recompute
+        when the host pool is full. Returns the mode used."""
+        mode = self.preemption
+        if mode == "auto" and self.preemptor.prefill_tokens_per_s is None:
+            mode = "swap"   # no prefill figure yet: swapping yields the first bandwidth figure
+        try:
+            record = self.preemptor.preempt(req.pages, mode, self.stream, req.priority)
+        except OutOfHostPages:
+            record = self.preemptor.preempt(req.pages, "recompute", self.stream, req.priority)
         self.running.remove(req)
-        if mode == "swap":
-            from pagemem.swap import OutOfHostPages
-            try:
-                req.ticket = self.swap.swap_out(req.pages.page_table, self.stream)
-            except OutOfHostPages:
-                mode = "recompute"
-        if mode == "swap":                                     # the ticket owns the pages now
-            req.status = Status.SWAPPED
+        req.pages = None
+        if record.mode == "swap":
+            req.preempted, req.status = record, Status.SWAPPED
             self.swapped.append(req)
         else:
-            req.pages.free(req.priority)
-            req.num_computed = 0
-            req.status = Status.WAITING
+            req.num_computed, req.status = 0, Status.WAITING
             self.waiting.append(req)
-            self.waiting.sort(key=Request._order)
-        req.pages = None
         req.num_preemptions += 1
-        req.preempted_by[mode] += 1
-        self.num_preemptions[mode] += 1
-        return mode
+        req.preempted_by[record.mode] += 1
+        self.num_preemptions[record.mode] += 1
+        return record.mode
 
     def _watermark(self) -> int:
         """Pages kept free at admission; waived when nothing runs, so a lone request always fits."""
@@ -209,13 +208,12 @@ class Scheduler:
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.swapped[0]
             n = min(req.num_tokens - req.num_computed, budget)
-            total = len(req.ticket.host_slots) + self._pages_to_grow(req.num_computed, n)
+            total = len(req.preempted.swapped_at) + self._pages_to_grow(req.num_computed, n)
             if not self.pool.can_allocate(total + self._watermark()):
                 break
             self.swapped.pop(0)
-            page_table = self.swap.swap_in(req.ticket, self.stream)
-            req.ticket = None
-            req.pages = SeqPages(self.pool, page_table, req.num_computed)
+            req.pages, _ = self.preemptor.resume(req.preempted, stream=self.stream)
+            req.preempted = None
             self._start(req, n, out, lens)
             resumed.append(req)
             budget -= n

@@ -1,0 +1,173 @@
+"""Scheduler: continuous batching, chunked prefill, preemption by swap / recompute / auto, and the
+prefix cache, driven by a toy model whose next token depends on every K/V value in the cache.
+
+If any page were lost, stale or mixed up after a swap, a recompute or a prefix hit, the toy
+model's tokens would differ from the ones computed straight from the token list.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagemem import PagePool, PoolConfig, pack_batch
+from pagemem.prefix_cache import PrefixCache
+from pagemem.scheduler import Scheduler, Status
+from pagemem.swap import HostSwap
+
+VOCAB = 97
+PAGE_SIZE = 4
+
+
+def next_token(tokens) -> int:
+    """The toy model's rule, from the plain token list."""
+    return int(sum((j + 1) * int(t) for j, t in enumerate(tokens)) % VOCAB)
+
+
+def toy_forward(pool: PagePool, step) -> dict:
+    """Store each new token as its K, then read every cached K of each sequence back."""
+    reqs, lens = step.requests, step.query_lens
+    batch = pack_batch([r.pages for r in reqs], lens)
+    k, _ = pool.layer_kv(0)
+    new = [t for r, n in zip(reqs, lens) for t in r.token_ids[r.num_computed:r.num_computed + n]]
+    s = batch.slot_mapping
+    k[s // PAGE_SIZE, s % PAGE_SIZE, 0, 0] = new
+    out = {}
+    for r in reqs:
+        if r.pages.num_tokens == r.num_tokens:          # chunk reached the last token: sample
+            slots = r.pages.slots(0, r.num_tokens)
+            out[r] = next_token(k[slots // PAGE_SIZE, slots % PAGE_SIZE, 0, 0].astype(np.int64))
+    return out
+
+
+def run(prompts, max_tokens, num_pages, preemption="recompute", prefix=False, host_pages=64,
+        max_batched=16, priorities=None, checks=True):
+    pool = PagePool(PoolConfig(num_pages, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    swap = HostSwap(pool, host_pages) if preemption != "recompute" else None
+    cache = PrefixCache(pool) if prefix else None
+    sched = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=max_batched, preemption=preemption,
+                      swap=swap, prefix_cache=cache, watermark=0.0)
+    if preemption == "auto":
+        sched.preemptor.set_prefill_rate(1e6)
+    sched.preempt_log = []
+    reqs = [sched.add(i, p, max_tokens, (priorities or [0] * len(prompts))[i]) for i, p in enumerate(prompts)]
+    for _ in range(10_000):
+        if not sched.has_unfinished():
+            break
+        step = sched.schedule()
+        assert step.requests, "nothing scheduled while requests remain: deadlock"
+        sched.preempt_log += step.preempted
+        sched.update(step, toy_forward(pool, step))
+        for r in list(sched.running):
+            if r.num_output_tokens >= max_tokens:
+                sched.finish(r)
+        if checks:
+            pool.check_integrity()
+            if swap is not None:
+                swap.check_integrity()
+    assert all(r.status is Status.FINISHED for r in reqs)
+    if swap is not None:
+        swap.reclaim(wait=True)
+    if cache is None:
+        assert pool.num_free_pages == pool.num_pages - 1, "pages leaked"
+    return [r.token_ids[r.num_prompt_tokens:] for r in reqs], sched, pool
+
+
+def expected(prompts, max_tokens):
+    outs = []
+    for p in prompts:
+        t = list(p)
+        for _ in range(max_tokens):
+            t.append(next_token(t))
+        outs.append(t[len(p):])
+    return outs
+
+
+def prompts_for(seed, n=6, lo=3, hi=14):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+def test_big_pool_no_preemption_matches_the_rule():
+    prompts = prompts_for(0)
+    outs, sched, _ = run(prompts, 10, num_pages=64)
+    assert outs == expected(prompts, 10)
+    assert sched.num_preemptions == {"swap": 0, "recompute": 0}
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
+def test_oversubscribed_pool_completes_with_identical_outputs(mode):
+    """6 requests needing ~6 pages each share 9 usable pages: about 4x oversubscribed."""
+    prompts = prompts_for(1)
+    outs, sched, pool = run(prompts, 12, num_pages=10, preemption=mode)
+    assert outs == expected(prompts, 12)
+    assert sum(sched.num_preemptions.values()) > 0
+    if mode == "swap":
+        assert sched.num_preemptions["swap"] > 0 and sched.swap.num_pages_out > 0
+        assert sched.swap.num_pages_in == sched.swap.num_pages_out
+
+
+def test_swap_falls_back_to_recompute_when_host_is_full():
+    prompts = prompts_for(2)
+    outs, sched, _ = run(prompts, 12, num_pages=10, preemption="swap", host_pages=1)
+    assert outs == expected(prompts, 12)
+    assert sched.num_preemptions["recompute"] > 0
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_prefix_cache_hits_shorten_prefill_and_keep_outputs(mode):
+    shared = list(range(1, 13))                      # 3 full pages shared by every prompt
+    prompts = [shared + [20 + i, 30 + i] for i in range(5)]
+    # A budget of 14 tokens computes the first prompt (14) alone, so later ones find its pages.
+    outs, sched, pool = run(prompts, 6, num_pages=24, preemption=mode, prefix=True, max_batched=14)
+    assert outs == expected(prompts, 6)
+    hits = sched.prefix_cache.stats()
+    assert hits.num_hit_tokens >= 4 * 12              # every prompt after the first reuses 3 pages
+
+
+def test_prefix_cache_under_preemption_keeps_outputs():
+    shared = list(range(1, 9))
+    prompts = [shared + p for p in prompts_for(3, n=6, lo=1, hi=8)]
+    for mode in ("swap", "recompute"):
+        outs, sched, _ = run(prompts, 10, num_pages=12, preemption=mode, prefix=True)
+        assert outs == expected(prompts, 10)
+
+
+def test_chunked_prefill_respects_token_budget():
+    prompts = [list(range(1, 40))]
+    pool = PagePool(PoolConfig(32, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    sched = Scheduler(pool, max_num_batched_tokens=8, watermark=0.0)
+    sched.add(0, prompts[0], 2)
+    chunks = []
+    while sched.has_unfinished():
+        step = sched.schedule()
+        assert step.num_tokens <= 8
+        chunks.append(step.query_lens[0])
+        sched.update(step, toy_forward(pool, step))
+        for r in list(sched.running):
+            if r.num_output_tokens >= 2:
+                sched.finish(r)
+    assert chunks == [8, 8, 8, 8, 7, 1]
+
+
+def test_lowest_priority_latest_arrival_is_preempted_first():
+    prompts = [list(range(1, 8)) for _ in range(3)]
+    outs, sched, _ = run(prompts, 8, num_pages=7, priorities=[0, 5, 0])
+    assert outs == expected(prompts, 8)
+    first = [r.request_id for r, _mode in sched.preempt_log][:1]
+    assert first == [2]                              # priority 0 and latest arrival
+    assert all(r.request_id != 1 for r, _ in sched.preempt_log)  # the priority-5 request never
+
+
+def test_add_rejects_requests_that_can_never_fit():
+    pool = PagePool(PoolConfig(4, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    sched = Scheduler(pool)
+    with pytest.raises(ValueError, match="needs 4 pages"):
+        sched.add("big", list(range(10)), 5)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        sched.add("empty", [], 5)
+    with pytest.raises(ValueError, match="max_tokens"):
+        sched.add("zero", [1], 0)
+    with pytest.raises(ValueError, match="needs a HostSwap"):
+        Scheduler(pool, preemption="swap")
+    with pytest.raises(ValueError, match="preemption must be one of"):
+        Scheduler(pool, preemption="drop")
