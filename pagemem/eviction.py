@@ -74,8 +74,9 @@ class FIFO:
 
     def pop_victim(self) -> int:
         while True:
-            _born, page_id = heapq.heappop(self._heap)
-            if page_id in self._live:
+            born, page_id = heapq.heappop(self._heap)
+            # skip entries left by remove() and by an age reset (forget, then add again)
+            if page_id in self._live and self._born.get(page_id) == born:
                 self._live.remove(page_id)
                 del self._born[page_id]  # evicted: its contents are gone, its age too
                 return page_id

@@ -1,0 +1,146 @@
+"""Preemptor: swap and recompute preemption, resume, and the measured cost model of 'auto'."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pagemem import (NULL_PAGE, HostSwap, OutOfHostPages, OutOfPages, PagePool, PoolConfig, Preempted,
+                     Preemptor, PrefixCache, SeqPages)
+
+PS = 4
+
+
+def make(num_pages: int = 13, num_host_pages: int = 8, prefix: bool = False, rate: float | None = None):
+    pool = PagePool(PoolConfig(num_pages, PS, 1, 1, 4, "float32", "cpu"))
+    swap = HostSwap(pool, num_host_pages)
+    return pool, swap, Preemptor(swap, PrefixCache(pool) if prefix else None, rate)
+
+
+def seq_with(pool: PagePool, num_tokens: int, seed: int = 0) -> SeqPages:
+    seq = SeqPages(pool)
+    seq.append(num_tokens)
+    rng = np.random.default_rng(seed)
+    for p in seq.page_table:
+        pool.kv[p] = rng.standard_normal(pool.kv.shape[1:])
+    return seq
+
+
+def check(pool, swap):
+    pool.check_integrity()
+    swap.check_integrity()
+
+
+def test_swap_preempt_and_resume_restores_data_and_keeps_shared_pages_resident():
+    pool, swap, pre = make()
+    parent = seq_with(pool, 10)                   # pages a b c
+    child = parent.fork()                         # shares a b c
+    child.append(3)                               # copy-on-write: c -> c', then d
+    a, b, _c = parent.page_table
+    data = {i: pool.kv[p].copy() for i, p in enumerate(child.page_table)}
+    p = pre.preempt(child, "swap")
+    check(pool, swap)
+    assert child.page_table == [] and child.num_tokens == 0
+    assert p.mode == "swap" and p.swapped_at == [2, 3]           # only the exclusive pages
+    assert p.page_table == [a, b, NULL_PAGE, NULL_PAGE] and pool.refcount(a) == 2
+    assert swap.num_free_host_pages == 6
+    seq, num_computed = pre.resume(p)
+    check(pool, swap)
+    assert num_computed == seq.num_tokens == 13 and seq.page_table[:2] == [a, b]
+    for i, page_id in enumerate(seq.page_table):
+        np.testing.assert_array_equal(pool.kv[page_id], data[i])
+    with pytest.raises(ValueError, match="not yet resumed"):
+        pre.resume(p)
+
+
+def test_recompute_preempt_frees_pages_and_resume_reuses_prefix_hits():
+    pool, swap, pre = make(prefix=True)
+    tokens = list(range(1, 12))                   # 11 tokens: pages 0, 1 full, page 2 partial
+    seq = seq_with(pool, 11)
+    pre.prefix_cache.register(seq.page_table, tokens)
+    p = pre.preempt(seq, "recompute")
+    check(pool, swap)
+    assert p.mode == "recompute" and p.num_tokens == 11 and pool.stats().num_used == 0
+    seq2, num_computed = pre.resume(p, tokens)
+    assert num_computed == 8 and seq2.num_tokens == 11          # tokens 8..10 to recompute
+    check(pool, swap)
+
+
+def test_swap_mode_with_host_full_raises_and_changes_nothing():
+    pool, swap, pre = make(num_host_pages=2)
+    seq = seq_with(pool, 12)                      # 3 exclusive pages, 2 host pages
+    table = list(seq.page_table)
+    with pytest.raises(OutOfHostPages):
+        pre.preempt(seq, "swap")
+    assert seq.page_table == table and seq.num_tokens == 12
+    check(pool, swap)
+
+
+def test_auto_falls_back_to_recompute_when_host_is_full():
+    pool, swap, pre = make(num_host_pages=2, rate=1e6)
+    seq = seq_with(pool, 12)
+    assert pre.choose(seq) == "recompute"
+    assert pre.preempt(seq).mode == "recompute"
+
+
+def test_auto_uses_measured_figures():
+    """With measured bandwidths, 'auto' picks whichever of swap and recompute the figures say is cheaper."""
+    pool, swap, pre = make(rate=1.0)
+    warm = seq_with(pool, 4)
+    pre.resume(pre.preempt(warm, "swap"))          # one measured round trip
+    seq = seq_with(pool, 8)
+    pb = pool.config.page_bytes
+    cost = 2 * pb / swap.bandwidth("out") + 2 * pb / swap.bandwidth("in")
+    assert pre.swap_cost_s(2) == pytest.approx(cost)
+    pre.set_prefill_rate(8 / (cost * 10))          # recompute 10x slower than the swap
+    assert pre.choose(seq) == "swap"
+    pre.set_prefill_rate(8 / (cost / 10))          # recompute 10x faster
+    assert pre.choose(seq) == "recompute"
+
+
+def test_auto_without_prefill_rate_is_a_caller_error():
+    pool, swap, pre = make()
+    pre.resume(pre.preempt(seq_with(pool, 4), "swap"))
+    seq = seq_with(pool, 4)
+    with pytest.raises(ValueError, match="set_prefill_rate"):
+        pre.preempt(seq)
+    assert seq.num_tokens == 4
+    with pytest.raises(ValueError, match="tokens_per_s"):
+        pre.set_prefill_rate(0)
+
+
+def test_resume_without_pages_raises_out_of_pages_and_changes_nothing():
+    pool, swap, pre = make(num_pages=5, prefix=True)
+    p = pre.preempt(seq_with(pool, 12), "recompute")
+    hog = pool.allocate(2)
+    assert not pre.can_resume(p)
+    with pytest.raises(OutOfPages):
+        pre.resume(p, list(range(12)))
+    assert not p.resumed and pool.stats().num_used == 2
+    pool.free(hog)
+    seq, _ = pre.resume(p, list(range(12)))
+    assert seq.num_tokens == 12
+    check(pool, swap)
+
+
+def test_discard_releases_everything():
+    pool, swap, pre = make()
+    parent = seq_with(pool, 8)
+    child = parent.fork()
+    child.append(4)
+    p = pre.preempt(child, "swap")
+    pre.discard(p)
+    parent.free()
+    check(pool, swap)
+    assert pool.stats().num_used == 0 and swap.num_free_host_pages == swap.num_host_pages
+
+
+def test_bad_mode_and_foreign_seq():
+    pool, swap, pre = make()
+    other = PagePool(PoolConfig(5, PS, 1, 1, 4, "float32", "cpu"))
+    with pytest.raises(ValueError, match="mode"):
+        pre.preempt(seq_with(pool, 4), "evict")
+    with pytest.raises(ValueError, match="this Preemptor's pool"):
+        pre.preempt(seq_with(other, 4), "swap")
+    with pytest.raises(ValueError, match="Preempted"):
+        pre.resume("p")
+    assert isinstance(pre.preempt(seq_with(pool, 4), "recompute"), Preempted)
