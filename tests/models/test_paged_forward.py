@@ -1,0 +1,73 @@
+"""The paged forward equals a contiguous one: one-shot prefill vs chunks vs token-by-token decode,
+and sequences mixed in one ragged batch vs run alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _helpers import prefill_logits, scale_error, scrambled_pool
+from hf_models import ARCHS
+from models import load_model
+from pagemem import SeqPages, pack_batch
+
+PROMPT = [5, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11, 12, 13, 14]   # longer than Mistral's window of 8
+# float32 everywhere; only the grouping of the same sums differs between paths
+TOL = 1e-5
+
+
+def _chunked_logits(model, prompt: list[int], chunk: int, page_size: int) -> np.ndarray:
+    """All-token logits of ``prompt`` fed ``chunk`` tokens per step (chunk 1 = decode steps)."""
+    pool = scrambled_pool(model, -(-len(prompt) // page_size) + 1, page_size, seed=1)
+    seq, rows = SeqPages(pool), []
+    for start in range(0, len(prompt), chunk):
+        new = prompt[start:start + chunk]
+        seq.append(len(new))
+        batch = pack_batch([seq], [len(new)], pool.xp)
+        pos = np.arange(start, start + len(new))
+        rows.append(model.forward(np.asarray(new), pos, batch, pool, all_logits=True))
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("chunk, page_size", [(1, 4), (3, 4), (5, 1), (1, 16)])
+def test_chunked_and_decode_equal_one_shot(hf_checkpoints, arch, chunk, page_size):
+    """Feeding the prompt in chunks (or one token at a time) through the pool gives the one-shot logits."""
+    model = load_model(hf_checkpoints[arch][0], device="cpu")
+    one_shot = prefill_logits(model, [PROMPT], page_size=page_size)[0]
+    assert scale_error(_chunked_logits(model, PROMPT, chunk, page_size), one_shot) <= TOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+def test_mixed_prefill_and_decode_batch(hf_checkpoints, arch):
+    """A decode token of one sequence and a prefill chunk of another, in one batch, get their solo logits."""
+    model = load_model(hf_checkpoints[arch][0], device="cpu")
+    a, b = PROMPT, [40, 41, 42, 43, 44]
+    solo_a, solo_b = prefill_logits(model, [a])[0], prefill_logits(model, [b])[0]
+    pool = scrambled_pool(model, 12, 4, seed=2)
+    sa, sb = SeqPages(pool), SeqPages(pool)
+    sa.append(len(a) - 1)                          # a's prefix first, alone
+    batch = pack_batch([sa], [len(a) - 1], pool.xp)
+    model.forward(np.asarray(a[:-1]), np.arange(len(a) - 1), batch, pool)
+    sa.append(1)                                   # then a's last token with all of b
+    sb.append(len(b))
+    batch = pack_batch([sa, sb], [1, len(b)], pool.xp)
+    ids = np.asarray([a[-1], *b])
+    pos = np.asarray([len(a) - 1, *range(len(b))])
+    logits = model.forward(ids, pos, batch, pool)  # [2, V]: each sequence's last token
+    assert scale_error(logits[0], solo_a[-1]) <= TOL
+    assert scale_error(logits[1], solo_b[-1]) <= TOL
+
+
+def test_forward_rejects_mismatched_inputs(hf_checkpoints):
+    model = load_model(hf_checkpoints["llama"][0], device="cpu")
+    pool = scrambled_pool(model, 4, 4)
+    seq = SeqPages(pool)
+    seq.append(3)
+    batch = pack_batch([seq], [3], pool.xp)
+    with pytest.raises(ValueError, match="token_ids"):
+        model.forward(np.asarray([1, 2]), np.arange(3), batch, pool)
+    with pytest.raises(TypeError, match="positions"):
+        model.forward(np.asarray([1, 2, 3]), np.arange(3.0), batch, pool)
+    other = load_model(hf_checkpoints["gpt2"][0], device="cpu")   # 4 K/V heads, the pool has 2
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        other.forward(np.asarray([1, 2, 3]), np.arange(3), batch, scrambled_pool(model, 4, 4))
