@@ -122,11 +122,13 @@ class ModelConfig:
     def from_dict(cls, hf: dict[str, Any]) -> ModelConfig:
         """Parse a config.json dictionary."""
         archs = hf.get("architectures") or []
-        supported = [a for a in archs if a in ARCHITECTURES]
+        supported = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
+        if not archs and hf.get("model_type") in ARCHITECTURES.values():  # a bare config, no model class
+            supported = [hf["model_type"]]
         if not supported:
             raise ValueError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
                              f"supported: {', '.join(ARCHITECTURES)}")
-        arch = ARCHITECTURES[supported[0]]
+        arch = supported[0]
         fields = _gpt2_fields(hf) if arch == "gpt2" else _llama_fields(hf, arch)
         return cls(arch=arch, dtype=_dtype(hf), bos_token_id=hf.get("bos_token_id"),
                    eos_token_ids=_ids(hf.get("eos_token_id")), **fields)
