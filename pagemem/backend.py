@@ -83,3 +83,13 @@ def free_device_memory() -> tuple[int, int]:
     """(free_bytes, total_bytes) on the current CUDA device."""
     import cupy
     return cupy.cuda.runtime.memGetInfo()
+
+
+def device_name_of(device: str) -> str:
+    """A human name for "cpu" or "cuda" (the current CUDA device's name)."""
+    if resolve_device(device) == "cuda":
+        import cupy
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    import platform
+    return f"CPU ({platform.machine()})"

@@ -1,0 +1,245 @@
+"""LLM: continuous batching over the page pool, with swap or recompute preemption.
+
+The engine wires the pieces together and owns none of their rules: the Scheduler (pagemem)
+decides who runs and who is preempted; the model computes logits for the tokens it is given;
+the sampler picks tokens. Each step: schedule -> pack_batch -> forward -> sample -> update.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from models.model import Model, load_model
+from models.sampling import SamplingParams, make_rng, sample, stop_reason
+from pagemem import PagePool, PoolConfig, pack_batch
+from pagemem.prefix_cache import PrefixCache
+from pagemem.scheduler import Request, Scheduler
+from pagemem.swap import HostSwap
+
+CPU_POOL_BYTES = 1 << 30   # default pool size on the CPU, where free memory is not probed
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One finished request: its tokens and how it was served."""
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    ttft_s: float            # time to first token, from the start of generate()
+    tpot_s: float            # mean time per output token after the first
+    num_preemptions: int
+    num_cached_tokens: int   # prompt tokens served by the prefix cache
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """The pool after one step, for plots and summaries."""
+
+    t: float
+    num_tokens: int
+    num_used: int
+    num_cached: int
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    pages_out: int           # cumulative pages swapped out
+    pages_in: int
+
+
+@dataclass(slots=True)
+class _Live:
+    params: SamplingParams
+    rng: np.random.Generator
+    prompt: str | None
+    first_token_t: float | None = None
+    done_t: float | None = None
+    finish_reason: str = ""
+
+
+@dataclass
+class EngineStats:
+    steps: list[StepRecord] = field(default_factory=list)
+    start_t: float = 0.0
+    end_t: float = 0.0
+
+
+class LLM:
+    """Generate text with continuous batching over a PagePool.
+
+    ``model`` is a checkpoint folder, ``random:<preset>``, or a loaded Model. The pool takes
+    ``num_pages`` pages, or on CUDA ``gpu_memory_utilization`` of the free memory after the
+    weights (on the CPU, 1 GiB). ``swap_space`` GiB of host memory backs "swap" and "auto".
+    """
+
+    def __init__(self, model: str | Model = "random:tiny", *, dtype: str | None = None, device: str = "auto",
+                 page_size: int = 16, num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
+                 swap_space: float = 4.0, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 preemption: str = "recompute", eviction: str = "lru", enable_prefix_caching: bool = False,
+                 seed: int = 0, watermark: float = 0.01) -> None:
+        self.model = model if isinstance(model, Model) else load_model(model, dtype, device, seed)
+        self.xp = self.model.xp
+        if swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {swap_space}")
+        if preemption in ("swap", "auto") and swap_space == 0:
+            raise ValueError(f"preemption={preemption!r} needs swap_space > 0")
+        self.pool = PagePool(self._pool_config(num_pages, page_size, gpu_memory_utilization), eviction)
+        self.swap = HostSwap(self.pool, num_bytes=max(int(swap_space * 2**30), self.pool.config.page_bytes)) \
+            if swap_space > 0 else None
+        self.prefix_cache = PrefixCache(self.pool, root=self.model.name) if enable_prefix_caching else None
+        self.stream = None
+        if self.model.device == "cuda":
+            import cupy as cp
+            self.stream = cp.cuda.Stream(non_blocking=True)
+        self.scheduler = Scheduler(self.pool, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, preemption=preemption,
+                                   swap=self.swap, prefix_cache=self.prefix_cache, watermark=watermark,
+                                   stream=self.stream)
+        self.seed = seed
+        self.stats = EngineStats()
+        self._live: dict[Request, _Live] = {}
+        self._next_id = 0
+
+    def _pool_config(self, num_pages: int | None, page_size: int, utilization: float) -> PoolConfig:
+        probe = self.model.pool_config(2, page_size)
+        if num_pages is not None:
+            return self.model.pool_config(num_pages, page_size)
+        c = self.model.config
+        kw = dict(page_size=page_size, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads,
+                  head_dim=c.head_dim, dtype=probe.dtype, device=self.model.device)
+        if self.model.device == "cuda":
+            return PoolConfig.from_memory(gpu_memory_utilization=utilization, **kw)
+        return PoolConfig.from_memory(memory_bytes=CPU_POOL_BYTES, **kw)
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0) -> Request:
+        """Tokenize (if text), check it fits the model and the pool, and queue it."""
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.model.tokenizer.encode(prompt) if text is not None else [int(t) for t in prompt]
+        limit = self.model.config.max_position_embeddings
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the "
+                             f"model's context of {limit} tokens")
+        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        req = self.scheduler.add(self._next_id, ids, params.max_tokens, priority)
+        seed = params.seed if params.seed is not None else hash((self.seed, self._next_id)) & 0xFFFFFFFF
+        self._live[req] = _Live(params, make_rng(SamplingParams(seed=seed)), text)
+        self._next_id += 1
+        return req
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts is empty")
+        params = params or SamplingParams()
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        self.stats = EngineStats(start_t=time.perf_counter())
+        bar = _progress(len(reqs), use_tqdm)
+        while self.scheduler.has_unfinished():
+            bar.update(self.step())
+        bar.close()
+        self.stats.end_t = time.perf_counter()
+        return [self._output(r) for r in reqs]
+
+    # ---- one step -----------------------------------------------------------------------------
+    def step(self) -> int:
+        """Schedule, run the model once, sample, and retire finished requests. Returns how many finished."""
+        t0 = time.perf_counter()
+        step = self.scheduler.schedule()
+        if not step.requests:
+            raise RuntimeError(f"no request could be scheduled: {self.pool.num_free_pages} free pages, "
+                               f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.swapped)} swapped")
+        tokens, positions = _inputs(step.requests, step.query_lens)
+        batch = pack_batch([r.pages for r in step.requests], step.query_lens, self.xp)
+        with self.stream if self.stream is not None else contextlib.nullcontext():
+            logits = self.model.forward(tokens, positions, batch, self.pool)       # [num_seqs, V]
+        rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
+        new = self._sample(logits, [step.requests[i] for i in rows], rows, len(step.requests))
+        self.scheduler.update(step, new)
+        now = time.perf_counter()
+        self._measure_prefill(step, now - t0)
+        finished = self._retire(new, now)
+        self._record(now, step.num_tokens)
+        return finished
+
+    def _sample(self, logits, reqs: list[Request], rows: list[int], num_rows: int) -> dict[Request, int]:
+        if not reqs:
+            return {}
+        if len(rows) < num_rows:
+            logits = logits[self.xp.asarray(rows)]
+        live = [self._live[r] for r in reqs]
+        tokens = sample(logits, [x.params for x in live], [x.rng for x in live])
+        return dict(zip(reqs, tokens.tolist()))
+
+    def _retire(self, new: dict[Request, int], now: float) -> int:
+        finished = 0
+        for req, tok in new.items():
+            live = self._live[req]
+            if live.first_token_t is None:
+                live.first_token_t = now
+            reason = stop_reason(live.params, tok, req.num_output_tokens, self.model.eos_token_ids)
+            if reason is not None:
+                live.done_t, live.finish_reason = now, reason
+                self.scheduler.finish(req)
+                finished += 1
+        return finished
+
+    def _measure_prefill(self, step, seconds: float) -> None:
+        """Feed the auto-preemption cost model with prefill tokens/s measured on prefill-heavy steps."""
+        if step.num_tokens >= 4 * len(step.requests) and seconds > 0:
+            self.scheduler.preemptor.set_prefill_rate(step.num_tokens / seconds)
+
+    def _record(self, now: float, num_tokens: int) -> None:
+        s = self.pool.stats()
+        sw = self.swap
+        self.stats.steps.append(StepRecord(
+            now - self.stats.start_t, num_tokens, s.num_used, s.num_cached, len(self.scheduler.running),
+            len(self.scheduler.waiting), len(self.scheduler.swapped),
+            sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0))
+
+    def _output(self, req: Request) -> RequestOutput:
+        live = self._live.pop(req)
+        out_ids = req.token_ids[req.num_prompt_tokens:]
+        ttft = live.first_token_t - self.stats.start_t
+        tpot = (live.done_t - live.first_token_t) / (len(out_ids) - 1) if len(out_ids) > 1 else 0.0
+        return RequestOutput(req.request_id, live.prompt, req.token_ids[:req.num_prompt_tokens], out_ids,
+                             self.model.tokenizer.decode(out_ids), live.finish_reason, ttft, tpot,
+                             req.num_preemptions, req.num_cached_tokens)
+
+
+def _inputs(reqs: list[Request], lens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """This step's token ids and positions, [T] int32 each, sequence by sequence."""
+    tokens = np.fromiter((t for r, n in zip(reqs, lens) for t in r.token_ids[r.num_computed:r.num_computed + n]),
+                         dtype=np.int32, count=sum(lens))
+    positions = np.concatenate([np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
+                                for r, n in zip(reqs, lens)])
+    return tokens, positions
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True)
