@@ -1,0 +1,79 @@
+"""Tokenizers (tokenizer.json, bytes), random presets with real shapes, and the generate helper."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from models import PRESETS, SamplingParams, generate, load_model
+from models.presets import preset_config, random_weights
+from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from models.weights import tensor_specs
+
+# parameter counts of the real models (embeddings counted once when tied)
+PARAMS = {"llama-3.2-1b": 1.236e9, "llama-3-8b": 8.030e9, "mistral-7b": 7.242e9,
+          "qwen2.5-0.5b": 0.494e9, "gpt2": 0.1244e9}
+
+
+def test_byte_tokenizer_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo ✓")
+    assert ids[0] == tok.BOS and max(ids[1:]) < 256
+    assert tok.decode(ids + [tok.EOS]) == "héllo ✓"
+    assert ByteTokenizer(1000).decode([256 + 104, 105]) == "hi"   # large random vocab: id % 256
+
+
+def test_hf_tokenizer_json(tmp_path):
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    ref = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    ref.pre_tokenizer = pre_tokenizers.Whitespace()
+    ref.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path, vocab_size=3, bos_token_id=None, eos_token_ids=[2])
+    assert isinstance(tok, HFTokenizer) and tok.eos_token_ids == (2,)
+    assert tok.encode("hello world zzz") == ref.encode("hello world zzz").ids == [1, 2, 0]
+    assert tok.decode([1, 2]) == ref.decode([1, 2])
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+def test_preset_shapes_match_the_real_models(name):
+    c = preset_config(name)
+    n = sum(int(np.prod(s.shape)) for key, s in tensor_specs(c).items())
+    assert n == pytest.approx(PARAMS[name], rel=2e-3)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="llama-3.2-1b"):
+        load_model("random:nope", device="cpu")
+
+
+def test_random_weights_are_seeded_and_sane():
+    c = preset_config("tiny")
+    a, b, other = (random_weights(c, np.float32, np, seed=s) for s in (0, 0, 1))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["layers.0.q.weight"], other["layers.0.q.weight"])
+    assert np.std(a["layers.0.q.weight"]) == pytest.approx(1 / np.sqrt(c.hidden_size), rel=0.1)
+
+
+def test_tiny_generates_deterministically_with_bounded_activations():
+    """random:tiny generates max_tokens tokens, the same ones for the same seed, with finite logits."""
+    m = load_model("random:tiny", device="cpu")
+    assert set(PRESETS) >= {"tiny", *PARAMS}
+    prompts = [m.tokenizer.encode("hello"), m.tokenizer.encode("a longer prompt, to page")]
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=3, max_tokens=12, ignore_eos=True)
+    first, again = generate(m, prompts, params), generate(m, prompts, params)
+    assert first == again and [len(o) for o in first] == [12, 12]
+    assert all(0 <= t < m.config.vocab_size for o in first for t in o)
+
+
+def test_generate_stops_on_eos_and_frees_a_given_pool():
+    m = load_model("random:tiny", device="cpu")
+    greedy = generate(m, [[256, 1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))[0]
+    stop_at = greedy[2]
+    from pagemem import PagePool
+    pool = PagePool(m.pool_config(num_pages=16, page_size=4))
+    out = generate(m, [[256, 1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[stop_at]),
+                   pool=pool)[0]
+    assert out == greedy[:greedy.index(stop_at) + 1]
+    assert pool.num_free_pages == 15
+    with pytest.raises(ValueError, match="prompts"):
+        generate(m, [[]])
