@@ -243,6 +243,7 @@ def test_swap_out_after_kernel_reads_new_values(path):
     rng = np.random.default_rng(3)
     ids = rng.permutation(pages)[:1024].tolist()
     compute = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Stream.null.synchronize()  # the pool's zero fill ran on the legacy stream
     with compute:
         pool.kv.fill(0)
         idx = cp.asarray(ids)
