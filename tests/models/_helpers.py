@@ -5,6 +5,7 @@ import numpy as np
 
 from models import Model
 from pagemem import PagePool, SeqPages, pack_batch
+from pagemem.backend import to_host
 
 
 def scrambled_pool(model: Model, num_pages: int, page_size: int, seed: int = 0) -> PagePool:
@@ -25,7 +26,7 @@ def prefill_logits(model: Model, prompts: list[list[int]], page_size: int = 4) -
     batch = pack_batch(seqs, [len(p) for p in prompts], pool.xp)
     ids = np.concatenate([np.asarray(p) for p in prompts])
     pos = np.concatenate([np.arange(len(p)) for p in prompts])
-    logits = np.asarray(model.forward(ids, pos, batch, pool, all_logits=True))   # [T, V]
+    logits = to_host(model.forward(ids, pos, batch, pool, all_logits=True))   # [T, V] float32
     bounds = np.cumsum([0] + [len(p) for p in prompts])
     return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 

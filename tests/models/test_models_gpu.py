@@ -1,0 +1,57 @@
+"""On a CUDA device: float16 parity with transformers, and a random Llama-3.2-1B forward."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import prefill_logits, scale_error
+from hf_models import ARCHS
+from models import SamplingParams, generate, load_model
+from pagemem.backend import to_host
+
+pytestmark = pytest.mark.gpu
+PROMPT = [5, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11, 12]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp16_logits_match_transformers(hf_checkpoints, arch):
+    """float16 weights on the GPU give transformers' float32 logits within 1e-2 of their scale."""
+    path, hf = hf_checkpoints[arch]
+    model = load_model(path, dtype="float16", device="cuda")
+    ours = prefill_logits(model, [PROMPT, PROMPT[:5]])
+    for got, prompt in zip(ours, [PROMPT, PROMPT[:5]]):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].numpy()
+        assert scale_error(got, ref) <= 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fp16_greedy_16_tokens_match_generate(hf_checkpoints, arch):
+    path, hf = hf_checkpoints[arch]
+    model = load_model(path, dtype="float16", device="cuda")
+    got = generate(model, [PROMPT], SamplingParams(temperature=0.0, max_tokens=16), page_size=4)[0]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert got == ref[0, len(PROMPT):].tolist()
+
+
+def test_random_llama_3_2_1b_forward_runs():
+    """random:llama-3.2-1b (fp16, on the device) prefills and decodes a batch with finite, spread logits."""
+    model = load_model("random:llama-3.2-1b", device="cuda")
+    assert model.weights["layers.0.q.weight"].dtype == np.float16
+    logits = prefill_logits(model, [list(range(1, 40)), [7, 8, 9]], page_size=16)
+    assert all(np.isfinite(x).all() and x.shape[1] == 128256 and x.std() > 0.1 for x in logits)
+    out = generate(model, [[128000, 1, 2, 3], [128000, 9]], SamplingParams(temperature=0.0, max_tokens=8,
+                                                                            ignore_eos=True))
+    assert [len(o) for o in out] == [8, 8]
+
+
+def test_bf16_checkpoint_to_fp16_on_device(hf_checkpoints):
+    """Mistral's bf16 tensors go up as bits and become float16 on the device with torch's values."""
+    path, hf = hf_checkpoints["mistral"]
+    model = load_model(path, dtype="float16", device="cuda")
+    got = to_host(model.weights["layers.0.q.weight"])
+    assert got.dtype == np.float16
+    ref = hf.model.layers[0].self_attn.q_proj.weight.detach().numpy().astype(np.float16)
+    np.testing.assert_array_equal(got, ref)
