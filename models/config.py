@@ -5,6 +5,7 @@ Reads both the transformers 4.x spelling (``rope_theta`` + ``rope_scaling`` with
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, path: str | Path) -> ModelConfig:
-        """Parse ``path/config.json`` (or ``path`` itself when it is the json file)."""
+        """Parse ``path/config.json`` (or ``path`` itself when it is the json file). EOS ids of a
+        ``generation_config.json`` beside it are added (Llama 3 instruct lists several there)."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
@@ -114,9 +116,15 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: invalid JSON ({e})") from None
         try:
-            return cls.from_dict(hf)
+            config = cls.from_dict(hf)
         except (KeyError, TypeError, ValueError) as e:
             raise type(e)(f"{file}: {e}") from None
+        gen = file.parent / "generation_config.json"
+        if gen.is_file():
+            extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+            eos = config.eos_token_ids + tuple(i for i in extra if i not in config.eos_token_ids)
+            config = dataclasses.replace(config, eos_token_ids=eos)
+        return config
 
     @classmethod
     def from_dict(cls, hf: dict[str, Any]) -> ModelConfig:

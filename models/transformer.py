@@ -101,8 +101,8 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     k_cache, v_cache = pool.layer_kv(layer)                                # [num_pages, page_size, nkv, d]
-    kernels.store_kv(k.astype(k_cache.dtype), v.astype(v_cache.dtype), k_cache, v_cache, batch.slot_mapping)
-    q = q.astype(k_cache.dtype)                                            # [T, nh, d]
+    q, k, v = (_contiguous(a, k_cache.dtype) for a in (q, k, v))
+    kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     scale, window = 1.0 / math.sqrt(d), config.layer_window(layer)
     if batch.num_tokens == batch.num_seqs:                                 # every query length is 1
         out = kernels.paged_decode(q, k_cache, v_cache, batch.page_tables, batch.context_lens, scale=scale,
@@ -112,6 +112,11 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
                                     batch.query_start_loc, scale=scale, sliding_window=window,
                                     max_query_len=batch.max_query_len or None)
     return linear(out.reshape(T, nh * d).astype(x.dtype), w[p + "o.weight"], w.get(p + "o.bias"))
+
+
+def _contiguous(x: Array, dtype) -> Array:
+    """x in ``dtype``, C-contiguous (the kernels' precondition), copied only when needed."""
+    return module_of(x).ascontiguousarray(x.astype(dtype, copy=False))
 
 
 def mlp(config: ModelConfig, w: dict, layer: int, x: Array) -> Array:

@@ -77,6 +77,8 @@ def _gpt2_specs(c: ModelConfig, p: str) -> dict[str, TensorSpec]:
              "pos_embed.weight": TensorSpec(p + "wpe.weight", (c.max_position_embeddings, H), False),
              "norm.weight": TensorSpec(p + "ln_f.weight", (H,), False),
              "norm.bias": TensorSpec(p + "ln_f.bias", (H,), False)}
+    if not c.tie_word_embeddings:
+        specs["lm_head.weight"] = TensorSpec("lm_head.weight", (c.vocab_size, H), False)
     for L in range(c.num_layers):
         hf, ours = f"{p}h.{L}.", f"layers.{L}."
         for name, hf_mod, inp, out in (("qkv", "attn.c_attn", H, 3 * H), ("o", "attn.c_proj", H, H),

@@ -33,6 +33,12 @@ def test_llama_4x_keys(tmp_path):
     assert c.tie_word_embeddings and c.eos_token_ids == (128001, 128008, 128009)
 
 
+def test_generation_config_eos_ids_are_added(tmp_path):
+    _write(tmp_path, LLAMA_4X | {"eos_token_id": 128001})
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [128001, 128009]}))
+    assert ModelConfig.from_hf(tmp_path).eos_token_ids == (128001, 128009)
+
+
 def test_5x_rope_parameters_and_dtype(tmp_path):
     cfg = {k: v for k, v in LLAMA_4X.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
     cfg |= {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA_4X["rope_scaling"]},

@@ -126,3 +126,16 @@ def test_torch_reads_what_we_check(hf_checkpoints):
     w = load_model(path, device="cpu").weights
     np.testing.assert_array_equal(w["embed.weight"], hf.model.embed_tokens.weight.detach().numpy())
     assert torch.equal(hf.lm_head.weight, hf.model.embed_tokens.weight)
+
+
+def test_gpt2_untied_head_is_required_and_loaded(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints, "gpt2", tmp_path)
+    cfg = json.loads((path / "config.json").read_text()) | {"tie_word_embeddings": False}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'lm_head.weight' is missing"):
+        load_model(path, device="cpu")
+    head = np.arange(300 * 64, dtype=np.float32).reshape(300, 64)
+    _rewrite(path / "model.safetensors", lambda t: t.update({"lm_head.weight": head}))
+    w = load_model(path, device="cpu").weights
+    np.testing.assert_array_equal(w["lm_head.weight"], head)
+    assert w["lm_head.weight"] is not w["embed.weight"]
