@@ -37,3 +37,15 @@ def test_greedy_32_tokens_match_generate(hf_checkpoints, arch):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
         assert got == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_float16_path_on_cpu(hf_checkpoints, arch):
+    """The half-precision path the GPU runs (fp16 weights and pool, fp32 norms and logits) stays
+    within 1e-2 of HF's float32 logits; here through NumPy."""
+    path, hf = hf_checkpoints[arch]
+    model = load_model(path, dtype="float16", device="cpu")
+    assert model.weights["embed.weight"].dtype == np.float16
+    ours = prefill_logits(model, [PROMPTS[0]])[0]
+    assert ours.dtype == np.float32
+    assert scale_error(ours, _hf_logits(hf, PROMPTS[0])) <= 1e-2

@@ -2,8 +2,11 @@
 and sequences mixed in one ragged batch vs run alone."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from _helpers import prefill_logits, scale_error, scrambled_pool
 from hf_models import ARCHS
@@ -13,6 +16,11 @@ from pagemem import SeqPages, pack_batch
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11, 12, 13, 14]   # longer than Mistral's window of 8
 # float32 everywhere; only the grouping of the same sums differs between paths
 TOL = 1e-5
+
+
+@functools.cache
+def _model(path):
+    return load_model(path, device="cpu")
 
 
 def _chunked_logits(model, prompt: list[int], chunk: int, page_size: int) -> np.ndarray:
@@ -71,3 +79,30 @@ def test_forward_rejects_mismatched_inputs(hf_checkpoints):
     other = load_model(hf_checkpoints["gpt2"][0], device="cpu")   # 4 K/V heads, the pool has 2
     with pytest.raises(ValueError, match="num_kv_heads"):
         other.forward(np.asarray([1, 2, 3]), np.arange(3), batch, scrambled_pool(model, 4, 4))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=6), min_size=1, max_size=3),
+       st.sampled_from([1, 3, 8]))
+def test_random_ragged_schedules(hf_checkpoints, chunks, page_size):
+    """Sequences fed in random chunk sizes, interleaved in shared batches, get their one-shot logits
+    (Mistral, so windows of 8 cross chunk and page boundaries)."""
+    model = _model(hf_checkpoints["mistral"][0])
+    prompts = [[(7 * s + 3 * i) % 300 for i in range(sum(c))] for s, c in enumerate(chunks)]
+    pool = scrambled_pool(model, sum(-(-len(p) // page_size) for p in prompts) + 1, page_size, seed=3)
+    seqs = [SeqPages(pool) for _ in prompts]
+    got: list[list[np.ndarray]] = [[] for _ in prompts]
+    for step in range(max(len(c) for c in chunks)):
+        live = [s for s, c in enumerate(chunks) if step < len(c)]
+        news = [prompts[s][seqs[s].num_tokens:seqs[s].num_tokens + chunks[s][step]] for s in live]
+        starts = [seqs[s].num_tokens for s in live]
+        for s, new in zip(live, news):
+            seqs[s].append(len(new))
+        batch = pack_batch([seqs[s] for s in live], [len(n) for n in news], pool.xp)
+        ids = np.concatenate([np.asarray(n) for n in news])
+        pos = np.concatenate([np.arange(a, a + len(n)) for a, n in zip(starts, news)])
+        rows = np.split(model.forward(ids, pos, batch, pool, all_logits=True), np.cumsum([len(n) for n in news])[:-1])
+        for s, r in zip(live, rows):
+            got[s].append(r)
+    for p, g in zip(prompts, got):
+        assert scale_error(np.concatenate(g), prefill_logits(model, [p])[0]) <= TOL
