@@ -127,11 +127,14 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     header.pop("__metadata__", None)
     infos = {}
     for name, meta in header.items():
-        start, end = meta["data_offsets"]
+        try:
+            (start, end), dtype, shape = meta["data_offsets"], meta["dtype"], tuple(meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{file}: corrupt safetensors header entry for tensor {name!r}: {meta!r}") from None
         if 8 + n + end > size:
             raise ValueError(f"{file}: truncated: tensor {name!r} needs bytes up to {8 + n + end}, "
                              f"the file has {size}")
-        infos[name] = TensorInfo(file, meta["dtype"], tuple(meta["shape"]), 8 + n + start)
+        infos[name] = TensorInfo(file, dtype, shape, 8 + n + start)
     return infos
 
 
@@ -197,7 +200,9 @@ def _check_names(specs: dict[str, TensorSpec], infos: dict[str, TensorInfo], pat
     for spec in specs.values():
         info = infos.get(spec.hf_name)
         if info is None:
-            raise ValueError(f"{path}: tensor {spec.hf_name!r} is missing from the checkpoint")
+            files = sorted({i.file.name for i in infos.values()})
+            raise ValueError(f"{path}: tensor {spec.hf_name!r} is missing from the checkpoint "
+                             f"(files: {', '.join(files)})")
         if info.shape != spec.shape:
             raise ValueError(f"{info.file}: tensor {spec.hf_name!r} has shape {list(info.shape)}, "
                              f"expected {list(spec.shape)}")
