@@ -108,21 +108,22 @@ def wall_s(fn) -> float:
     return time.perf_counter() - t0
 
 
-def round_trip_gbps(case: SwapCase, path: str, reps: int) -> tuple[float, float]:
-    """Median swap-out and swap-in GB/s over ``reps`` round trips (one warm-up), data checked."""
+def round_trip_gbps(case: SwapCase, path: str, reps: int) -> tuple[float, float, float, float]:
+    """Median GB/s over ``reps`` round trips (one warm-up), data checked: (out, in) end to end
+    (host clock around the call and its completion), then (out, in) on the device (copy-stream
+    events around the copies, as HostSwap.last_copy_s records them)."""
     case.swap.path = path
-    outs, ins = [], []
-    for r in range(reps + 1):
+    times: list[tuple[float, ...]] = []
+    for _ in range(reps + 1):
         t_out = wall_s(case.swap_out)
         case.swap.reclaim(wait=True)
+        dev_out = case.swap.last_copy_s["out"]
         t_in = wall_s(case.swap_in)
         case.swap.reclaim(wait=True)
-        if r:
-            outs.append(t_out)
-            ins.append(t_in)
+        times.append((t_out, t_in, dev_out, case.swap.last_copy_s["in"]))
     case.check()
     case.swap.path = "auto"
-    return case.nbytes / statistics.median(outs) / 1e9, case.nbytes / statistics.median(ins) / 1e9
+    return tuple(case.nbytes / statistics.median(col) / 1e9 for col in zip(*times[1:]))
 
 
 def v0_gbps(case: SwapCase, reps: int) -> tuple[float, float]:
@@ -130,7 +131,8 @@ def v0_gbps(case: SwapCase, reps: int) -> tuple[float, float]:
     outs = [wall_s(lambda: case.v0_copy(_D2H)) for _ in range(reps)]
     ins = [wall_s(lambda: case.v0_copy(_H2D)) for _ in range(reps)]  # writes back the same bytes
     case.check()
-    return case.nbytes / min(outs) / 1e9, case.nbytes / min(ins) / 1e9
+    out, in_ = case.nbytes / min(outs) / 1e9, case.nbytes / min(ins) / 1e9
+    return out, in_, out, in_   # host-timed; the stream is drained, so wall is device time too
 
 
 def duplex_gbps(shape: str, n: int, reps: int) -> float:
@@ -236,7 +238,7 @@ def main(path: str | None) -> None:
         print("bench_swap: no CUDA device, nothing to measure")
         return
     h2d, d2h = pinned_bandwidth()
-    rows = [("pinned ceiling", "1 GiB", "-", d2h / 1e9, h2d / 1e9)]
+    rows = [("pinned ceiling", "1 GiB", "-", d2h / 1e9, h2d / 1e9, d2h / 1e9, h2d / 1e9)]
     out: dict = {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "ceiling_GBps": {"d2h": d2h / 1e9, "h2d": h2d / 1e9}, "rows": [], "extra": {}}
     for shape in SHAPES:
@@ -254,14 +256,19 @@ def main(path: str | None) -> None:
             del case
     for shape in SHAPES:
         out["extra"][f"duplex {shape} n=2048"] = duplex_gbps(shape, 2048, 3)
-    out["rows"] = [dict(zip(("shape", "n", "path", "out_GBps", "in_GBps"), r)) for r in rows]
+    out["rows"] = [dict(zip(("shape", "n", "path", "out_GBps", "in_GBps", "dev_out_GBps", "dev_in_GBps"), r))
+                   for r in rows]
     if path:
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
     print(f"\n{out['device']}  {out['date']}")
-    print(f"{'shape':14} {'n':>5} {'path':18} {'out GB/s':>9} {'in GB/s':>8} {'out %ceil':>9} {'in %ceil':>8}")
-    for s, n, p, o, i in rows:
-        print(f"{s:14} {n!s:>5} {p:18} {o:9.1f} {i:8.1f} {100 * o * 1e9 / d2h:8.0f}% {100 * i * 1e9 / h2d:7.0f}%")
+    print("GB/s end to end (host clock) | on the device (copy-stream events); % of the pinned ceiling")
+    print(f"{'shape':14} {'n':>5} {'path':18} {'out':>6} {'in':>6} {'out%':>5} {'in%':>5} |"
+          f" {'dev out':>7} {'dev in':>6} {'out%':>5} {'in%':>5}")
+    for s, n, p, o, i, do, di in rows:
+        pct = [100 * x * 1e9 / c for x, c in ((o, d2h), (i, h2d), (do, d2h), (di, h2d))]
+        print(f"{s:14} {n!s:>5} {p:18} {o:6.1f} {i:6.1f} {pct[0]:4.0f}% {pct[1]:4.0f}% |"
+              f" {do:7.1f} {di:6.1f} {pct[2]:4.0f}% {pct[3]:4.0f}%")
     for k, v in out["extra"].items():
         print(f"{k}: {v if isinstance(v, dict) else f'{v:.1f} GB/s'}")
 

@@ -30,6 +30,7 @@ copies waste PCIe time; the gather costs one device pass (~3 TB/s, 2% of a PCIe 
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -83,17 +84,21 @@ class _Pending:
     page_ids: list[int] = field(default_factory=list)    # device refs to drop (swap-out)
     host_slots: list[int] = field(default_factory=list)  # host slots to free (swap-in, discard)
     priority: int = 0
+    keep: tuple = ()               # buffers the copies read (pinned index arrays) until done
 
 
 def merge_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, length) runs where both ``src`` and ``dst`` advance by one."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst):
-        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((s, d, 1))
-    return runs
+    s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+    if len(s) == 0:
+        return []
+    cut = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(s)]))
+    return list(zip(s[starts].tolist(), d[starts].tolist(), (ends - starts).tolist()))
+
+
+def _num_runs(src: np.ndarray, dst: np.ndarray) -> int:
+    return 1 + int(np.count_nonzero((np.diff(src) != 1) | (np.diff(dst) != 1)))
 
 
 class HostSwap:
@@ -105,7 +110,7 @@ class HostSwap:
     """
 
     def __init__(self, pool: PagePool, num_host_pages: int | None = None, *, num_bytes: int | None = None,
-                 path: str = "auto", min_run_bytes: int = 1 << 20, staging_bytes: int = 256 << 20) -> None:
+                 path: str = "auto", min_run_bytes: int = 8 << 20, staging_bytes: int = 256 << 20) -> None:
         if not isinstance(pool, PagePool):
             raise TypeError(f"pool must be a PagePool, got {type(pool).__name__}")
         self.pool = pool
@@ -131,13 +136,14 @@ class HostSwap:
             word = next(w for w in (8, 4, 2, 1) if self.page_bytes % w == 0)
             # [num_pages, page_bytes // word] unsigned ints: moves bits, never values
             self._kv_words = pool.kv.reshape(pool.num_pages, -1).view(f"u{word}")
-            self._staging: dict[str, Any] = {}
+            self._staging: dict[int, Any] = {}  # cudaMemcpyKind -> staging buffer
         else:
             self.host = np.zeros(shape, dtype=pool.config.np_dtype)
         self._host_free = np.ones(self.num_host_pages, dtype=bool)
         self._live: set[SwapTicket] = set()      # tickets in state "out"
         self._pending: list[_Pending] = []
         self._bandwidth: dict[str, float | None] = {"out": None, "in": None}
+        self.last_copy_s: dict[str, float | None] = {"out": None, "in": None}  # device time of the latest
         self.num_pages_out = self.num_pages_in = 0
         self.last_path = ""
 
@@ -162,7 +168,7 @@ class HostSwap:
         """'runs' when the mean merged run is at least ``min_run_bytes``, else 'gather'."""
         if self.path != "auto":
             return self.path
-        num_runs = len(merge_runs(device_ids, host_slots))
+        num_runs = _num_runs(np.asarray(device_ids), np.asarray(host_slots))
         return "runs" if len(device_ids) * self.page_bytes >= num_runs * self.min_run_bytes else "gather"
 
     # ---- swap out / in -----------------------------------------------------------------------
@@ -171,21 +177,21 @@ class HostSwap:
         moves to the ticket; ``reclaim()`` frees the pages (with ``priority``, in reverse order)
         after the copy completes. Raises ValueError (free, shared or repeated page),
         OutOfHostPages (host full); either way nothing changed."""
-        page_ids = self._check_pages(page_ids)
+        page_ids, ids = self._check_pages(page_ids)
         self.reclaim()
         n = len(page_ids)
         if n > self.num_free_host_pages:
             raise OutOfHostPages(f"swap_out of {n} pages, {self.num_free_host_pages} of "
                                  f"{self.num_host_pages} host pages free")
-        slots = np.flatnonzero(self._host_free)[:n].tolist()  # lowest first: host runs stay long
+        slots = np.flatnonzero(self._host_free)[:n]  # [n] int64, lowest first: host runs stay long
         self._host_free[slots] = False
-        ticket = SwapTicket(slots, n * self.page_bytes, owner=self)
+        ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self)
         pend = _Pending(None, None, "out", ticket.nbytes, page_ids=page_ids, priority=priority)
         if self.cuda:
-            pend.start, pend.event = self._enqueue(page_ids, slots, _D2H, stream, ())
+            self._enqueue(ids, slots, _D2H, stream, (), pend)
         else:
             t0 = time.perf_counter()
-            self.host[slots] = self.pool.kv[page_ids]
+            self.host[slots] = self.pool.kv[ids]
             pend.seconds = time.perf_counter() - t0
         ticket.event = pend.event
         self._live.add(ticket)
@@ -208,7 +214,8 @@ class HostSwap:
         pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.host_slots)
         if self.cuda:
             after = () if ticket.is_done() else (ticket.event,)
-            pend.start, pend.event = self._enqueue(page_ids, ticket.host_slots, _H2D, stream, after)
+            ids, slots = np.asarray(page_ids, dtype=np.int64), np.asarray(ticket.host_slots, dtype=np.int64)
+            self._enqueue(ids, slots, _H2D, stream, after, pend)
         else:
             t0 = time.perf_counter()
             self.pool.kv[page_ids] = self.host[ticket.host_slots]
@@ -262,28 +269,36 @@ class HostSwap:
             if p.start is not None:
                 import cupy as cp
                 seconds = cp.cuda.get_elapsed_time(p.start, p.event) * 1e-3
+            self.last_copy_s[p.direction] = seconds
             if seconds > 0:
                 old, new = self._bandwidth[p.direction], p.nbytes / seconds
                 self._bandwidth[p.direction] = new if old is None else 0.5 * old + 0.5 * new
 
-    def _check_pages(self, page_ids: Sequence[int]) -> list[int]:
+    def _check_pages(self, page_ids: Sequence[int]) -> tuple[list[int], np.ndarray]:
+        """Validated ids as a list and as [n] int64. Vectorized: thousands of pages in ~0.2 ms."""
         if isinstance(page_ids, (str, bytes)) or not isinstance(page_ids, Sequence):
             raise TypeError(f"page_ids must be a sequence of ints, got {type(page_ids).__name__}")
         if len(page_ids) == 0:
             raise ValueError("page_ids is empty")
-        self.pool._check_ids(page_ids, "page_ids")
-        page_ids = [int(p) for p in page_ids]
-        repeated = [p for p, c in Counter(page_ids).items() if c > 1]
-        if repeated:
+        ids = np.array(page_ids)
+        if ids.dtype.kind not in "iu" or ids.ndim != 1 or ids.min() < 1 or ids.max() >= self.pool.num_pages:
+            self.pool._check_ids(page_ids, "page_ids")  # raises, naming the offending id
+            raise TypeError("page_ids must be a flat sequence of ints")
+        ids = ids.astype(np.int64, copy=False)
+        page_ids = ids.tolist()
+        srt = np.sort(ids)
+        if (srt[1:] == srt[:-1]).any():
+            repeated = sorted({int(p) for p in srt[1:][srt[1:] == srt[:-1]]})
             raise ValueError(f"page_ids: pages {repeated} given more than once")
-        for p in page_ids:
-            rc = self.pool.refcount(p)
+        rcs = operator.itemgetter(*page_ids)(self.pool._refcount) if len(page_ids) > 1 else (
+            self.pool._refcount[page_ids[0]],)
+        if rcs.count(1) != len(rcs):
+            p, rc = next((p, rc) for p, rc in zip(page_ids, rcs) if rc != 1)
             if rc == 0:
                 raise ValueError(f"page_ids: page {p} is free; only pages in use can be swapped out")
-            if rc > 1:
-                raise ValueError(f"page_ids: page {p} is shared (refcount {rc}); swapping it would "
-                                 f"free no memory: keep shared pages resident")
-        return page_ids
+            raise ValueError(f"page_ids: page {p} is shared (refcount {rc}); swapping it would "
+                             f"free no memory: keep shared pages resident")
+        return page_ids, ids
 
     def _check_ticket(self, ticket: SwapTicket, what: str) -> None:
         if not isinstance(ticket, SwapTicket):
@@ -293,9 +308,9 @@ class HostSwap:
         if ticket.state != "out":
             raise ValueError(f"{what}: ticket was already used (state {ticket.state!r})")
 
-    def _enqueue(self, device_ids: list[int], host_slots: list[int], kind: int, stream, after) -> tuple:
-        """Queue one direction's copies on its stream after ``stream``'s work and ``after`` events.
-        Returns (start, done) timing events."""
+    def _enqueue(self, ids: np.ndarray, slots: np.ndarray, kind: int, stream, after, pend: _Pending) -> None:
+        """Queue one direction's copies on its stream after ``stream``'s work and ``after`` events;
+        record pend's (start, event) timing events. Nothing here blocks the host."""
         import cupy as cp
         compute = stream if stream is not None else cp.cuda.get_current_stream()
         copy = self.out_stream if kind == _D2H else self.in_stream
@@ -304,46 +319,51 @@ class HostSwap:
         copy.wait_event(ready)
         for ev in after:
             copy.wait_event(ev)
-        start = cp.cuda.Event()
-        start.record(copy)
-        self.last_path = self.choose_path(device_ids, host_slots)
+        pend.start = cp.cuda.Event()
+        pend.start.record(copy)
+        self.last_path = self.choose_path(ids, slots)
         if self.last_path == "runs":
-            self._copy_runs(device_ids, host_slots, kind, copy)
+            self._copy_runs(ids, slots, kind, copy)
         else:
-            self._copy_gathered(device_ids, host_slots, kind, copy)
-        done = cp.cuda.Event()
-        done.record(copy)
+            pend.keep = self._copy_gathered(ids, slots, kind, copy)
+        pend.event = cp.cuda.Event()
+        pend.event.record(copy)
         if kind == _H2D:
-            compute.wait_event(done)
-        return start, done
+            compute.wait_event(pend.event)
 
-    def _copy_runs(self, device_ids: list[int], host_slots: list[int], kind: int, copy) -> None:
+    def _copy_runs(self, ids: np.ndarray, slots: np.ndarray, kind: int, copy) -> None:
         import cupy as cp
         pb, dptr, hptr = self.page_bytes, self.pool.kv.data.ptr, self.host.ctypes.data
-        for d, h, n in merge_runs(device_ids, host_slots):
+        for d, h, n in merge_runs(ids, slots):
             dst, src = (hptr + h * pb, dptr + d * pb) if kind == _D2H else (dptr + d * pb, hptr + h * pb)
             cp.cuda.runtime.memcpyAsync(dst, src, n * pb, kind, copy.ptr)
 
-    def _copy_gathered(self, device_ids: list[int], host_slots: list[int], kind: int, copy) -> None:
+    def _copy_gathered(self, ids: np.ndarray, slots: np.ndarray, kind: int, copy) -> tuple:
         """Chunks of ``staging_pages``: D2H gathers kv[ids] into staging then copies each host run;
-        H2D copies host runs into staging then scatters. Same stream: chunk k+1 reuses staging safely."""
+        H2D copies host runs into staging then scatters. Same stream: chunk k+1 reuses staging safely.
+        The ids go up once through pinned memory (a pageable upload would block the host until the
+        stream drains). Returns what must live until the copy completes."""
         import cupy as cp
         pb, hptr, m = self.page_bytes, self.host.ctypes.data, self.staging_pages
+        pinned = cp.cuda.alloc_pinned_memory(ids.nbytes)
+        np.frombuffer(pinned, dtype=np.int64, count=len(ids))[:] = ids
         with copy:
-            stage = self._staging.get(str(kind))
+            stage = self._staging.get(kind)
             if stage is None:  # [staging_pages, page words], allocated once per direction on its stream
-                stage = self._staging[str(kind)] = cp.empty((m, self._kv_words.shape[1]), self._kv_words.dtype)
-            for i in range(0, len(device_ids), m):
-                ids, slots = device_ids[i:i + m], host_slots[i:i + m]
-                idx = cp.asarray(np.asarray(ids, dtype=np.int64))  # [k] on this stream's memory pool
+                stage = self._staging[kind] = cp.empty((m, self._kv_words.shape[1]), self._kv_words.dtype)
+            idx = cp.empty(len(ids), dtype=cp.int64)  # [n], from this stream's memory pool
+            cp.cuda.runtime.memcpyAsync(idx.data.ptr, pinned.ptr, ids.nbytes, _H2D, copy.ptr)
+            for i in range(0, len(ids), m):
+                k = min(m, len(ids) - i)
                 if kind == _D2H:
-                    cp.take(self._kv_words, idx, axis=0, out=stage[:len(ids)])
-                for j, h, n in merge_runs(range(len(ids)), slots):
+                    cp.take(self._kv_words, idx[i:i + k], axis=0, out=stage[:k])
+                for j, h, n in merge_runs(np.arange(k), slots[i:i + k]):
                     sp, hp = stage.data.ptr + j * pb, hptr + h * pb
                     dst, src = (hp, sp) if kind == _D2H else (sp, hp)
                     cp.cuda.runtime.memcpyAsync(dst, src, n * pb, kind, copy.ptr)
                 if kind == _H2D:
-                    self._kv_words[idx] = stage[:len(ids)]
+                    self._kv_words[idx[i:i + k]] = stage[:k]
+        return pinned, idx
 
     # ---- checks ------------------------------------------------------------------------------
     def check_integrity(self) -> None:
