@@ -11,7 +11,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.presets import preset_config, random_weights
 from models.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-from models.transformer import forward, rope_buffer
+from models.transformer import forward, fuse_projections, rope_buffer
 from models.weights import load_weights
 from pagemem import PagedBatch, PagePool, PoolConfig
 from pagemem.backend import array_module, resolve_device, to_dtype
@@ -75,6 +75,7 @@ def load_model(path_or_random: str | Path, dtype: str | None = None, device: str
         config = ModelConfig.from_hf(path)
         weights = load_weights(path, config, dtype, xp)
         tokenizer = load_tokenizer(path, config.vocab_size, config.bos_token_id, config.eos_token_ids)
+    fuse_projections(config, weights)
     if not config.is_gpt2:
         weights["rope.inv_freq"] = rope_buffer(config, xp)
     return Model(config, weights, tokenizer, device, dtype, name)

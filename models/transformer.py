@@ -3,6 +3,9 @@
 Shape legend: T new tokens in the batch (ragged over sequences), H hidden size, nh query heads,
 nkv K/V heads, d head_dim, I MLP width, V vocabulary.
 
+``forward`` expects the weights of ``models.weights`` with q/k/v and gate/up fused
+(``fuse_projections``; ``load_model`` does it).
+
 Every step's state comes in as arguments: the weights, the new tokens and their positions, the
 PagedBatch saying where each sequence's K/V lives, and the pool holding it. Each layer writes the
 new tokens' K/V into the pool (``kernels.store_kv``), then attends over the pages
@@ -29,6 +32,24 @@ _F32 = np.float32
 def rope_buffer(config: ModelConfig, xp=np) -> Array:
     """Inverse RoPE frequencies [d // 2] float32 (scaling applied), stored as weights["rope.inv_freq"]."""
     return xp.asarray(np.asarray(rope_inv_freq(config), dtype=_F32))
+
+
+def fuse_projections(config: ModelConfig, weights: dict[str, Array]) -> dict[str, Array]:
+    """In place: q/k/v -> ``qkv`` [(nh + 2 * nkv) * d, H] and gate/up -> ``gate_up`` [2 * I, H]
+    (weights and biases), so each is one GEMM instead of three or two. Each part is dropped as
+    soon as it is fused, so memory peaks one layer's projections above the model.
+    GPT-2 checkpoints come fused already."""
+    if config.is_gpt2:
+        return weights
+    xp = module_of(weights["embed.weight"])
+    for layer in range(config.num_layers):
+        p = f"layers.{layer}."
+        for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+            for kind in ("weight", "bias"):
+                names = [f"{p}{n}.{kind}" for n in parts]
+                if names[0] in weights:
+                    weights[f"{p}{fused}.{kind}"] = xp.concatenate([weights.pop(n) for n in names])
+    return weights
 
 
 # ---- building blocks --------------------------------------------------------------------------
@@ -92,11 +113,8 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
     """Self-attention of the new tokens over their sequences' pages. x [T, H] -> [T, H]."""
     p, T, d = f"layers.{layer}.", x.shape[0], config.head_dim
     nh, nkv = config.num_heads, config.num_kv_heads
-    if config.is_gpt2:
-        qkv = linear(x, w[p + "qkv.weight"], w[p + "qkv.bias"])            # [T, 3 * nh * d]
-        q, k, v = qkv[:, :nh * d], qkv[:, nh * d:2 * nh * d], qkv[:, 2 * nh * d:]
-    else:
-        q, k, v = (linear(x, w[p + n + ".weight"], w.get(p + n + ".bias")) for n in "qkv")
+    qkv = linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"))           # [T, (nh + 2 * nkv) * d]
+    q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + nkv) * d], qkv[:, (nh + nkv) * d:]
     q, k, v = q.reshape(T, nh, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -121,12 +139,12 @@ def _contiguous(x: Array, dtype) -> Array:
 
 def mlp(config: ModelConfig, w: dict, layer: int, x: Array) -> Array:
     """SwiGLU (Llama family) or GELU (GPT-2) MLP. x [T, H] -> [T, H]."""
-    p = f"layers.{layer}."
-    up = linear(x, w[p + "up.weight"], w.get(p + "up.bias"))              # [T, I]
+    p, I = f"layers.{layer}.", config.intermediate_size
     if config.is_gpt2:
-        h = gelu_tanh(up)
+        h = gelu_tanh(linear(x, w[p + "up.weight"], w[p + "up.bias"]))      # [T, I]
     else:
-        h = silu(linear(x, w[p + "gate.weight"], w.get(p + "gate.bias"))) * up
+        gate_up = linear(x, w[p + "gate_up.weight"], w.get(p + "gate_up.bias"))  # [T, 2 * I]
+        h = silu(gate_up[:, :I]) * gate_up[:, I:]                          # [T, I]
     return linear(h, w[p + "down.weight"], w.get(p + "down.bias"))
 
 

@@ -39,7 +39,7 @@ def test_fp16_greedy_16_tokens_match_generate(hf_checkpoints, arch):
 def test_random_llama_3_2_1b_forward_runs():
     """random:llama-3.2-1b (fp16, on the device) prefills and decodes a batch with finite, spread logits."""
     model = load_model("random:llama-3.2-1b", device="cuda")
-    assert model.weights["layers.0.q.weight"].dtype == np.float16
+    assert model.weights["layers.0.qkv.weight"].dtype == np.float16
     logits = prefill_logits(model, [list(range(1, 40)), [7, 8, 9]], page_size=16)
     assert all(np.isfinite(x).all() and x.shape[1] == 128256 and x.std() > 0.1 for x in logits)
     out = generate(model, [[128000, 1, 2, 3], [128000, 9]], SamplingParams(temperature=0.0, max_tokens=8,
@@ -51,7 +51,7 @@ def test_bf16_checkpoint_to_fp16_on_device(hf_checkpoints):
     """Mistral's bf16 tensors go up as bits and become float16 on the device with torch's values."""
     path, hf = hf_checkpoints["mistral"]
     model = load_model(path, dtype="float16", device="cuda")
-    got = to_host(model.weights["layers.0.q.weight"])
+    got = to_host(model.weights["layers.0.qkv.weight"][:64])       # q_proj's rows
     assert got.dtype == np.float16
     ref = hf.model.layers[0].self_attn.q_proj.weight.detach().numpy().astype(np.float16)
     np.testing.assert_array_equal(got, ref)

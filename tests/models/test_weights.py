@@ -139,3 +139,15 @@ def test_gpt2_untied_head_is_required_and_loaded(hf_checkpoints, tmp_path):
     w = load_model(path, device="cpu").weights
     np.testing.assert_array_equal(w["lm_head.weight"], head)
     assert w["lm_head.weight"] is not w["embed.weight"]
+
+
+def test_load_model_fuses_projections(hf_checkpoints):
+    """Qwen2's q/k/v (with biases) and gate/up become one matrix each, parts dropped."""
+    path, hf = hf_checkpoints["qwen2"]
+    w = load_model(path, device="cpu").weights
+    attn, mlp = hf.model.layers[1].self_attn, hf.model.layers[1].mlp
+    ref = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().numpy()
+    np.testing.assert_array_equal(w["layers.1.qkv.bias"], ref)
+    ref = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().numpy()
+    np.testing.assert_array_equal(w["layers.1.gate_up.weight"], ref)
+    assert not {"layers.1.q.weight", "layers.1.k.bias", "layers.1.up.weight"} & set(w)
