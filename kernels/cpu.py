@@ -1,0 +1,98 @@
+"""CPU path: vectorized NumPy over the paged cache, float32 math (BLAS matmuls).
+
+This is what CPU generation runs, so it gathers each step's pages once, never loops per head,
+and chunks long prompts so score blocks stay bounded. Page ids are checked (ValueError), since
+NumPy would silently wrap a negative id to the last page.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels._checks import AttnDims
+
+NULL_PAGE = 0
+PREFILL_CHUNK = 256   # query tokens per score block in prefill
+
+
+def _check_pages(page_ids: np.ndarray, num_pages: int, name: str = "page_tables") -> None:
+    bad = (page_ids <= NULL_PAGE) | (page_ids >= num_pages)
+    if bad.any():
+        raise ValueError(f"{name}: page ids {np.unique(page_ids[bad])[:8].tolist()} are not in "
+                         f"1..{num_pages - 1} (NULL_PAGE or out of the pool)")
+
+
+def store_kv_cpu(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k_cache[slot // P, slot % P] = k[i] for each new token i (in place)."""
+    pages, offs = np.divmod(slot_mapping.astype(np.int64), k_cache.shape[1])
+    _check_pages(pages, k_cache.shape[0], "slot_mapping")
+    k_cache[pages, offs] = k
+    v_cache[pages, offs] = v
+
+
+def _softmax_(s: np.ndarray) -> np.ndarray:
+    """In-place softmax over the last axis; rows are never fully masked."""
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+def paged_decode_cpu(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, window: int,
+                     dims: AttnDims):
+    """One query per sequence; gathers all sequences' tokens into [S, T, Hkv, D] at once."""
+    S, P, Hkv, G, D = dims.num_seqs, dims.page_size, dims.num_kv_heads, dims.group, dims.head_dim
+    ctx = context_lens.astype(np.int64)                        # [S]
+    T = int(ctx.max())
+    t = np.arange(T)
+    valid = t[None, :] < ctx[:, None]                          # [S, T]
+    if window:
+        valid &= t[None, :] >= (ctx - window)[:, None]
+    pages = page_tables[:, t // P]                              # [S, T] (may read padding)
+    _check_pages(pages[valid], k_cache.shape[0])
+    pages = np.where(valid, pages, NULL_PAGE)                    # padding reads NULL_PAGE, masked
+    k = k_cache[pages, t % P].astype(np.float32)                # [S, T, Hkv, D]
+    v = v_cache[pages, t % P].astype(np.float32)
+    v[~valid] = 0.0                                             # masked tokens: no 0 * NaN in p @ v
+    qg = q.astype(np.float32).reshape(S, Hkv, G, D) * np.float32(scale)
+    s = np.matmul(qg, k.transpose(0, 2, 3, 1))                  # [S, Hkv, G, T]
+    s[np.broadcast_to(~valid[:, None, None, :], s.shape)] = -np.inf
+    o = np.matmul(_softmax_(s), v.transpose(0, 2, 1, 3))        # [S, Hkv, G, D]
+    out[...] = o.reshape(S, Hkv * G, D)
+    return out
+
+
+def paged_prefill_cpu(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
+                      out, window: int, dims: AttnDims):
+    """Ragged causal attention, one sequence at a time, PREFILL_CHUNK queries per score block."""
+    qsl = query_start_loc.astype(np.int64)
+    for s, ctx in enumerate(context_lens.astype(np.int64).tolist()):
+        lo, hi = int(qsl[s]), int(qsl[s + 1])
+        if not 0 <= hi - lo <= ctx:
+            raise ValueError(f"query_start_loc: seq {s} has {hi - lo} new tokens but context_len {ctx}")
+        if hi > lo:
+            _prefill_one(q, k_cache, v_cache, page_tables[s], ctx, lo, hi, scale, out, window, dims)
+    return out
+
+
+def _prefill_one(q, k_cache, v_cache, page_table, ctx, lo, hi, scale, out, window, dims: AttnDims):
+    P, Hkv, G, D = dims.page_size, dims.num_kv_heads, dims.group, dims.head_dim
+    pages = page_table[: -(-ctx // P)].astype(np.int64)
+    _check_pages(pages, k_cache.shape[0])
+    k = k_cache[pages].reshape(-1, Hkv, D)[:ctx].astype(np.float32)    # [ctx, Hkv, D]
+    v = v_cache[pages].reshape(-1, Hkv, D)[:ctx].astype(np.float32)
+    kt, vt = k.transpose(1, 2, 0), v.transpose(1, 0, 2)                 # [Hkv, D, ctx], [Hkv, ctx, D]
+    for a in range(lo, hi, PREFILL_CHUNK):
+        b = min(hi, a + PREFILL_CHUNK)
+        pos = np.arange(a, b) - hi + ctx                                 # [m] positions
+        k_lo = max(0, int(pos[0]) - window + 1) if window else 0
+        k_hi = int(pos[-1]) + 1
+        j = np.arange(k_lo, k_hi)
+        mask = j[None, :] <= pos[:, None]                                # [m, keys]
+        if window:
+            mask &= pos[:, None] - j[None, :] < window
+        qq = q[a:b].astype(np.float32).reshape(b - a, Hkv, G, D).transpose(1, 0, 2, 3)
+        qq = qq.reshape(Hkv, (b - a) * G, D) * np.float32(scale)        # rows: query * G + g
+        s = np.matmul(qq, kt[:, :, k_lo:k_hi])                          # [Hkv, m * G, keys]
+        s[:, ~np.repeat(mask, G, axis=0)] = -np.inf
+        o = np.matmul(_softmax_(s), vt[:, k_lo:k_hi])                   # [Hkv, m * G, D]
+        out[a:b] = o.reshape(Hkv, b - a, G, D).transpose(1, 0, 2, 3).reshape(b - a, Hkv * G, D)

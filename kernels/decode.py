@@ -1,0 +1,85 @@
+"""CUDA launcher of paged decode: picks the kernel constants, the split-K partitioning and the
+launch config, then enqueues on the caller's stream without synchronizing."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+from numba import float32
+
+from kernels._checks import AttnDims
+from kernels._device import as_device, bits_dtype, dtype_kind, num_sms, numba_stream
+from kernels.paged_decode import (choose_lanes, heads_per_block, make_decode_reduce_kernel,
+                                  make_paged_decode_kernel)
+
+THREADS = 128
+MIN_SPLIT_SPAN = 512       # contexts up to this many tokens never split
+MIN_PART_TOKENS = 256      # smallest partition worth a block
+
+
+def split_rule(num_blocks: int, span: int, page_size: int, sms: int) -> tuple[int, int]:
+    """(num_partitions, partition_tokens) for a grid of ``num_blocks`` (seq, kv-head) blocks over
+    contexts of at most ``span`` tokens.
+
+    No split while the grid gives every SM two blocks or more, or the span is short: a block
+    streams its tokens at full rate on its own. Otherwise partitions are added until there are
+    about 4 blocks per SM, none shorter than 256 tokens, each a whole number of pages.
+    """
+    if num_blocks >= 2 * sms or span <= MIN_SPLIT_SPAN:
+        return 1, span
+    parts = min(-(-4 * sms // num_blocks), -(-span // MIN_PART_TOKENS))
+    part_tokens = -(-span // parts)
+    part_tokens = -(-part_tokens // page_size) * page_size
+    return -(-span // part_tokens), part_tokens
+
+
+@functools.cache
+def _dummy(xp):
+    return xp.zeros((1, 1, 1, 2), dtype=np.float32)
+
+
+def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, stream,
+                      window: int, dims: AttnDims, num_partitions: int | None = None,
+                      threads: int = THREADS, lanes: int | None = None, tokens_per_group: int = 2):
+    """Enqueue decode attention; ``out`` [num_seqs, num_q_heads, head_dim] is written, returned.
+    Tuning overrides (tests and bench): ``num_partitions`` replaces split_rule, ``threads`` is the
+    block size (a multiple of 32), ``lanes`` the lanes per token, ``tokens_per_group`` the tokens
+    each lane group loads per step."""
+    xp = np if isinstance(q, np.ndarray) else __import__("cupy")
+    heads = heads_per_block(dims.group)
+    lanes = lanes or choose_lanes(dims.head_dim, heads, dims.cache_kind)
+    span = page_tables.shape[1] * dims.page_size
+    span = min(span, window) if window else span
+    num_blocks = dims.num_seqs * dims.num_kv_heads * (dims.group // heads)
+    if num_partitions is None:
+        parts, part_tokens = split_rule(num_blocks, span, dims.page_size, num_sms())
+    else:
+        parts, part_tokens = num_partitions, -(-span // num_partitions)
+    out_kind = dtype_kind(out.dtype, "out")
+    kernel = make_paged_decode_kernel(dims.head_dim, dims.page_size, dims.group, heads, dims.cache_kind,
+                                      dims.q_kind, out_kind, parts > 1, lanes, threads, tokens_per_group)
+    st = numba_stream(stream)
+    ctx = stream if stream is not None and xp is not np else contextlib.nullcontext()
+    with ctx:  # temporaries come from the pool arena of the launch stream
+        part_out, part_ml = _partials(xp, dims, parts)
+    out_b = as_device(out, bits_dtype(out_kind))
+    grid = (dims.num_seqs, dims.num_kv_heads * (dims.group // heads), parts)
+    kernel[grid, threads, st](out_b, as_device(part_out), as_device(part_ml),
+                              as_device(q, bits_dtype(dims.q_kind)), as_device(k_cache, np.uint64),
+                              as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens),
+                              float32(scale), window, part_tokens)
+    if parts > 1:
+        reduce = make_decode_reduce_kernel(dims.head_dim, out_kind)
+        reduce[(dims.num_seqs, dims.num_q_heads), dims.head_dim, st](
+            out_b, as_device(part_out), as_device(part_ml), parts)
+    return out
+
+
+def _partials(xp, dims: AttnDims, parts: int):
+    """part_out [num_seqs, num_q_heads, parts, head_dim] f32 and part_ml [.., parts, 2] f32."""
+    if parts == 1:
+        d = _dummy(xp)
+        return d, d
+    shape = (dims.num_seqs, dims.num_q_heads, parts)
+    return xp.empty((*shape, dims.head_dim), np.float32), xp.empty((*shape, 2), np.float32)

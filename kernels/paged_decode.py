@@ -1,0 +1,220 @@
+"""Paged decode attention (one query token per sequence), Numba CUDA, optimized version (_v2).
+
+One block per (sequence, KV head, partition): it reads its KV head's tokens once for the whole
+GQA group of query heads (up to 8 per block). Tokens are split across *token groups* of
+``lanes`` threads; each group streams whole tokens (K and V rows read as uint64 words, four
+fp16/bf16 values each, unpacked in registers), keeps an online softmax per query head, and the
+groups are merged through shared memory at the end. With split-K (flash-decoding), each
+partition writes unnormalized partial outputs plus (max, sum) and ``make_decode_reduce_kernel``
+merges them.
+
+    token groups of one block (lanes=16, 128 threads -> 8 groups, 2 tokens per group per step)
+    step 0: group g takes tokens base+g and base+8+g; step 1: base += 16; ...
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from numba import cuda, float32, uint64
+
+from kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
+
+TOKENS_PER_GROUP = 2  # tokens each group has in flight per step (more loads before first use)
+MAX_REG_ELEMS = 32    # q (and acc) floats per thread per block: heads_per_block * elems_per_lane
+
+
+def choose_lanes(head_dim: int, heads_per_block: int, cache_kind: int, max_reg_elems: int = MAX_REG_ELEMS) -> int:
+    """Fewest lanes per token (4..32) that keep heads_per_block * elems_per_lane <= max_reg_elems:
+    fewer lanes mean fewer shuffle steps per token, more lanes mean fewer registers."""
+    words = head_dim // ELEMS_PER_WORD[cache_kind]
+    for lanes in (4, 8, 16, 32):
+        if heads_per_block * -(-words // lanes) * ELEMS_PER_WORD[cache_kind] <= max_reg_elems:
+            return lanes
+    return 32
+
+
+def heads_per_block(group: int) -> int:
+    """Largest divisor of the GQA group size that is <= 8 (register budget); MQA with 32 query
+    heads reads its KV head 4 times, every GQA ratio up to 8 reads it once."""
+    return max(c for c in range(1, 9) if group % c == 0)
+
+
+@functools.cache
+def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: int, cache_kind: int,
+                             q_kind: int, out_kind: int, split: bool, lanes: int, threads: int,
+                             tokens_per_group: int = TOKENS_PER_GROUP):
+    """Decode attention over pages, float32 accumulation.
+
+    Launch: grid=(num_seqs, num_kv_heads * group // heads, num_partitions), block=threads.
+    Thread t is lane t % lanes of token group t // lanes; lane j owns words j, j+lanes, ... of a
+    token row and the matching q/output elements for the block's ``heads`` query heads.
+    Preconditions: page_size a power of two; head_dim words (uint64) a multiple of nothing in
+    particular (lanes past the row are masked); context_lens >= 1; valid page ids.
+    Output: split=False writes out[s, h, :]; split=True writes unnormalized part_out[s, h, p, :]
+    and part_ml[s, h, p] = (running max, running sum) for make_decode_reduce_kernel.
+    """
+    D, P, G, GC, NT, LPT = head_dim, page_size, group, heads, threads, lanes
+    E = ELEMS_PER_WORD[cache_kind]
+    W = D // E                 # uint64 words per token row
+    WPL = -(-W // LPT)         # words per lane
+    EPL = WPL * E              # elements per lane
+    NG = NT // LPT             # token groups per block
+    U = tokens_per_group
+    TPI = NG * U               # tokens per block step
+    CHUNKS = G // GC
+    PSHIFT = P.bit_length() - 1
+    SCRATCH = NT if SIM else 1
+    N_REG, N_WORDS, N_SC = GC * EPL, U * WPL, U * GC   # local array sizes must be plain constants
+    N_SM_ML, N_SM_ACC = NG * GC, NG * GC * D
+    NEG_INF = float32(-math.inf)
+    unpack_w, load_q, store_o = unpack[cache_kind], load_scalar[q_kind], store_scalar[out_kind]
+    group_sum = make_group_sum(LPT)
+
+    @cuda.jit
+    def paged_decode_kernel(out, part_out, part_ml, q, k_words, v_words, page_tables, context_lens,
+                            scale, window, part_tokens):
+        # out, q: [num_seqs, num_q_heads, D] (bits for 16-bit kinds)
+        # part_out: [num_seqs, num_q_heads, num_parts, D] f32; part_ml: [.., num_parts, 2] f32
+        # k_words, v_words: [num_pages, P, num_kv_heads, W] uint64
+        s = cuda.blockIdx.x
+        kvh = cuda.blockIdx.y // CHUNKS
+        h0 = kvh * G + (cuda.blockIdx.y % CHUNKS) * GC
+        part = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        g = tid // LPT
+        j = tid % LPT
+        scratch = cuda.shared.array(SCRATCH, float32)
+        qr = cuda.local.array(N_REG, float32)
+        acc = cuda.local.array(N_REG, float32)
+        m = cuda.local.array(GC, float32)
+        lsum = cuda.local.array(GC, float32)
+        kw = cuda.local.array(N_WORDS, uint64)
+        vw = cuda.local.array(N_WORDS, uint64)
+        sc = cuda.local.array(N_SC, float32)
+        for h in range(GC):
+            m[h] = NEG_INF
+            lsum[h] = float32(0)
+            for i in range(WPL):
+                for e in range(E):
+                    d = (i * LPT + j) * E + e
+                    x = float32(0)
+                    if d < D:
+                        x = load_q(q[s, h0 + h, d]) * scale
+                    qr[h * EPL + i * E + e] = x
+                    acc[h * EPL + i * E + e] = float32(0)
+
+        ctx = context_lens[s]
+        lo = 0
+        if window > 0:
+            lo = max(0, ctx - window)
+        start = lo + part * part_tokens
+        end = min(ctx, start + part_tokens)
+        for base in range(start, end, TPI):  # block-uniform trip count: group_sum may sync
+            for u in range(U):
+                t = base + u * NG + g
+                page = 0
+                if t < end:
+                    page = page_tables[s, t >> PSHIFT]
+                off = t & (P - 1)
+                for i in range(WPL):
+                    w = i * LPT + j
+                    if t < end and w < W:
+                        kw[u * WPL + i] = k_words[page, off, kvh, w]
+                        vw[u * WPL + i] = v_words[page, off, kvh, w]
+                    else:
+                        kw[u * WPL + i] = uint64(0)
+                        vw[u * WPL + i] = uint64(0)
+            for u in range(U):
+                valid = base + u * NG + g < end
+                for h in range(GC):
+                    dot = float32(0)
+                    for i in range(WPL):
+                        for e in range(E):
+                            dot += qr[h * EPL + i * E + e] * unpack_w(kw[u * WPL + i], e)
+                    dot = group_sum(dot, scratch, tid)
+                    sc[u * GC + h] = dot if valid else NEG_INF
+            # Branch-free online softmax, so V is unpacked once for all heads: a group with no
+            # token yet has m = -inf, and ms = 0 keeps alpha = p = 0 (never -inf - -inf).
+            for h in range(GC):
+                mx = m[h]
+                for u in range(U):
+                    mx = max(mx, sc[u * GC + h])
+                ms = mx if mx != NEG_INF else float32(0)
+                alpha = math.exp(m[h] - ms)
+                ls = lsum[h] * alpha
+                for x in range(EPL):
+                    acc[h * EPL + x] *= alpha
+                for u in range(U):
+                    p = math.exp(sc[u * GC + h] - ms)
+                    ls += p
+                    for i in range(WPL):
+                        for e in range(E):
+                            acc[h * EPL + i * E + e] += p * unpack_w(vw[u * WPL + i], e)
+                lsum[h] = ls
+                m[h] = mx
+
+        # ---- merge the token groups through shared memory ----
+        sm_m = cuda.shared.array(N_SM_ML, float32)
+        sm_l = cuda.shared.array(N_SM_ML, float32)
+        sm_acc = cuda.shared.array(N_SM_ACC, float32)
+        for h in range(GC):
+            if j == 0:
+                sm_m[g * GC + h] = m[h]
+                sm_l[g * GC + h] = lsum[h]
+            for i in range(WPL):
+                for e in range(E):
+                    d = (i * LPT + j) * E + e
+                    if d < D:
+                        sm_acc[(g * GC + h) * D + d] = acc[h * EPL + i * E + e]
+        cuda.syncthreads()  # all groups' states are in shared memory
+        for idx in range(tid, GC * D, NT):
+            h = idx // D
+            d = idx - h * D
+            mx = NEG_INF
+            for gg in range(NG):
+                mx = max(mx, sm_m[gg * GC + h])
+            ls = float32(0)
+            o = float32(0)
+            if mx != NEG_INF:
+                for gg in range(NG):
+                    f = math.exp(sm_m[gg * GC + h] - mx)
+                    ls += sm_l[gg * GC + h] * f
+                    o += sm_acc[(gg * GC + h) * D + d] * f
+            if split:
+                part_out[s, h0 + h, part, d] = o
+                if d == 0:
+                    part_ml[s, h0 + h, part, 0] = mx
+                    part_ml[s, h0 + h, part, 1] = ls
+            else:
+                out[s, h0 + h, d] = store_o(o / ls)
+
+    return paged_decode_kernel
+
+
+@functools.cache
+def make_decode_reduce_kernel(head_dim: int, out_kind: int):
+    """Merge split-K partitions: out = sum_p o_p e^(m_p - M) / sum_p l_p e^(m_p - M).
+
+    Launch: grid=(num_seqs, num_q_heads), block=head_dim; thread d owns output element d.
+    Empty partitions carry m = -inf, l = 0, o = 0; at least one partition per row is non-empty.
+    """
+    store_o = store_scalar[out_kind]
+    NEG_INF = float32(-math.inf)
+
+    @cuda.jit
+    def decode_reduce_kernel(out, part_out, part_ml, num_parts):
+        # out: [num_seqs, num_q_heads, D]; part_out: [.., num_parts, D]; part_ml: [.., num_parts, 2]
+        s, h, d = cuda.blockIdx.x, cuda.blockIdx.y, cuda.threadIdx.x
+        mx = NEG_INF
+        for p in range(num_parts):
+            mx = max(mx, part_ml[s, h, p, 0])
+        ls = float32(0)
+        o = float32(0)
+        for p in range(num_parts):
+            f = math.exp(part_ml[s, h, p, 0] - mx)
+            ls += part_ml[s, h, p, 1] * f
+            o += part_out[s, h, p, d] * f
+        out[s, h, d] = store_o(o / ls)
+
+    return decode_reduce_kernel
