@@ -24,9 +24,11 @@ the host slot advance by one are merged into runs, each one ``cudaMemcpyAsync`` 
 contiguous in the page-major pool). When the mean run is at least ``min_run_bytes`` the runs are
 copied directly; otherwise pages are gathered on the device (``kv[page_ids]``) into a staging
 buffer of ``staging_bytes`` and sent in one copy per contiguous host run, chunk by chunk (swap-in
-mirrors it: copy to staging, then scatter). Per-copy overhead is a few microseconds, so many small
-copies waste PCIe time; the gather costs one device pass (~3 TB/s, 2% of a PCIe transfer).
-``bench/bench_swap.py`` measures both paths; bench/RESULTS.md has the figures behind the default.
+mirrors it: copy to staging, then scatter). Why gather below 8 MiB per run: measured on an H100
+(bench/RESULTS.md, 2026-11-26), 4096 scattered pages moved at 89%/87% of the pinned ceiling (out/in)
+as one copy per 1 MiB page and 21%/18% per 32 KiB page, against 96%/93% and 84%/87% gathered; the
+gather is one device pass (~3 TB/s, a few % of a PCIe transfer). Long runs (a contiguous sequence)
+skip it. Copies never block the host: the ids go up through pinned memory.
 """
 from __future__ import annotations
 
