@@ -129,7 +129,7 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
         out = kernels.paged_prefill(q, k_cache, v_cache, batch.page_tables, batch.context_lens,
                                     batch.query_start_loc, scale=scale, sliding_window=window,
                                     max_query_len=batch.max_query_len or None)
-    return linear(out.reshape(T, nh * d).astype(x.dtype), w[p + "o.weight"], w.get(p + "o.bias"))
+    return linear(out.reshape(T, nh * d).astype(x.dtype, copy=False), w[p + "o.weight"], w.get(p + "o.bias"))
 
 
 def _contiguous(x: Array, dtype) -> Array:

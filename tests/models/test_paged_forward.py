@@ -83,7 +83,7 @@ def test_forward_rejects_mismatched_inputs(hf_checkpoints):
 
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=6), min_size=1, max_size=3),
-       st.sampled_from([1, 3, 8]))
+       st.sampled_from([1, 2, 8]))
 def test_random_ragged_schedules(hf_checkpoints, chunks, page_size):
     """Sequences fed in random chunk sizes, interleaved in shared batches, get their one-shot logits
     (Mistral, so windows of 8 cross chunk and page boundaries)."""
