@@ -50,6 +50,8 @@ class Preemptor:
                  prefill_tokens_per_s: float | None = None, pool=None) -> None:
         if swap is None and pool is None:
             raise ValueError("give swap (a HostSwap) or, for recompute only, pool")
+        if swap is not None and pool is not None and swap.pool is not pool:
+            raise ValueError("pool: swap belongs to another pool")
         self.swap = swap
         self.pool = swap.pool if swap is not None else pool
         self.prefix_cache = prefix_cache

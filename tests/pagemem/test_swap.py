@@ -175,11 +175,11 @@ def test_swap_in_without_device_pages_raises_out_of_pages():
     assert ticket.state == "out"
 
 
-def random_cycles(device: str, steps: int, seed: int, path: str = "auto") -> None:
+def random_cycles(device: str, steps: int, seed: int, path: str = "auto", make_fn=make) -> None:
     """Seeded random swap out / in / discard interleaved with writes to resident pages."""
     rng = np.random.default_rng(seed)
     # staging of 2 pages (512 B each): the gather path runs in several chunks
-    pool, swap = make(num_pages=17, num_host_pages=12, device=device, path=path, staging_bytes=1024)
+    pool, swap = make_fn(num_pages=17, num_host_pages=12, device=device, path=path, staging_bytes=1024)
     resident: dict[int, np.ndarray] = {}            # page_id -> expected bits
     tickets: list[tuple[SwapTicket, list[np.ndarray]]] = []
     for _ in range(steps):
@@ -192,11 +192,11 @@ def random_cycles(device: str, steps: int, seed: int, path: str = "auto") -> Non
             resident.update(fill_random_bits(pool, ids, rng))
         elif op == 2 and resident:
             ids = rng.permutation(list(resident))[:int(rng.integers(1, 5))].tolist()
-            if swap.can_swap_out(len(ids)):
+            fits = swap.can_swap_out(len(ids))  # copies in flight may complete in between
+            try:
                 tickets.append((swap.swap_out(ids), [resident.pop(p) for p in ids]))
-            else:
-                with pytest.raises(OutOfHostPages):
-                    swap.swap_out(ids)
+            except OutOfHostPages:
+                assert not fits and all(pool.refcount(p) == 1 for p in ids)
         elif op == 3 and tickets:
             ticket, data = tickets.pop(int(rng.integers(len(tickets))))
             swap.reclaim(wait=bool(rng.integers(2)))
@@ -262,3 +262,90 @@ def test_swap_out_after_kernel_reads_new_values(path):
     assert (back == np.float16(1.5)).all()
     swap.reclaim(wait=True)
     check(pool, swap)
+
+
+class FakeEvent:
+    """A copy still in flight until the test (or a seeded coin) completes it."""
+
+    def __init__(self, coin=None) -> None:
+        self._done, self._coin = False, coin
+
+    @property
+    def done(self) -> bool:
+        if not self._done and self._coin is not None:
+            self._done = bool(self._coin())
+        return self._done
+
+    def synchronize(self) -> None:
+        self._done = True
+
+
+class InFlightSwap(HostSwap):
+    """HostSwap whose copies are NumPy copies that 'complete' only when their FakeEvent says so:
+    the CUDA path's ownership logic (lazy reclaim, waits on tickets) on the CPU."""
+
+    def __init__(self, *args, coin=None, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.cuda, self.coin, self.events = True, coin, []
+
+    def _enqueue(self, ids, slots, kind, stream, after, pend) -> None:
+        if kind == 2:  # D2H
+            self.host[slots] = self.pool.kv[ids]
+        else:
+            self.pool.kv[ids] = self.host[slots]
+        pend.event = FakeEvent(self.coin)
+        self.events.append(pend.event)
+
+
+def test_pages_in_flight_are_not_handed_out_until_the_copy_completes():
+    pool = PagePool(PoolConfig(8, 4, 2, 2, 8, "float16", "cpu"))
+    swap = InFlightSwap(pool, 4)
+    a, b, c = pool.allocate(3)
+    ticket = swap.swap_out([a, b])
+    check(pool, swap)
+    # in flight: the ticket still holds a and b (refcount 1); only the 4 never-used pages are free
+    assert not ticket.is_done() and pool.refcount(a) == pool.refcount(b) == 1
+    assert pool.num_free_pages == 4 and swap.reclaim() == 0
+    new = swap.swap_in(ticket)          # before the out copy completed: the in copy waits on it
+    assert set(new).isdisjoint({a, b, c}) and swap.num_free_host_pages == 2
+    check(pool, swap)
+    swap.events[0].synchronize()        # out copy done: a, b go back to the pool
+    assert swap.reclaim() == 2 and pool.refcount(a) == 0 and swap.num_free_host_pages == 2
+    swap.events[1].synchronize()        # in copy done: the host slots go back
+    assert swap.reclaim() == 2 and swap.num_free_host_pages == 4
+    check(pool, swap)
+
+
+def test_discard_in_flight_frees_host_slots_after_the_copy():
+    pool = PagePool(PoolConfig(8, 4, 2, 2, 8, "float16", "cpu"))
+    swap = InFlightSwap(pool, 4)
+    ticket = swap.swap_out(pool.allocate(3))
+    swap.discard(ticket)
+    assert swap.num_free_host_pages == 1 and pool.num_free_pages == 4
+    swap.reclaim(wait=True)
+    assert swap.num_free_host_pages == 4 and pool.num_free_pages == 7
+    check(pool, swap)
+
+
+def test_random_cycles_with_copies_in_flight():
+    """Random cycles where each copy completes at a random later poll: nothing is handed out early."""
+    coin = np.random.default_rng(5)
+    pool_swap = {}
+
+    def make_in_flight(num_pages, num_host_pages, device, path, staging_bytes):
+        pool = PagePool(PoolConfig(num_pages, 4, 2, 2, 8, "float16", "cpu"))
+        pool_swap["swap"] = InFlightSwap(pool, num_host_pages, coin=lambda: coin.random() < 0.3)
+        return pool, pool_swap["swap"]
+    random_cycles("cpu", steps=3000, seed=9, make_fn=make_in_flight)
+
+
+def test_check_integrity_reports_leaked_and_doubled_host_slots():
+    pool, swap = make()
+    ticket = swap.swap_out(pool.allocate(2))
+    swap._host_free[ticket.host_slots[0]] = True         # a held slot marked free
+    with pytest.raises(RuntimeError, match=r"both free and held"):
+        swap.check_integrity()
+    swap._host_free[ticket.host_slots[0]] = False
+    swap._host_free[3] = False                            # a slot neither free nor held: leaked
+    with pytest.raises(RuntimeError, match=r"free 1 \+ held 2 != 4 host pages"):
+        swap.check_integrity()
