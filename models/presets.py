@@ -15,6 +15,7 @@ from models.config import ModelConfig
 from models.weights import tensor_specs
 
 Array = Any
+_CHUNK_VALUES = 1 << 24   # float32 scratch per draw: 64 MiB
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "rms_norm_eps": 1e-5}
 PRESETS: dict[str, dict] = {
@@ -82,6 +83,10 @@ def _draw(name: str, shape: tuple[int, ...], dtype, xp, rng, residual_scale: flo
     std = 1.0 / math.sqrt(shape[-1])
     if name.endswith(("o.weight", "down.weight")):
         std *= residual_scale
-    x = rng.standard_normal(shape, dtype=np.float32)                    # float32: the RNGs' narrowest
-    x *= std
-    return x.astype(dtype, copy=False)
+    out = xp.empty(shape, dtype=dtype)
+    rows = max(1, _CHUNK_VALUES // shape[-1])
+    for start in range(0, shape[0], rows):   # chunks bound the float32 scratch (the RNGs' narrowest type)
+        x = rng.standard_normal((min(rows, shape[0] - start), *shape[1:]), dtype=np.float32)
+        x *= std
+        out[start:start + rows] = x
+    return out
