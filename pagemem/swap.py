@@ -178,7 +178,8 @@ class HostSwap:
         """Copy pages to host and return a ticket at once. The caller's reference to each page
         moves to the ticket; ``reclaim()`` frees the pages (with ``priority``, in reverse order)
         after the copy completes. Raises ValueError (free, shared or repeated page),
-        OutOfHostPages (host full); either way nothing changed."""
+        OutOfHostPages (host full, after reclaiming completed copies); either way the pages and
+        host slots asked for are untouched."""
         page_ids, ids = self._check_pages(page_ids)
         self.reclaim()
         n = len(page_ids)
