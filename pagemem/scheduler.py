@@ -238,11 +238,11 @@ class Scheduler:
             budget -= n
 
     def _match_prefix(self, req: Request) -> list[int]:
-        """Cached full pages of the request's prefix (referenced), never covering its last token:
-        at least one token is computed so the step yields logits."""
+        """Cached full pages of the request's prefix (referenced). PrefixCache.match never covers
+        the last token, so at least one token is computed and the step yields logits."""
         if self.prefix_cache is None:
             return []
-        return self.prefix_cache.match(req.token_ids[:req.num_tokens - 1])
+        return self.prefix_cache.match(req.token_ids)
 
     def _pages_to_grow(self, num_tokens: int, n: int) -> int:
         ps = self.pool.page_size

@@ -1,0 +1,155 @@
+"""End to end: pagemem's LLM engine against HF transformers ``generate`` on the same weights,
+the same seeded requests and the same GPU, in one run.
+
+Workload: 1000 requests, input lengths 32..1024, output lengths 32..512 (uniform, seed 0),
+random weights with Llama-3.2-1B's shape in fp16, saved by transformers and loaded by pagemem.
+HF runs static batches of 32, 64 and 128 (left padding; each batch runs to its longest
+output; only requested tokens count). HF is timed on the first two batches of each size
+(its throughput per batch barely varies, and a full pass takes tens of minutes); pagemem
+serves all 1000 requests.
+
+Run on a GPU:  pytest bench/bench_e2e.py --benchmark-only -s
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from bench._harness import device_copy_bandwidth, device_name, requires_cuda
+
+pytestmark = [requires_cuda, pytest.mark.gpu]
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+NUM_REQUESTS = int(os.environ.get("PAGEMEM_E2E_REQUESTS", 1000))
+PRESET = "llama-3.2-1b"
+RESULTS: dict[str, float] = {}
+
+
+def workload(n: int = NUM_REQUESTS, seed: int = 0, vocab: int = 32_000):
+    rng = np.random.default_rng(seed)
+    in_lens = rng.integers(32, 1025, n)
+    out_lens = rng.integers(32, 513, n)
+    prompts = [rng.integers(0, vocab, k).tolist() for k in in_lens]
+    return prompts, out_lens.tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Random Llama-3.2-1B-shaped weights in fp16, initialized on the GPU by transformers and saved."""
+    from models.presets import PRESETS
+    cfg = transformers.LlamaConfig(**{k: v for k, v in PRESETS[PRESET].items() if k != "architectures"})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = transformers.LlamaForCausalLM(cfg).to(torch.float16).eval()
+    path = tmp_path_factory.mktemp("llama1b")
+    hf.save_pretrained(path)
+    return path, hf
+
+
+@pytest.mark.benchmark(group="e2e")
+@pytest.mark.parametrize("batch_size", [32, 64, 128])
+def test_hf_generate(benchmark, checkpoint, batch_size):
+    _, hf = checkpoint
+    prompts, out_lens = workload()
+    batches = [range(i, i + batch_size) for i in (0, batch_size)]
+
+    def run_batches():
+        tokens = 0
+        for idx in batches:
+            tokens += _hf_batch(hf, [prompts[i] for i in idx], [out_lens[i] for i in idx])
+        return tokens
+
+    _hf_batch(hf, prompts[:2], [4, 4])                     # warm-up: CUDA context, kernels
+    t0 = time.perf_counter()
+    tokens = benchmark.pedantic(run_batches, rounds=1, iterations=1)
+    seconds = time.perf_counter() - t0
+    RESULTS[f"hf_{batch_size}"] = tokens / seconds
+    benchmark.extra_info.update(requested_tokens=tokens, tokens_per_s=tokens / seconds, device=device_name())
+
+
+def _hf_batch(hf, prompts: list[list[int]], out_lens: list[int]) -> int:
+    """Generate each prompt's requested tokens in one left-padded static batch; returns their count."""
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device="cuda")
+        mask[i, width - len(p):] = 1
+    n = max(out_lens)
+    with torch.inference_mode():
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    pad_token_id=0)
+    torch.cuda.synchronize()
+    return sum(out_lens)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    from models.engine import LLM
+    path, _ = checkpoint
+    llm = LLM(str(path), dtype="float16", device="cuda", num_pages=40_000, swap_space=4.0,
+              max_num_seqs=256, max_num_batched_tokens=8192, preemption="swap")
+    from models import SamplingParams
+    llm.generate([[1] * 40, [2] * 300], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # compile
+    return llm
+
+
+@pytest.mark.benchmark(group="e2e")
+def test_pagemem_engine(benchmark, engine):
+    from models import SamplingParams
+    prompts, out_lens = workload()
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    t0 = time.perf_counter()
+    outs = benchmark.pedantic(engine.generate, args=(prompts, params), rounds=1, iterations=1)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    assert tokens == sum(out_lens)
+    tps = tokens / seconds
+    hf_best = max((v for k, v in RESULTS.items() if k.startswith("hf_")), default=None)
+    benchmark.extra_info.update(requested_tokens=tokens, tokens_per_s=tps, device=device_name(),
+                                hf_best_tokens_per_s=hf_best, speedup=tps / hf_best if hf_best else None,
+                                preemptions=dict(engine.scheduler.num_preemptions))
+    print(f"\npagemem {tps:.0f} tok/s; HF best {hf_best or 0:.0f} tok/s; "
+          f"speedup {tps / hf_best if hf_best else float('nan'):.1f}x; {dict(engine.scheduler.num_preemptions)}")
+
+
+@pytest.mark.benchmark(group="decode-step")
+@pytest.mark.parametrize("context_len", [512])
+def test_decode_step_b256(benchmark, engine, context_len):
+    """One decode step of 256 sequences: the model forward alone, against weights + K/V bytes over
+    the device copy bandwidth measured in this run."""
+    import cupy as cp
+    from pagemem import SeqPages, pack_batch
+    llm = engine
+    seqs = [SeqPages(llm.pool) for _ in range(256)]
+    for s in seqs:
+        s.append(context_len)
+    llm.pool.kv[1:] = cp.random.standard_normal(llm.pool.kv[1:].shape, dtype=cp.float32).astype(cp.float16) * 0.1
+    batch = pack_batch(seqs, [1] * 256, cp)
+    tokens = np.arange(256, dtype=np.int32)
+    positions = np.full(256, context_len - 1, dtype=np.int32)
+    stream = llm.stream
+
+    def step():
+        with stream:
+            llm.model.forward(tokens, positions, batch, llm.pool)
+        stream.synchronize()
+
+    for _ in range(3):
+        step()
+    benchmark.pedantic(step, rounds=20, iterations=1)
+    weight_bytes = sum(int(w.nbytes) for k, w in llm.model.weights.items() if k != "rope.inv_freq")
+    c = llm.model.config
+    kv_bytes = 256 * context_len * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
+    floor_s = (weight_bytes + kv_bytes) / device_copy_bandwidth()
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info.update(weight_bytes=weight_bytes, kv_bytes=kv_bytes, floor_ms=floor_s * 1e3,
+                                step_ms=mean * 1e3, floor_fraction=floor_s / mean)
+    print(f"\ndecode step b256 ctx{context_len}: {mean * 1e3:.2f} ms, floor {floor_s * 1e3:.2f} ms "
+          f"({100 * floor_s / mean:.0f}% of floor speed)")
+    for s in seqs:
+        s.free()
