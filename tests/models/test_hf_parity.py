@@ -49,3 +49,13 @@ def test_float16_path_on_cpu(hf_checkpoints, arch):
     ours = prefill_logits(model, [PROMPTS[0]])[0]
     assert ours.dtype == np.float32
     assert scale_error(ours, _hf_logits(hf, PROMPTS[0])) <= 1e-2
+
+
+def test_float16_greedy_on_cpu(hf_checkpoints):
+    """16 greedy float16 tokens equal HF's float32 ones (Llama: top-2 margins >= 0.06 on this prompt)."""
+    path, hf = hf_checkpoints["llama"]
+    model = load_model(path, dtype="float16", device="cpu")
+    got = generate(model, [PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=16), page_size=4)[0]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert got == ref[0, len(PROMPTS[0]):].tolist()

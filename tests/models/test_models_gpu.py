@@ -26,7 +26,7 @@ def test_fp16_logits_match_transformers(hf_checkpoints, arch):
         assert scale_error(got, ref) <= 1e-2
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])   # top-2 margins >= 0.045 here; Mistral's is 0.01
 def test_fp16_greedy_16_tokens_match_generate(hf_checkpoints, arch):
     path, hf = hf_checkpoints[arch]
     model = load_model(path, dtype="float16", device="cuda")
