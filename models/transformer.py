@@ -10,8 +10,10 @@ Every step's state comes in as arguments: the weights, the new tokens and their 
 PagedBatch saying where each sequence's K/V lives, and the pool holding it. Each layer writes the
 new tokens' K/V into the pool (``kernels.store_kv``), then attends over the pages
 (``kernels.paged_decode`` when every sequence brings one token, else ``kernels.paged_prefill``).
-Math runs in the weights' dtype (float32 on the CPU, float16 on a GPU); norms, softmax and the
-logits are computed in float32.
+Math runs in the weights' dtype (float32 on the CPU, float16 on a GPU). Norm statistics, RoPE
+angles, GELU and the attention softmax run in float32; logits are returned as float32 (on a GPU
+the LM head's GEMM accumulates in float32 and its output is rounded to float16 first: an fp32
+copy of a 128k-row head would cost more than the step).
 """
 from __future__ import annotations
 
