@@ -77,13 +77,14 @@ class LLM:
     ``model`` is a checkpoint folder, ``random:<preset>``, or a loaded Model. The pool takes
     ``num_pages`` pages, or on CUDA ``gpu_memory_utilization`` of the free memory after the
     weights (on the CPU, 1 GiB). ``swap_space`` GiB of host memory backs "swap" and "auto".
+    On CUDA, decode-only steps replay captured CUDA graphs unless ``cuda_graph=False``.
     """
 
     def __init__(self, model: str | Model = "random:tiny", *, dtype: str | None = None, device: str = "auto",
                  page_size: int = 16, num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
                  swap_space: float = 4.0, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  preemption: str = "recompute", eviction: str = "lru", enable_prefix_caching: bool = False,
-                 seed: int = 0, watermark: float = 0.01) -> None:
+                 seed: int = 0, watermark: float = 0.01, cuda_graph: bool = True) -> None:
         self.model = model if isinstance(model, Model) else load_model(model, dtype, device, seed)
         self.xp = self.model.xp
         if swap_space < 0:
@@ -94,10 +95,13 @@ class LLM:
         self.swap = HostSwap(self.pool, num_bytes=max(int(swap_space * 2**30), self.pool.config.page_bytes)) \
             if swap_space > 0 else None
         self.prefix_cache = PrefixCache(self.pool, root=self.model.name) if enable_prefix_caching else None
-        self.stream = None
+        self.stream = self.graphs = None
         if self.model.device == "cuda":
             import cupy as cp
             self.stream = cp.cuda.Stream(non_blocking=True)
+            if cuda_graph:
+                from models.cuda_graph import DecodeGraphs
+                self.graphs = DecodeGraphs(self.model, self.pool, self.stream, max_num_seqs)
         self.scheduler = Scheduler(self.pool, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, preemption=preemption,
                                    swap=self.swap, prefix_cache=self.prefix_cache, watermark=watermark,
@@ -164,11 +168,16 @@ class LLM:
             raise RuntimeError(f"no request could be scheduled: {self.pool.num_free_pages} free pages, "
                                f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.swapped)} swapped")
         tokens, positions = _inputs(step.requests, step.query_lens)
-        batch = pack_batch([r.pages for r in step.requests], step.query_lens, self.xp)
+        seqs = [r.pages for r in step.requests]
+        # Every device operation of the step (batch upload, forward, sampling) runs on one stream.
         with self.stream if self.stream is not None else contextlib.nullcontext():
-            logits = self.model.forward(tokens, positions, batch, self.pool)       # [num_seqs, V]
-        rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
-        new = self._sample(logits, [step.requests[i] for i in rows], rows, len(step.requests))
+            if self.graphs is not None and self.graphs.can_run(seqs, step.query_lens):
+                logits = self.graphs.run(tokens, positions, seqs)                  # [num_seqs, V]
+            else:
+                batch = pack_batch(seqs, step.query_lens, self.xp)
+                logits = self.model.forward(tokens, positions, batch, self.pool)   # [num_seqs, V]
+            rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
+            new = self._sample(logits, [step.requests[i] for i in rows], rows, len(step.requests))
         self.scheduler.update(step, new)
         now = time.perf_counter()
         self._measure_prefill(step, now - t0)

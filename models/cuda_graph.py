@@ -1,0 +1,121 @@
+"""Decode steps replayed from CUDA graphs, so a step costs one launch instead of hundreds.
+
+A decode step of a small model is launch-bound: the NumPy-style forward enqueues hundreds of
+CuPy and Numba kernels per step, each costing microseconds of host time. Capturing the whole
+forward once per shape and replaying it removes that cost.
+
+Shapes are bucketed: ``num_seqs`` up to the next batch bucket, ``max_pages`` up to the next
+power of two. Padded rows point at NULL_PAGE with context_len 1 (store_kv skips NULL_PAGE
+slots on the GPU; their outputs are discarded). Inputs live in one static device buffer
+refreshed by a single host-to-device copy per step; each graph writes its logits into one
+static buffer shared by all graphs.
+
+Memory: everything allocated while capturing comes from a private CuPy pool that only the
+graphs use, so no other allocation can reuse a block a graph writes to. Graphs run one at a
+time on the engine's stream, so sharing temporaries between graphs is safe.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from pagemem import PagedBatch, PagePool, SeqPages, slot
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class DecodeGraphs:
+    """Captured decode forwards keyed by (batch bucket, page bucket), replayed on ``stream``."""
+
+    def __init__(self, model, pool: PagePool, stream, max_num_seqs: int = 256) -> None:
+        import cupy as cp
+        self.cp, self.model, self.pool, self.stream = cp, model, pool, stream
+        self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_num_seqs) + (max_num_seqs,)
+        self.max_seqs = max_num_seqs
+        self.mempool = cp.cuda.MemoryPool()
+        self.graphs: dict[tuple[int, int], object] = {}
+        self.static: dict[tuple[int, int], tuple] = {}
+        with cp.cuda.using_allocator(self.mempool.malloc):
+            self.logits = cp.empty((max_num_seqs, model.config.vocab_size), dtype=cp.float32)  # [B, V]
+        self.num_captures = self.num_replays = 0
+
+    def can_run(self, seqs: Sequence[SeqPages], query_lens: Sequence[int]) -> bool:
+        return 0 < len(seqs) <= self.max_seqs and all(q == 1 for q in query_lens)
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages]):
+        """Logits [num_seqs, V] float32 (a view into the static buffer, valid until the next run)."""
+        n = len(seqs)
+        max_pages = max(len(s.page_table) for s in seqs)
+        key = (_bucket(n, self.buckets), 1 << max(3, (max_pages - 1).bit_length()))
+        if key not in self.graphs:
+            self._capture(key)
+        host, dev, _batch, _ids, _pos = self.static[key]
+        self._fill(host, key, tokens, positions, seqs)
+        dev.set(host, stream=self.stream)            # one host-to-device copy of every input
+        self.graphs[key].launch(stream=self.stream)
+        self.num_replays += 1
+        return self.logits[:n]
+
+    # ---- static inputs ------------------------------------------------------------------------
+    def _layout(self, key: tuple[int, int]) -> list[tuple[str, int]]:
+        b, p = key
+        return [("page_tables", b * p), ("context_lens", b), ("query_start_loc", b + 1),
+                ("slot_mapping", b), ("token_ids", b), ("positions", b)]
+
+    def _views(self, buf, key: tuple[int, int]) -> dict:
+        out, o = {}, 0
+        for name, size in self._layout(key):
+            out[name] = buf[o:o + size]
+            o += size
+        out["page_tables"] = out["page_tables"].reshape(key)
+        return out
+
+    def _fill(self, host: np.ndarray, key, tokens, positions, seqs: Sequence[SeqPages]) -> None:
+        """Write this step's inputs into the pinned host buffer; padded rows read NULL_PAGE."""
+        n, ps = len(seqs), self.pool.page_size
+        v = self._views(host, key)
+        v["page_tables"][:] = 0
+        for i, s in enumerate(seqs):
+            v["page_tables"][i, :len(s.page_table)] = s.page_table
+        ctx = np.fromiter((s.num_tokens for s in seqs), dtype=np.int32, count=n)
+        v["context_lens"][:n], v["context_lens"][n:] = ctx, 1
+        v["query_start_loc"][:] = np.arange(key[0] + 1, dtype=np.int32)
+        last = ctx - 1
+        v["slot_mapping"][:n] = slot(v["page_tables"][np.arange(n), last // ps], last % ps, ps)
+        v["slot_mapping"][n:] = 0                                    # NULL_PAGE: skipped by store_kv
+        v["token_ids"][:n], v["token_ids"][n:] = tokens, 0
+        v["positions"][:n], v["positions"][n:] = positions, 0
+
+    # ---- capture ---------------------------------------------------------------------------------
+    def _capture(self, key: tuple[int, int]) -> None:
+        cp = self.cp
+        size = sum(s for _, s in self._layout(key))
+        host = np.frombuffer(cp.cuda.alloc_pinned_memory(4 * size), dtype=np.int32, count=size)
+        with cp.cuda.using_allocator(self.mempool.malloc):
+            dev = cp.zeros(size, dtype=cp.int32)
+        v = self._views(dev, key)
+        batch = PagedBatch(v["page_tables"], v["context_lens"], v["slot_mapping"], v["query_start_loc"],
+                           max_context_len=key[1] * self.pool.page_size, max_query_len=1)
+        # Padded rows everywhere, so the warm-up writes only NULL_PAGE slots (skipped).
+        host[:] = 0
+        self._views(host, key)["context_lens"][:] = 1
+        self._views(host, key)["query_start_loc"][:] = np.arange(key[0] + 1, dtype=np.int32)
+        dev.set(host, stream=self.stream)
+        with cp.cuda.using_allocator(self.mempool.malloc), self.stream:
+            self._forward(batch, v, key)             # warm-up: compiles kernels, fills the pool
+            self.stream.begin_capture()
+            try:
+                self._forward(batch, v, key)
+            finally:
+                graph = self.stream.end_capture()
+        self.graphs[key], self.static[key] = graph, (host, dev, batch, v["token_ids"], v["positions"])
+        self.num_captures += 1
+
+    def _forward(self, batch: PagedBatch, v: dict, key) -> None:
+        logits = self.model.forward(v["token_ids"], v["positions"], batch, self.pool)   # [b, V]
+        self.logits[:key[0]] = logits
