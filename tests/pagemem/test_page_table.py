@@ -127,3 +127,23 @@ def test_pack_batch_bad_query_lens(q, match):
 def test_seqpages_rejects_inconsistent_state():
     with pytest.raises(ValueError, match="does not fit"):
         SeqPages(make_pool(), [1], num_tokens=5)
+
+
+def test_pack_batch_makes_one_host_to_device_transfer():
+    class CountingXp:
+        """Stands in for cupy: counts transfers, keeps NumPy arrays."""
+        def __init__(self):
+            self.calls = 0
+
+        def asarray(self, a):
+            self.calls += 1
+            return np.array(a, copy=True)
+
+    pool = make_pool(num_pages=16)
+    seqs = [SeqPages(pool) for _ in range(3)]
+    for n, s in zip([5, 9, 1], seqs):
+        s.append(n)
+    xp = CountingXp()
+    batch = pack_batch(seqs, [1, 9, 1], xp)
+    assert xp.calls == 1
+    assert batch.page_tables.base is batch.context_lens.base is not None   # views of one buffer
