@@ -23,12 +23,12 @@ __all__ = ["store_kv", "paged_decode", "paged_prefill"]
 def store_kv(k, v, k_cache, v_cache, slot_mapping, stream=None) -> None:
     """Write new K/V into slots (``page_id * page_size + offset``). On the GPU, slots outside the
     pool or in NULL_PAGE are skipped; on the CPU they raise ValueError."""
-    from kernels.store_kv import check_store_kv
+    from kernels.store_kv_kernel import check_store_kv
     on_gpu = check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     check_store_kv(k, v, k_cache, v_cache, slot_mapping)
     if not on_gpu:
         return _cpu.store_kv_cpu(k, v, k_cache, v_cache, slot_mapping)
-    from kernels.store_kv import store_kv_cuda
+    from kernels.store_kv_kernel import store_kv_cuda
     store_kv_cuda(k, v, k_cache, v_cache, slot_mapping, stream)
 
 

@@ -232,3 +232,34 @@ def num_sms() -> int:
     if SIM:
         return 132
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
+
+
+_compiled: dict = {}
+
+
+def launch(kernel, grid, block, stream, *args) -> None:
+    """``kernel[grid, block, stream](*args)``, minus Numba's per-call typing of every argument
+    after the first launch of each argument signature (a large share of its launch overhead).
+    ``grid`` and ``block`` are ints or tuples; ``stream`` comes from numba_stream."""
+    if SIM:
+        kernel[grid, block, stream](*args)
+        return
+    key = (kernel, *map(_arg_key, args))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        kernel[grid, block, stream](*args)   # compiles if needed, launches
+        _compiled[key] = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)]
+        return
+    compiled.launch(args, _dim3(grid), _dim3(block), stream, 0)
+
+
+def _arg_key(a):
+    flags = getattr(a, "flags", None)
+    if flags is None:
+        return type(a)
+    return a.dtype, a.ndim, flags["C_CONTIGUOUS"], flags["F_CONTIGUOUS"]
+
+
+def _dim3(x) -> tuple[int, int, int]:
+    x = (x,) if isinstance(x, int) else tuple(x)
+    return x + (1,) * (3 - len(x))

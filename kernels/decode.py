@@ -9,8 +9,8 @@ import numpy as np
 from numba import float32
 
 from kernels._checks import AttnDims
-from kernels._device import as_device, bits_dtype, dtype_kind, num_sms, numba_stream
-from kernels.paged_decode import (choose_lanes, heads_per_block, make_decode_reduce_kernel,
+from kernels._device import launch, as_device, bits_dtype, dtype_kind, num_sms, numba_stream
+from kernels.paged_attention import (choose_lanes, heads_per_block, make_decode_reduce_kernel,
                                   make_paged_decode_kernel)
 
 THREADS = 128
@@ -41,7 +41,8 @@ def _dummy(xp):
 
 def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, stream,
                       window: int, dims: AttnDims, num_partitions: int | None = None,
-                      threads: int = THREADS, lanes: int | None = None, tokens_per_group: int = 2):
+                      threads: int = THREADS, lanes: int | None = None, tokens_per_group: int = 2,
+                      max_registers: int | None = None):
     """Enqueue decode attention; ``out`` [num_seqs, num_q_heads, head_dim] is written, returned.
     Tuning overrides (tests and bench): ``num_partitions`` replaces split_rule, ``threads`` is the
     block size (a multiple of 32), ``lanes`` the lanes per token, ``tokens_per_group`` the tokens
@@ -58,20 +59,21 @@ def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: flo
         parts, part_tokens = num_partitions, -(-span // num_partitions)
     out_kind = dtype_kind(out.dtype, "out")
     kernel = make_paged_decode_kernel(dims.head_dim, dims.page_size, dims.group, heads, dims.cache_kind,
-                                      dims.q_kind, out_kind, parts > 1, lanes, threads, tokens_per_group)
+                                      dims.q_kind, out_kind, parts > 1, lanes, threads, tokens_per_group,
+                                      max_registers)
     st = numba_stream(stream)
     ctx = stream if stream is not None and xp is not np else contextlib.nullcontext()
     with ctx:  # temporaries come from the pool arena of the launch stream
         part_out, part_ml = _partials(xp, dims, parts)
     out_b = as_device(out, bits_dtype(out_kind))
     grid = (dims.num_seqs, dims.num_kv_heads * (dims.group // heads), parts)
-    kernel[grid, threads, st](out_b, as_device(part_out), as_device(part_ml),
+    launch(kernel, grid, threads, st, out_b, as_device(part_out), as_device(part_ml),
                               as_device(q, bits_dtype(dims.q_kind)), as_device(k_cache, np.uint64),
                               as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens),
                               float32(scale), window, part_tokens)
     if parts > 1:
         reduce = make_decode_reduce_kernel(dims.head_dim, out_kind)
-        reduce[(dims.num_seqs, dims.num_q_heads), dims.head_dim, st](
+        launch(reduce, (dims.num_seqs, dims.num_q_heads), dims.head_dim, st,
             out_b, as_device(part_out), as_device(part_ml), parts)
     return out
 

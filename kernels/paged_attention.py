@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import math
 
-from numba import cuda, float32, uint64
+from numba import cuda, float32, int32, uint64
 
 from kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
 
 TOKENS_PER_GROUP = 2  # tokens each group has in flight per step (more loads before first use)
 MAX_REG_ELEMS = 32    # q (and acc) floats per thread per block: heads_per_block * elems_per_lane
+PAGES_CHUNK = 256     # page ids a block stages in shared memory at a time
 
 
 def choose_lanes(head_dim: int, heads_per_block: int, cache_kind: int, max_reg_elems: int = MAX_REG_ELEMS) -> int:
@@ -43,14 +44,14 @@ def heads_per_block(group: int) -> int:
 @functools.cache
 def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: int, cache_kind: int,
                              q_kind: int, out_kind: int, split: bool, lanes: int, threads: int,
-                             tokens_per_group: int = TOKENS_PER_GROUP):
+                             tokens_per_group: int = TOKENS_PER_GROUP, max_registers: int | None = None):
     """Decode attention over pages, float32 accumulation.
 
     Launch: grid=(num_seqs, num_kv_heads * group // heads, num_partitions), block=threads.
     Thread t is lane t % lanes of token group t // lanes; lane j owns words j, j+lanes, ... of a
     token row and the matching q/output elements for the block's ``heads`` query heads.
-    Preconditions: page_size a power of two; head_dim words (uint64) a multiple of nothing in
-    particular (lanes past the row are masked); context_lens >= 1; valid page ids.
+    Preconditions: page_size a power of two; context_lens >= 1; valid page ids for the tokens
+    read (lanes past a row's last word are masked). ``max_registers`` caps ptxas (None: free).
     Output: split=False writes out[s, h, :]; split=True writes unnormalized part_out[s, h, p, :]
     and part_ml[s, h, p] = (running max, running sum) for make_decode_reduce_kernel.
     """
@@ -67,11 +68,63 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
     SCRATCH = NT if SIM else 1
     N_REG, N_WORDS, N_SC = GC * EPL, U * WPL, U * GC   # local array sizes must be plain constants
     N_SM_ML, N_SM_ACC = NG * GC, NG * GC * D
+    TC = PAGES_CHUNK * P       # tokens per staged chunk of page ids
     NEG_INF = float32(-math.inf)
     unpack_w, load_q, store_o = unpack[cache_kind], load_scalar[q_kind], store_scalar[out_kind]
     group_sum = make_group_sum(LPT)
 
-    @cuda.jit
+    @cuda.jit(device=True)
+    def load_step(kw, vw, k_words, v_words, sm_pages, pbase, base, hi, kvh, g, j):
+        """Issue this lane's loads of the step's tokens base + u * NG + g (< hi) into kw, vw."""
+        for u in range(U):
+            t = base + u * NG + g
+            ok = t < hi
+            page = 0
+            if ok:
+                page = sm_pages[(t >> PSHIFT) - pbase]
+            off = t & (P - 1)
+            for i in range(WPL):
+                w = i * LPT + j
+                if ok and w < W:  # unsigned indices: no negative-index wraparound code
+                    kw[u * WPL + i] = k_words[uint64(page), uint64(off), uint64(kvh), uint64(w)]
+                    vw[u * WPL + i] = v_words[uint64(page), uint64(off), uint64(kvh), uint64(w)]
+                else:
+                    kw[u * WPL + i] = uint64(0)
+                    vw[u * WPL + i] = uint64(0)
+
+    @cuda.jit(device=True)
+    def attend_step(kw, vw, qr, acc, m, lsum, sc, base, hi, g, scratch, tid):
+        """Scores of the step's tokens for the block's heads, then the online-softmax update."""
+        for u in range(U):
+            valid = base + u * NG + g < hi
+            for h in range(GC):
+                dot = float32(0)
+                for i in range(WPL):
+                    for e in range(E):
+                        dot += qr[h * EPL + i * E + e] * unpack_w(kw[u * WPL + i], e)
+                dot = group_sum(dot, scratch, tid)
+                sc[u * GC + h] = dot if valid else NEG_INF
+        # Branch-free online softmax, so V is unpacked once for all heads: a group with no
+        # token yet has m = -inf, and ms = 0 keeps alpha = p = 0 (never -inf - -inf).
+        for h in range(GC):
+            mx = m[h]
+            for u in range(U):
+                mx = max(mx, sc[u * GC + h])
+            ms = mx if mx != NEG_INF else float32(0)
+            alpha = math.exp(m[h] - ms)
+            ls = lsum[h] * alpha
+            for x in range(EPL):
+                acc[h * EPL + x] *= alpha
+            for u in range(U):
+                p = math.exp(sc[u * GC + h] - ms)
+                ls += p
+                for i in range(WPL):
+                    for e in range(E):
+                        acc[h * EPL + i * E + e] += p * unpack_w(vw[u * WPL + i], e)
+            lsum[h] = ls
+            m[h] = mx
+
+    @cuda.jit(**({} if SIM or not max_registers else {"max_registers": max_registers}))
     def paged_decode_kernel(out, part_out, part_ml, q, k_words, v_words, page_tables, context_lens,
                             scale, window, part_tokens):
         # out, q: [num_seqs, num_q_heads, D] (bits for 16-bit kinds)
@@ -85,12 +138,15 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
         g = tid // LPT
         j = tid % LPT
         scratch = cuda.shared.array(SCRATCH, float32)
+        sm_pages = cuda.shared.array(PAGES_CHUNK, int32)
         qr = cuda.local.array(N_REG, float32)
         acc = cuda.local.array(N_REG, float32)
         m = cuda.local.array(GC, float32)
         lsum = cuda.local.array(GC, float32)
-        kw = cuda.local.array(N_WORDS, uint64)
+        kw = cuda.local.array(N_WORDS, uint64)   # this step's K/V words
         vw = cuda.local.array(N_WORDS, uint64)
+        kn = cuda.local.array(N_WORDS, uint64)   # next step's, in flight during this step's math
+        vn = cuda.local.array(N_WORDS, uint64)
         sc = cuda.local.array(N_SC, float32)
         for h in range(GC):
             m[h] = NEG_INF
@@ -110,49 +166,25 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
             lo = max(0, ctx - window)
         start = lo + part * part_tokens
         end = min(ctx, start + part_tokens)
-        for base in range(start, end, TPI):  # block-uniform trip count: group_sum may sync
-            for u in range(U):
-                t = base + u * NG + g
-                page = 0
-                if t < end:
-                    page = page_tables[s, t >> PSHIFT]
-                off = t & (P - 1)
-                for i in range(WPL):
-                    w = i * LPT + j
-                    if t < end and w < W:
-                        kw[u * WPL + i] = k_words[page, off, kvh, w]
-                        vw[u * WPL + i] = v_words[page, off, kvh, w]
-                    else:
-                        kw[u * WPL + i] = uint64(0)
-                        vw[u * WPL + i] = uint64(0)
-            for u in range(U):
-                valid = base + u * NG + g < end
-                for h in range(GC):
-                    dot = float32(0)
-                    for i in range(WPL):
-                        for e in range(E):
-                            dot += qr[h * EPL + i * E + e] * unpack_w(kw[u * WPL + i], e)
-                    dot = group_sum(dot, scratch, tid)
-                    sc[u * GC + h] = dot if valid else NEG_INF
-            # Branch-free online softmax, so V is unpacked once for all heads: a group with no
-            # token yet has m = -inf, and ms = 0 keeps alpha = p = 0 (never -inf - -inf).
-            for h in range(GC):
-                mx = m[h]
-                for u in range(U):
-                    mx = max(mx, sc[u * GC + h])
-                ms = mx if mx != NEG_INF else float32(0)
-                alpha = math.exp(m[h] - ms)
-                ls = lsum[h] * alpha
-                for x in range(EPL):
-                    acc[h * EPL + x] *= alpha
-                for u in range(U):
-                    p = math.exp(sc[u * GC + h] - ms)
-                    ls += p
-                    for i in range(WPL):
-                        for e in range(E):
-                            acc[h * EPL + i * E + e] += p * unpack_w(vw[u * WPL + i], e)
-                lsum[h] = ls
-                m[h] = mx
+        # Chunks of PAGES_CHUNK pages: their ids are staged in shared memory, so no token load
+        # waits on a page-table load; within a chunk, step n+1's loads fly during step n's math.
+        for c0 in range((start >> PSHIFT) << PSHIFT, end, TC):  # block-uniform loops throughout
+            pbase = c0 >> PSHIFT
+            for i in range(tid, PAGES_CHUNK, NT):
+                pg = 0
+                if (pbase + i) << PSHIFT < end:
+                    pg = page_tables[s, pbase + i]
+                sm_pages[i] = pg
+            cuda.syncthreads()  # page ids staged
+            lo_c, hi_c = max(start, c0), min(end, c0 + TC)
+            load_step(kw, vw, k_words, v_words, sm_pages, pbase, lo_c, hi_c, kvh, g, j)
+            for base in range(lo_c, hi_c, TPI):
+                load_step(kn, vn, k_words, v_words, sm_pages, pbase, base + TPI, hi_c, kvh, g, j)
+                attend_step(kw, vw, qr, acc, m, lsum, sc, base, hi_c, g, scratch, tid)
+                for x in range(N_WORDS):
+                    kw[x] = kn[x]
+                    vw[x] = vn[x]
+            cuda.syncthreads()  # every lane is done with sm_pages before it is restaged
 
         # ---- merge the token groups through shared memory ----
         sm_m = cuda.shared.array(N_SM_ML, float32)

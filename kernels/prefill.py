@@ -12,17 +12,13 @@ import contextlib
 import numpy as np
 
 from kernels._checks import AttnDims
-from kernels._device import F32, as_device, bits_dtype, dtype_kind, numba_stream
+from kernels._device import launch, F32, as_device, bits_dtype, dtype_kind, numba_stream
 from kernels.prefill_kernels import (make_gather_kv_kernel, make_gather_q_kernel,
                                      make_prefill_softmax_kernel, make_scatter_out_kernel)
 
 SCORE_BYTES = 1 << 30      # score block per chunk of sequences
 THREADS = 256
 SOFTMAX_THREADS = 128
-
-
-def _blocks(n: int, threads: int) -> int:
-    return max(1, min(-(-n // threads), 65536))
 
 
 def _matmul(xp, a, b):
@@ -58,35 +54,35 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
 
 
 def _prefill_chunk(q, k_cache, v_cache, page_tables, context_lens, qsl, scale, out, stream, window,
-                   dims: AttnDims, rows: int, tm: int, xp, launch: tuple[int, int]):
+                   dims: AttnDims, rows: int, tm: int, xp, block_sizes: tuple[int, int]):
     cp = xp
-    nt, snt = launch
+    nt, snt = block_sizes
     st = numba_stream(stream)
     n, hk, d, g = page_tables.shape[0], dims.num_kv_heads, dims.head_dim, dims.group
     words = d * np.dtype(k_cache.dtype).itemsize // 8
     k_dense = cp.empty((n, hk, tm, d), k_cache.dtype)    # [S, Hkv, Tm, D]
     v_dense = cp.empty((n, hk, tm, d), k_cache.dtype)
     gather = make_gather_kv_kernel(words, dims.page_size)
-    gather[_blocks(k_dense.nbytes // 8, nt), nt, st](
+    launch(gather, (-(-tm * words // nt), hk, n), nt, st,
         as_device(k_dense, np.uint64), as_device(v_dense, np.uint64), as_device(k_cache, np.uint64),
         as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens))
     q_dense = cp.empty((n, hk, rows, d), k_cache.dtype)  # [S, Hkv, Qm * G, D]
     kind = dims.cache_kind
-    gq = make_gather_q_kernel(g, dims.q_kind, kind)
-    gq[_blocks(q_dense.size, nt), nt, st](as_device(q_dense, bits_dtype(kind)),
+    gq = make_gather_q_kernel(d, g, dims.q_kind, kind)
+    launch(gq, (-(-rows * d // nt), hk, n), nt, st, as_device(q_dense, bits_dtype(kind)),
                                            as_device(q, bits_dtype(dims.q_kind)), as_device(qsl),
                                            np.float32(scale))
     scores = _matmul(xp, q_dense, k_dense.transpose(0, 1, 3, 2))  # [S, Hkv, Qm * G, Tm]
     s_kind = dtype_kind(scores.dtype, "scores")
     softmax = make_prefill_softmax_kernel(g, s_kind, snt)
-    softmax[(rows, hk, n), snt, st](as_device(scores, bits_dtype(s_kind)), as_device(qsl),
+    launch(softmax, (rows, hk, n), snt, st, as_device(scores, bits_dtype(s_kind)), as_device(qsl),
                                                 as_device(context_lens), window)
     v = v_dense if s_kind == kind else v_dense.astype(scores.dtype)
     o_dense = _matmul(xp, scores, v)                               # [S, Hkv, Qm * G, D]
     o_kind = dtype_kind(o_dense.dtype, "o")
     out_kind = dtype_kind(out.dtype, "out")
-    scatter = make_scatter_out_kernel(g, o_kind, out_kind)
-    scatter[_blocks(o_dense.size, nt), nt, st](as_device(out, bits_dtype(out_kind)),
+    scatter = make_scatter_out_kernel(d, g, o_kind, out_kind)
+    launch(scatter, (-(-rows * d // nt), hk, n), nt, st, as_device(out, bits_dtype(out_kind)),
                                                 as_device(o_dense, bits_dtype(o_kind)), as_device(qsl))
     assert o_kind in (kind, F32)
 

@@ -22,23 +22,18 @@ from kernels._device import load_scalar, store_scalar
 @functools.cache
 def make_gather_kv_kernel(words_per_row: int, page_size: int):
     """k_dense[s, h, t, :] = k_cache[page_tables[s, t // P], t % P, h, :] for t < context_lens[s],
-    zero after (NULL_PAGE padding is never read). Launch: 1-d grid-stride, one uint64 word per
-    thread per step. Preconditions: page ids of the first context_lens[s] tokens are valid."""
+    zero after (NULL_PAGE padding is never read). Launch: grid=(ceil(Tm * W / threads), H, S),
+    one uint64 word per thread. Preconditions: page ids of the first context_lens[s] tokens are valid."""
     W, P = words_per_row, page_size
     PSHIFT = P.bit_length() - 1
 
     @cuda.jit
     def gather_kv_kernel(k_dense, v_dense, k_words, v_words, page_tables, context_lens):
         # k_dense, v_dense: [S, H, Tm, W] uint64; k_words, v_words: [num_pages, P, H, W] uint64
-        num_heads, tm = k_dense.shape[1], k_dense.shape[2]
-        n = k_dense.shape[0] * num_heads * tm * W
-        for i in range(cuda.grid(1), n, cuda.gridsize(1)):
-            w = i % W
-            rest = i // W
-            t = rest % tm
-            rest //= tm
-            h = rest % num_heads
-            s = rest // num_heads
+        h, s = cuda.blockIdx.y, cuda.blockIdx.z
+        x = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        t, w = x // W, x % W               # W is a constant: no run-time division
+        if t < k_dense.shape[2]:
             kx, vx = uint64(0), uint64(0)
             if t < context_lens[s]:
                 page = page_tables[s, t >> PSHIFT]
@@ -51,24 +46,19 @@ def make_gather_kv_kernel(words_per_row: int, page_size: int):
 
 
 @functools.cache
-def make_gather_q_kernel(group: int, q_kind: int, dense_kind: int):
+def make_gather_q_kernel(head_dim: int, group: int, q_kind: int, dense_kind: int):
     """q_dense[s, hk, i * group + g, d] = scale * q[qsl[s] + i, hk * group + g, d] for i < the
-    sequence's query count, zero after. Launch: 1-d grid-stride, one element per thread per step."""
-    G = group
+    sequence's query count, zero after. Launch: grid=(ceil(Qm * G * D / threads), Hkv, S)."""
+    G, D = group, head_dim
     load, store = load_scalar[q_kind], store_scalar[dense_kind]
 
     @cuda.jit
     def gather_q_kernel(q_dense, q, query_start_loc, scale):
         # q_dense: [S, Hkv, Qm * G, D]; q: [num_tokens, Hq, D]; query_start_loc: [S + 1] int32
-        num_kv_heads, rows, head_dim = q_dense.shape[1], q_dense.shape[2], q_dense.shape[3]
-        n = q_dense.shape[0] * num_kv_heads * rows * head_dim
-        for x in range(cuda.grid(1), n, cuda.gridsize(1)):
-            d = x % head_dim
-            rest = x // head_dim
-            r = rest % rows
-            rest //= rows
-            hk = rest % num_kv_heads
-            s = rest // num_kv_heads
+        hk, s = cuda.blockIdx.y, cuda.blockIdx.z
+        x = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        r, d = x // D, x % D               # constants: no run-time division
+        if r < q_dense.shape[2]:
             i, g = r // G, r % G
             val = float32(0)
             if i < query_start_loc[s + 1] - query_start_loc[s]:
@@ -79,26 +69,20 @@ def make_gather_q_kernel(group: int, q_kind: int, dense_kind: int):
 
 
 @functools.cache
-def make_scatter_out_kernel(group: int, dense_kind: int, out_kind: int):
+def make_scatter_out_kernel(head_dim: int, group: int, dense_kind: int, out_kind: int):
     """out[qsl[s] + i, hk * group + g, d] = o_dense[s, hk, i * group + g, d] for real queries.
-    Launch: 1-d grid-stride, one element per thread per step."""
-    G = group
+    Launch: grid=(ceil(Qm * G * D / threads), Hkv, S)."""
+    G, D = group, head_dim
     load, store = load_scalar[dense_kind], store_scalar[out_kind]
 
     @cuda.jit
     def scatter_out_kernel(out, o_dense, query_start_loc):
-        num_kv_heads, rows, head_dim = o_dense.shape[1], o_dense.shape[2], o_dense.shape[3]
-        n = o_dense.shape[0] * num_kv_heads * rows * head_dim
-        for x in range(cuda.grid(1), n, cuda.gridsize(1)):
-            d = x % head_dim
-            rest = x // head_dim
-            r = rest % rows
-            rest //= rows
-            hk = rest % num_kv_heads
-            s = rest // num_kv_heads
-            i, g = r // G, r % G
-            if i < query_start_loc[s + 1] - query_start_loc[s]:
-                out[query_start_loc[s] + i, hk * G + g, d] = store(load(o_dense[s, hk, r, d]))
+        hk, s = cuda.blockIdx.y, cuda.blockIdx.z
+        x = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        r, d = x // D, x % D
+        i, g = r // G, r % G
+        if r < o_dense.shape[2] and i < query_start_loc[s + 1] - query_start_loc[s]:
+            out[query_start_loc[s] + i, hk * G + g, d] = store(load(o_dense[s, hk, r, d]))
 
     return scatter_out_kernel
 
@@ -116,6 +100,21 @@ def make_prefill_softmax_kernel(group: int, kind: int, threads: int):
     load, store = load_scalar[kind], store_scalar[kind]
     NEG_INF = float32(-math.inf)
 
+    @cuda.jit(device=True)
+    def block_reduce(v, sm, tid, is_max):
+        """Max (is_max) or sum of v over the block, returned to every thread."""
+        sm[tid] = v
+        cuda.syncthreads()  # all partials written
+        stride = NT // 2
+        while stride > 0:
+            if tid < stride:
+                sm[tid] = max(sm[tid], sm[tid + stride]) if is_max else sm[tid] + sm[tid + stride]
+            cuda.syncthreads()  # this level done before the next reads it
+            stride //= 2
+        total = sm[0]
+        cuda.syncthreads()  # everyone has read sm[0] before sm is reused
+        return total
+
     @cuda.jit
     def prefill_softmax_kernel(scores, query_start_loc, context_lens, window):
         # scores: [S, Hkv, Qm * G, Tm] (uint16 bits or float32)
@@ -129,28 +128,16 @@ def make_prefill_softmax_kernel(group: int, kind: int, threads: int):
         lo = 0
         if window > 0:
             lo = max(0, pos - window + 1)
-        m, l = NEG_INF, float32(0)
-        for j in range(lo + tid, pos + 1, NT):  # online (max, sum) per thread
-            x = load(scores[s, hk, r, j])
-            mn = max(m, x)
-            l = l * math.exp(m - mn) + math.exp(x - mn)
-            m = mn
-        sm_m = cuda.shared.array(NT, float32)
-        sm_l = cuda.shared.array(NT, float32)
-        sm_m[tid], sm_l[tid] = m, l
-        cuda.syncthreads()  # all partial states written
-        stride = NT // 2
-        while stride > 0:  # tree merge of (max, sum)
-            if tid < stride:
-                ma, mb = sm_m[tid], sm_m[tid + stride]
-                mn = max(ma, mb)
-                if mn != NEG_INF:
-                    sm_l[tid] = sm_l[tid] * math.exp(ma - mn) + sm_l[tid + stride] * math.exp(mb - mn)
-                sm_m[tid] = mn
-            cuda.syncthreads()  # this level is merged before the next reads it
-            stride //= 2
-        mx, inv = sm_m[0], float32(1) / sm_l[0]
-        for j in range(tid, scores.shape[3], NT):
+        sm = cuda.shared.array(NT, float32)
+        m = NEG_INF
+        for j in range(lo + tid, pos + 1, NT):  # pass 1: row max
+            m = max(m, load(scores[s, hk, r, j]))
+        mx = block_reduce(m, sm, tid, True)
+        l = float32(0)
+        for j in range(lo + tid, pos + 1, NT):  # pass 2: sum of exponentials
+            l += math.exp(load(scores[s, hk, r, j]) - mx)
+        inv = float32(1) / block_reduce(l, sm, tid, False)
+        for j in range(tid, scores.shape[3], NT):  # pass 3: probabilities, zero outside [lo, pos]
             p = float32(0)
             if lo <= j <= pos:
                 p = math.exp(load(scores[s, hk, r, j]) - mx) * inv

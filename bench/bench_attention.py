@@ -1,0 +1,242 @@
+"""Paged attention on the GPU: effective K/V bandwidth of paged_decode against the device copy
+ceiling and torch SDPA on the same K/V laid out contiguously; prefill throughput against SDPA.
+
+Shapes are Llama-3.2-1B's (32 query heads, 8 KV heads, head_dim 128, fp16, page_size 16), pages
+drawn from a random permutation of a two-layer page-major pool (so the layer views are strided).
+Every working set is larger than the 50 MB L2, so repeated calls measure HBM, not cache.
+
+    pytest bench/bench_attention.py            # pytest-benchmark groups (wall clock, synced)
+    python bench/bench_attention.py            # one table: CUDA-event medians, every variant
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._harness import cuda_event_time_ms, device_copy_bandwidth, device_name, gpu_timed, requires_cuda  # noqa: E402
+
+HQ, HKV, D, PAGE, LAYERS = 32, 8, 128, 16, 2
+DECODE_SHAPES = [(64, 2048), (256, 512), (8, 8192), (1, 32768)]
+PREFILL_SHAPE = (8, 2048)
+
+
+class Case(NamedTuple):
+    q: object            # [num_tokens, HQ, D] fp16
+    k: object            # [num_pages, PAGE, HKV, D] strided layer view
+    v: object
+    page_tables: object  # [num_seqs, max_pages] int32
+    context_lens: object  # [num_seqs] int32
+    query_start_loc: object
+    kv_bytes: int        # K and V bytes the attention must read
+
+
+def make_case(num_seqs: int, context_len: int, num_new: int = 1, seed: int = 0) -> Case:
+    """Paged K/V for num_seqs sequences of context_len tokens, num_new of them new queries."""
+    import cupy as cp
+    rng = cp.random.default_rng(seed)
+    pages_per_seq = -(-context_len // PAGE)
+    num_pages = num_seqs * pages_per_seq + 1
+    kv = rng.standard_normal((num_pages, LAYERS, 2, PAGE, HKV, D), dtype=cp.float32).astype(cp.float16)
+    kv[0] = cp.nan                                                        # NULL_PAGE poisoned
+    perm = np.random.default_rng(seed).permutation(np.arange(1, num_pages, dtype=np.int32))
+    page_tables = cp.asarray(perm.reshape(num_seqs, pages_per_seq))
+    q = rng.standard_normal((num_seqs * num_new, HQ, D), dtype=cp.float32).astype(cp.float16)
+    qsl = cp.arange(0, num_seqs * num_new + 1, num_new, dtype=cp.int32)
+    lens = cp.full(num_seqs, context_len, dtype=cp.int32)
+    kv_bytes = 2 * num_seqs * context_len * HKV * D * 2
+    return Case(q, kv[:, 1, 0], kv[:, 1, 1], page_tables, lens, qsl, kv_bytes)
+
+
+def contiguous_kv(case: Case, num_seqs: int, context_len: int):
+    """The same K/V as torch tensors [num_seqs, HKV, context_len, D] (what SDPA reads)."""
+    import torch
+    out = []
+    for cache in (case.k, case.v):
+        x = cache[case.page_tables.ravel()].reshape(num_seqs, -1, HKV, D)[:, :context_len]
+        out.append(torch.as_tensor(x.transpose(0, 2, 1, 3).copy(), device="cuda"))
+    return out
+
+
+def sdpa_decode(case: Case, num_seqs: int, context_len: int):
+    """A callable running torch SDPA decode on contiguous K/V, and its output as CuPy."""
+    import cupy as cp
+    import torch
+    import torch.nn.functional as F
+    k, v = contiguous_kv(case, num_seqs, context_len)
+    q = torch.as_tensor(case.q, device="cuda").reshape(num_seqs, HQ, 1, D)
+    run = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    return run, cp.asarray(run().reshape(num_seqs, HQ, D))
+
+
+def decode_variants(case: Case, sweep: bool = False):
+    """name -> callable enqueuing one decode on the current stream; ``sweep`` adds the tuning grid
+    (lanes per token, tokens per group, threads per block, register cap)."""
+    import cupy as cp
+    from kernels import paged_decode
+    from kernels._checks import check_attention
+    from kernels.decode import paged_decode_cuda
+    from kernels.paged_decode_v1 import paged_decode_v1
+    out = cp.empty_like(case.q)
+    dims = check_attention(case.q, case.k, case.v, case.page_tables, case.context_lens, out, case.q.shape[0])
+    args = (case.q, case.k, case.v, case.page_tables, case.context_lens)
+    tuned = lambda **kw: (lambda: paged_decode_cuda(*args, D ** -0.5, out, None, 0, dims, **kw))  # noqa: E731
+    variants = {"v2": lambda: paged_decode(*args, out=out), "v1 naive": lambda: paged_decode_v1(*args, D ** -0.5, out)}
+    if sweep:
+        for lanes in (16, 32):
+            for tpg in (1, 2):
+                for threads in (128, 256):
+                    for regs in (None, 128):
+                        variants[f"l{lanes} u{tpg} t{threads} r{regs or '-'}"] = tuned(
+                            lanes=lanes, tokens_per_group=tpg, threads=threads, max_registers=regs)
+    return variants
+
+
+def check_close(name: str, got, want, tol: float = 2e-3) -> None:
+    """fp16 outputs of softmax-weighted sums of N(0,1) values: |error| ~ 1 ulp at |x| < 1 (5e-4)
+    plus float32 summation differences; 2e-3 is 4 ulp."""
+    err = float(abs(got.astype(np.float32) - want.astype(np.float32)).max())
+    assert err < tol, f"{name}: max |error| {err} >= {tol}"
+
+
+# ---- pytest-benchmark -------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.benchmark(group="decode-attn")
+@pytest.mark.parametrize("impl", ["v2", "v1 naive", "torch sdpa"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_decode(benchmark, shape, impl):
+    num_seqs, ctx = shape
+    case = make_case(num_seqs, ctx)
+    try:
+        sdpa, want = sdpa_decode(case, num_seqs, ctx)
+    except ImportError:
+        pytest.skip("torch is not installed")
+    run = sdpa if impl == "torch sdpa" else decode_variants(case)[impl]
+    if impl != "torch sdpa":
+        check_close(impl, run(), want)
+    benchmark.pedantic(gpu_timed(run), rounds=30, warmup_rounds=3)
+    ms = cuda_event_time_ms(run)
+    benchmark.extra_info.update(kv_bytes=case.kv_bytes, event_ms=ms, gb_per_s=case.kv_bytes / ms / 1e6,
+                                share_of_copy=case.kv_bytes / (ms * 1e-3) / device_copy_bandwidth(),
+                                device=device_name())
+
+
+def sdpa_prefill(case: Case, num_seqs: int, seq_len: int):
+    import cupy as cp
+    import torch
+    import torch.nn.functional as F
+    k, v = contiguous_kv(case, num_seqs, seq_len)
+    q = torch.as_tensor(case.q, device="cuda").reshape(num_seqs, seq_len, HQ, D).transpose(1, 2)
+    run = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    return run, cp.asarray(run().transpose(1, 2).reshape(num_seqs * seq_len, HQ, D))
+
+
+def prefill_run(case: Case, seq_len: int):
+    import cupy as cp
+    from kernels import paged_prefill
+    out = cp.empty_like(case.q)
+    return lambda: paged_prefill(case.q, case.k, case.v, case.page_tables, case.context_lens,
+                                 case.query_start_loc, out=out, max_query_len=seq_len)
+
+
+@requires_cuda
+@pytest.mark.benchmark(group="prefill-attn")
+@pytest.mark.parametrize("impl", ["paged_prefill", "torch sdpa"])
+def test_prefill(benchmark, impl):
+    num_seqs, seq_len = PREFILL_SHAPE
+    case = make_case(num_seqs, seq_len, num_new=seq_len)
+    try:
+        sdpa, want = sdpa_prefill(case, num_seqs, seq_len)
+    except ImportError:
+        pytest.skip("torch is not installed")
+    run = sdpa if impl == "torch sdpa" else prefill_run(case, seq_len)
+    if impl != "torch sdpa":
+        check_close(impl, run(), want, tol=1e-2)
+    benchmark.pedantic(gpu_timed(run), rounds=10, warmup_rounds=2)
+    ms = cuda_event_time_ms(run, iters=10)
+    flops = 4 * num_seqs * HQ * D * seq_len * (seq_len + 1) // 2   # causal QK^T and PV
+    benchmark.extra_info.update(event_ms=ms, tflops=flops / ms / 1e9, device=device_name())
+
+
+# ---- script mode: one table ---------------------------------------------------------------------
+def main() -> None:
+    copy = device_copy_bandwidth()
+    print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s (read + write)")
+    print("# us: CUDA-event median of 1 call (host launch cost included) / of 10 back-to-back calls")
+    print(f"{'shape':>10} {'impl':>20} {'us x1':>8} {'us x10':>8} {'TB/s':>6} {'of copy':>8} {'vs sdpa':>8}")
+    for num_seqs, ctx in DECODE_SHAPES:
+        case = make_case(num_seqs, ctx)
+        sdpa, want = sdpa_decode(case, num_seqs, ctx)
+        base = _row(f"{num_seqs}x{ctx}", "torch sdpa", sdpa, case.kv_bytes, copy, None)
+        for name, run in decode_variants(case, sweep="--sweep" in sys.argv).items():
+            check_close(name, run(), want)
+            _row(f"{num_seqs}x{ctx}", name, run, case.kv_bytes, copy, base)
+        if (num_seqs, ctx) == DECODE_SHAPES[-1]:
+            print(f"host time per v2 call: {host_us_per_call(decode_variants(case)['v2']):.1f} us")
+        del case, sdpa, want
+    num_seqs, seq_len = PREFILL_SHAPE
+    case = make_case(num_seqs, seq_len, num_new=seq_len)
+    sdpa, want = sdpa_prefill(case, num_seqs, seq_len)
+    run = prefill_run(case, seq_len)
+    check_close("paged_prefill", run(), want, tol=1e-2)
+    base, ours = cuda_event_time_ms(sdpa, iters=10), cuda_event_time_ms(run, iters=10)
+    print(f"prefill {num_seqs}x{seq_len}: torch sdpa {base * 1e3:.0f} us, paged_prefill {ours * 1e3:.0f} us, "
+          f"ratio {base / ours:.2f}x of sdpa throughput")
+    print("prefill stages (ms):", profile_prefill(run))
+
+
+def _row(shape, name, run, nbytes, copy, base_ms):
+    one = cuda_event_time_ms(run)
+    ms = cuda_event_time_ms(lambda: [run() for _ in range(10)], iters=10) / 10
+    bw = nbytes / (ms * 1e-3)
+    ratio = f"{base_ms / ms:7.2f}x" if base_ms else "       -"
+    print(f"{shape:>10} {name:>20} {one * 1e3:8.1f} {ms * 1e3:8.1f} {bw / 1e12:6.2f} {bw / copy:8.0%} {ratio}", flush=True)
+    return ms
+
+
+def host_us_per_call(run, calls: int = 200) -> float:
+    """Host-side cost of enqueuing one call (the GPU queue absorbs the launches)."""
+    import time
+    import cupy as cp
+    run()
+    cp.cuda.get_current_stream().synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        run()
+    t1 = time.perf_counter()
+    cp.cuda.get_current_stream().synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def profile_prefill(run) -> dict:
+    """Event time of each launch and GEMM inside one paged_prefill call, by stage."""
+    import cupy as cp
+    import kernels.prefill as pf
+    times, events = {}, []
+    real_launch, real_mm = pf.launch, pf._matmul
+
+    def timed(name, fn, *a):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        r = fn(*a)
+        e1.record()
+        events.append((name, e0, e1))
+        return r
+    pf.launch = lambda k, *a: timed(k.py_func.__name__, real_launch, k, *a)
+    pf._matmul = lambda *a: timed("matmul", real_mm, *a)
+    try:
+        run()
+    finally:
+        pf.launch, pf._matmul = real_launch, real_mm
+    events[-1][2].synchronize()
+    for name, e0, e1 in events:
+        times[name] = round(times.get(name, 0) + cp.cuda.get_elapsed_time(e0, e1), 3)
+    return times
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Paged test cases: a page-major pool (strided layer views), NaN in NULL_PAGE, page tables
+from a random permutation of page ids (never contiguous, no duplicates)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)]
+# Absolute tolerances against the float64 reference, for O(1) outputs (softmax-weighted means of
+# N(0,1) values): the output is rounded once to the storage dtype, so half an ulp at |x| < 2
+# (fp16 1e-3, bf16 8e-3) plus float32 accumulation error (~1e-6); 2x margin for the rounding
+# of inputs being shared by kernel and reference only up to float32 order of operations.
+ATOL = {np.dtype(np.float16): 2e-3, np.dtype(ml_dtypes.bfloat16): 1.6e-2, np.dtype(np.float32): 2e-5}
+
+
+class Paged(NamedTuple):
+    kv: np.ndarray            # [num_pages, 2 layers, 2, page_size, num_kv_heads, head_dim]
+    k: np.ndarray             # layer-1 views [num_pages, page_size, num_kv_heads, head_dim]
+    v: np.ndarray
+    page_tables: np.ndarray   # [num_seqs, max_pages] int32, NULL_PAGE padded
+    context_lens: np.ndarray  # [num_seqs] int32
+
+
+def make_paged(rng, context_lens, num_kv_heads=2, head_dim=16, page_size=4, dtype=np.float16,
+               extra_pages=3, pad_pages=1) -> Paged:
+    need = [-(-c // page_size) for c in context_lens]
+    num_pages = sum(need) + extra_pages + 1
+    kv = rng.standard_normal((num_pages, 2, 2, page_size, num_kv_heads, head_dim)).astype(dtype)
+    kv[0] = np.nan                                   # any read of NULL_PAGE poisons the output
+    perm = rng.permutation(np.arange(1, num_pages, dtype=np.int32))
+    page_tables = np.zeros((len(context_lens), max(need) + pad_pages), np.int32)
+    start = 0
+    for s, n in enumerate(need):
+        page_tables[s, :n] = perm[start:start + n]
+        start += n
+    return Paged(kv, kv[:, 1, 0], kv[:, 1, 1], page_tables, np.asarray(context_lens, np.int32))
+
+
+def queries(rng, num_tokens, num_q_heads, head_dim, dtype) -> np.ndarray:
+    return rng.standard_normal((num_tokens, num_q_heads, head_dim)).astype(dtype)
+
+
+def query_start_loc(query_lens) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)
+
+
+def assert_close(out, ref, dtype) -> None:
+    out = np.asarray(out, dtype=np.float32)
+    assert not np.isnan(out).any(), "NaN in output: padding or NULL_PAGE was read"
+    np.testing.assert_allclose(out, ref, rtol=0, atol=ATOL[np.dtype(dtype)])

@@ -1,0 +1,103 @@
+"""CUDA kernels at real sizes on a GPU (skipped without one), against the references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kernel_cases import ATOL, DTYPES, assert_close, make_paged, queries, query_start_loc
+
+import kernels
+from kernels.reference import ref_paged_decode, ref_paged_prefill
+
+pytestmark = pytest.mark.gpu
+
+
+def _to_gpu(*arrays):
+    import cupy as cp
+    return [cp.asarray(a) for a in arrays]
+
+
+LENS = [1, 15, 16, 17, 300, 2000]   # page_size 16 edges and long
+# Prefill keeps scores and probabilities in the cache dtype between the two cuBLAS products:
+# a score |x| < 8 rounded to fp16 is off by up to 4e-3 (bf16: 3e-2), which moves the output by
+# about as much, on top of the output rounding: 4x the decode tolerances.
+PREFILL_ATOL = {dt: 4 * a for dt, a in ATOL.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 256])
+def test_decode_head_dims(rng, dtype, head_dim):
+    """v2 decode equals the reference for every supported head_dim and dtype (GQA 4)."""
+    p = make_paged(rng, LENS, num_kv_heads=2, head_dim=head_dim, page_size=16, dtype=dtype)
+    q = queries(rng, len(LENS), 8, head_dim, dtype)
+    args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
+    out = kernels.paged_decode(*args)
+    assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens), dtype)
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (32, 1)])
+def test_decode_gqa_and_pages(rng, page_size, num_q_heads, num_kv_heads):
+    """GQA ratios 1/4/8 and MQA (32 query heads on one KV head) at page sizes 8, 16, 32."""
+    p = make_paged(rng, LENS, num_kv_heads=num_kv_heads, head_dim=128, page_size=page_size)
+    q = queries(rng, len(LENS), num_q_heads, 128, np.float16)
+    out = kernels.paged_decode(*_to_gpu(q, p.k, p.v, p.page_tables, p.context_lens), sliding_window=700)
+    ref = ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, None, 700)
+    assert_close(out.get(), ref, np.float16)
+
+
+@pytest.mark.parametrize("num_partitions", [None, 1, 3, 64])
+def test_decode_split_k(rng, num_partitions):
+    """Few long sequences go through split-K (the rule, and forced counts) with the same result."""
+    from kernels._checks import check_attention
+    from kernels.decode import paged_decode_cuda
+    p = make_paged(rng, [5000, 20000, 1], num_kv_heads=2, head_dim=128, page_size=16)
+    q = queries(rng, 3, 8, 128, np.float16)
+    args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
+    out = args[0].copy()
+    dims = check_attention(*args, out, 3)
+    paged_decode_cuda(*args, 0.1, out, None, 0, dims, num_partitions=num_partitions)
+    assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.1), np.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [None, 100])
+def test_prefill(rng, dtype, window):
+    """Ragged prefill with cached prefixes equals the reference."""
+    ctx, qlens = [1, 17, 300, 1000], [1, 17, 50, 1000]
+    p = make_paged(rng, ctx, num_kv_heads=2, head_dim=128, page_size=16, dtype=dtype)
+    qsl = query_start_loc(qlens)
+    q = queries(rng, int(qsl[-1]), 8, 128, dtype)
+    out = kernels.paged_prefill(*_to_gpu(q, p.k, p.v, p.page_tables, p.context_lens, qsl),
+                                sliding_window=window, max_query_len=max(qlens))
+    ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, None, window)
+    out = out.get().astype(np.float32)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=PREFILL_ATOL[np.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_kv(rng, dtype):
+    """store_kv writes exactly the given slots, bit for bit, on a strided layer view."""
+    import cupy as cp
+    p = make_paged(rng, [64, 64], num_kv_heads=4, head_dim=128, page_size=16, dtype=dtype)
+    kv = cp.asarray(p.kv)
+    slots = (rng.permutation(np.arange(16, p.kv.shape[0] * 16))[:50]).astype(np.int32)
+    k = rng.standard_normal((50, 4, 128)).astype(dtype)
+    v = rng.standard_normal((50, 4, 128)).astype(dtype)
+    kernels.store_kv(*_to_gpu(k, v), kv[:, 1, 0], kv[:, 1, 1], cp.asarray(slots))
+    want = p.kv.copy()
+    kernels.store_kv(k, v, want[:, 1, 0], want[:, 1, 1], slots)
+    np.testing.assert_array_equal(kv.get().view(np.uint8), want.view(np.uint8))
+
+
+def test_decode_on_a_side_stream(rng):
+    """The launch goes on the given stream; results are right after that stream's sync."""
+    import cupy as cp
+    p = make_paged(rng, LENS, num_kv_heads=2, head_dim=128, page_size=16)
+    q = queries(rng, len(LENS), 8, 128, np.float16)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
+    out = kernels.paged_decode(*args, stream=stream)
+    stream.synchronize()
+    assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens), np.float16)
