@@ -71,10 +71,12 @@ def make_workload(args, vocab_size: int, reserved: int) -> tuple[list[list[int]]
     top = max(2, min(vocab_size - reserved, 32_000))
     if args.dataset == "random":
         prompts = [rng.integers(0, top, n).tolist() for n in in_lens]
-    else:  # prefix-repetition: 4 shared prefixes of half the input length, random suffixes
+    else:  # prefix-repetition: 4 shared prefixes (half of each prompt, at most), random suffixes
         prefixes = [rng.integers(0, top, args.input_len // 2).tolist() for _ in range(4)]
-        prompts = [prefixes[i % 4] + rng.integers(0, top, max(1, n - args.input_len // 2)).tolist()
-                   for i, n in enumerate(in_lens)]
+        prompts = []
+        for i, n in enumerate(in_lens):
+            shared = prefixes[i % 4][:n // 2]
+            prompts.append(shared + rng.integers(0, top, n - len(shared)).tolist())
     return prompts, out_lens.tolist()
 
 

@@ -46,6 +46,7 @@ class StepRecord:
     t: float
     num_tokens: int
     num_used: int
+    fragmentation: float     # empty slots in the running sequences' pages
     num_cached: int
     num_running: int
     num_waiting: int
@@ -69,6 +70,7 @@ class EngineStats:
     steps: list[StepRecord] = field(default_factory=list)
     start_t: float = 0.0
     end_t: float = 0.0
+    counters_at_start: dict[str, int] = field(default_factory=dict)
 
 
 class LLM:
@@ -125,6 +127,13 @@ class LLM:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0) -> Request:
         """Tokenize (if text), check it fits the model and the pool, and queue it."""
+        text, ids = self._encode(prompt, params, priority)
+        return self._queue(text, ids, params, priority)
+
+    def _encode(self, prompt: str | Sequence[int], params: SamplingParams, priority: int) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt, validated against the model and the pool; changes nothing."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         text = prompt if isinstance(prompt, str) else None
         ids = self.model.tokenizer.encode(prompt) if text is not None else [int(t) for t in prompt]
         limit = self.model.config.max_position_embeddings
@@ -133,6 +142,10 @@ class LLM:
                              f"model's context of {limit} tokens")
         if any(not 0 <= t < self.model.config.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        self.scheduler.check(self._next_id, ids, params.max_tokens, priority)
+        return text, ids
+
+    def _queue(self, text: str | None, ids: list[int], params: SamplingParams, priority: int) -> Request:
         req = self.scheduler.add(self._next_id, ids, params.max_tokens, priority)
         seed = params.seed if params.seed is not None else hash((self.seed, self._next_id)) & 0xFFFFFFFF
         self._live[req] = _Live(params, make_rng(SamplingParams(seed=seed)), text)
@@ -150,8 +163,9 @@ class LLM:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        self.stats = EngineStats(start_t=time.perf_counter())
+        encoded = [self._encode(p, sp, 0) for p, sp in zip(prompts, plist)]   # all or nothing
+        reqs = [self._queue(text, ids, sp, 0) for (text, ids), sp in zip(encoded, plist)]
+        self.stats = EngineStats(start_t=time.perf_counter(), counters_at_start=self._counters())
         bar = _progress(len(reqs), use_tqdm)
         while self.scheduler.has_unfinished():
             bar.update(self.step())
@@ -181,9 +195,8 @@ class LLM:
         self.scheduler.update(step, new)
         now = time.perf_counter()
         self._measure_prefill(step, now - t0)
-        finished = self._retire(new, now)
-        self._record(now, step.num_tokens)
-        return finished
+        self._record(now, step.num_tokens)      # before retiring: the step's peak occupancy
+        return self._retire(new, now)
 
     def _sample(self, logits, reqs: list[Request], rows: list[int], num_rows: int) -> dict[Request, int]:
         if not reqs:
@@ -212,11 +225,21 @@ class LLM:
         if step.num_tokens >= 4 * len(step.requests) and seconds > 0:
             self.scheduler.preemptor.set_prefill_rate(step.num_tokens / seconds)
 
+    def _counters(self) -> dict[str, int]:
+        """Cumulative counters, so a run's summary can report its own share."""
+        sw, pc = self.swap, self.prefix_cache.stats() if self.prefix_cache else None
+        return {"pages_out": sw.num_pages_out if sw else 0, "pages_in": sw.num_pages_in if sw else 0,
+                "preempt_swap": self.scheduler.num_preemptions["swap"],
+                "preempt_recompute": self.scheduler.num_preemptions["recompute"],
+                "evictions": self.pool.num_evictions,
+                "prefix_query_tokens": pc.num_query_tokens if pc else 0,
+                "prefix_hit_tokens": pc.num_hit_tokens if pc else 0}
+
     def _record(self, now: float, num_tokens: int) -> None:
-        s = self.pool.stats()
+        s = self.pool.stats([r.pages for r in self.scheduler.running])
         sw = self.swap
         self.stats.steps.append(StepRecord(
-            now - self.stats.start_t, num_tokens, s.num_used, s.num_cached, len(self.scheduler.running),
+            now - self.stats.start_t, num_tokens, s.num_used, s.fragmentation, s.num_cached, len(self.scheduler.running),
             len(self.scheduler.waiting), len(self.scheduler.swapped),
             sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0))
 

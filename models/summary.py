@@ -22,11 +22,11 @@ def summarize(llm, outputs) -> dict:
     tpot = [o.tpot_s for o in outputs if len(o.token_ids) > 1]
     usable = llm.pool.num_pages - 1
     used = [s.num_used for s in st.steps] or [0]
-    sw = llm.swap
+    now, start = llm._counters(), st.counters_at_start
+    d = {k: now[k] - start.get(k, 0) for k in now}              # this run's share of each counter
     page_bytes = llm.pool.config.page_bytes
-    pages_out, pages_in = (sw.num_pages_out, sw.num_pages_in) if sw else (0, 0)
+    sw = llm.swap
     bw_out, bw_in = (sw.bandwidth("out"), sw.bandwidth("in")) if sw else (None, None)
-    cache = llm.prefix_cache.stats() if llm.prefix_cache else None
     return {
         "model": llm.model.name, "device": device_name_of(llm.model.device), "dtype": llm.model.dtype.name,
         "num_requests": len(outputs), "elapsed_s": elapsed, "num_steps": len(st.steps),
@@ -38,15 +38,16 @@ def summarize(llm, outputs) -> dict:
         "pool_pages": usable, "page_size": llm.pool.page_size, "page_bytes": page_bytes,
         "peak_pages_used": int(max(used)), "mean_kv_utilization": float(np.mean(used)) / usable,
         "peak_kv_utilization": max(used) / usable,
-        "pages_swapped_out": pages_out, "pages_swapped_in": pages_in,
-        "bytes_swapped_out": pages_out * page_bytes, "bytes_swapped_in": pages_in * page_bytes,
+        "mean_fragmentation": float(np.mean([s.fragmentation for s in st.steps])) if st.steps else 0.0,
+        "pages_swapped_out": d["pages_out"], "pages_swapped_in": d["pages_in"],
+        "bytes_swapped_out": d["pages_out"] * page_bytes, "bytes_swapped_in": d["pages_in"] * page_bytes,
         "swap_out_gb_per_s": bw_out / 1e9 if bw_out else None, "swap_in_gb_per_s": bw_in / 1e9 if bw_in else None,
-        "preemptions_swap": llm.scheduler.num_preemptions["swap"],
-        "preemptions_recompute": llm.scheduler.num_preemptions["recompute"],
-        "prefix_cache": cache is not None,
-        "prefix_hit_rate": cache.hit_rate if cache else 0.0,
-        "prefix_hit_tokens": cache.num_hit_tokens if cache else 0,
-        "evictions": llm.pool.num_evictions,
+        "preemptions_swap": d["preempt_swap"], "preemptions_recompute": d["preempt_recompute"],
+        "prefix_cache": llm.prefix_cache is not None,
+        "prefix_hit_rate": d["prefix_hit_tokens"] / d["prefix_query_tokens"] if d["prefix_query_tokens"] else 0.0,
+        "prefix_hit_tokens": d["prefix_hit_tokens"],
+        "evictions": d["evictions"],
+        "cuda_graph_replays": llm.graphs.num_replays if llm.graphs is not None else 0,
     }
 
 
@@ -69,7 +70,8 @@ def format_summary(s: dict) -> str:
         ("TPOT p50 / p99", f"{s['tpot_p50_ms']:.2f} / {s['tpot_p99_ms']:.2f} ms"),
         ("pool", f"{s['pool_pages']} pages x {s['page_size']} tokens ({_fmt_bytes(s['page_bytes'])} each)"),
         ("peak pages used", f"{s['peak_pages_used']} ({100 * s['peak_kv_utilization']:.0f}%)"),
-        ("KV utilization", f"{100 * s['mean_kv_utilization']:.1f}% mean"),
+        ("KV utilization", f"{100 * s['mean_kv_utilization']:.1f}% mean, "
+                           f"{100 * s['mean_fragmentation']:.1f}% of held slots empty"),
         ("swapped out", f"{s['pages_swapped_out']} pages, {_fmt_bytes(s['bytes_swapped_out'])}, {gbs(s['swap_out_gb_per_s'])}"),
         ("swapped in", f"{s['pages_swapped_in']} pages, {_fmt_bytes(s['bytes_swapped_in'])}, {gbs(s['swap_in_gb_per_s'])}"),
         ("preemptions", f"swap {s['preemptions_swap']}, recompute {s['preemptions_recompute']}"),

@@ -12,6 +12,9 @@ A policy is any object with these four methods (all O(1) or O(log n)):
     pop_victim() -> int     choose, forget and return the page to evict
     __len__()               number of evictable pages
     __contains__(page_id)
+
+and optionally ``forget(page_id)``: the page's cached contents were dropped, so any age the
+policy keeps for it (FIFO) starts over.
 """
 from __future__ import annotations
 
@@ -68,6 +71,9 @@ class FIFO:
         born = self._born.setdefault(page_id, next(self._clock))
         self._live.add(page_id)
         heapq.heappush(self._heap, (born, page_id))
+        if len(self._heap) > 2 * len(self._live) + 64:
+            # Revive/free cycles leave stale entries; dropping them keeps memory O(live), amortized O(1).
+            self._heap = sorted({(b, p) for b, p in self._heap if p in self._live and self._born.get(p) == b})
 
     def remove(self, page_id: int) -> None:
         self._live.remove(page_id)

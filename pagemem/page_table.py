@@ -53,6 +53,8 @@ class SeqPages:
 
     def __init__(self, pool: PagePool, page_table: list[int] | None = None, num_tokens: int = 0) -> None:
         page_table = [] if page_table is None else list(page_table)
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
         capacity = len(page_table) * pool.page_size
         if not capacity - pool.page_size < num_tokens <= capacity and (num_tokens or page_table):
             raise ValueError(f"num_tokens={num_tokens} does not fit {len(page_table)} pages of {pool.page_size}")

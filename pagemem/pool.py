@@ -71,6 +71,9 @@ class PagePool:
         return len(self._free) + len(self.policy)
 
     def can_allocate(self, num_pages: int) -> bool:
+        """Whether allocate(num_pages) would succeed now (num_pages >= 0; 0 is always True)."""
+        if num_pages < 0:
+            raise ValueError(f"num_pages must be >= 0, got {num_pages}")
         return num_pages <= len(self._free) + len(self.policy)
 
     def refcount(self, page_id: int) -> int:
@@ -103,9 +106,10 @@ class PagePool:
         if num_pages <= len(free):
             pages = [free.popitem(last=False)[0] for _ in range(num_pages)]
         else:
-            pages = list(free)
+            # Victims first: if a (user-written) policy raises, no clean page has been taken yet.
+            victims = [self._evict_one() for _ in range(num_pages - len(free))]
+            pages = list(free) + victims
             free.clear()
-            pages += [self._evict_one() for _ in range(num_pages - len(pages))]
         rc = self._refcount
         for p in pages:
             rc[p] = 1
@@ -117,6 +121,8 @@ class PagePool:
         given: free a sequence's pages in reverse so its tail is reused or evicted first."""
         rc = self._refcount
         self._check_ids(page_ids, "page_ids")
+        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+            raise TypeError(f"priority must be an int, got {type(priority).__name__}")
         if len(page_ids) == 1:
             if rc[page_ids[0]] < 1:
                 raise ValueError(f"double free: page {page_ids[0]} is already free")
@@ -180,6 +186,7 @@ class PagePool:
     def uncache(self, page_id: int) -> None:
         """Drop a page's prefix-cache key (its contents are about to change). An evictable page
         becomes clean free."""
+        self._check_ids([page_id], "page_id")
         key = self._key_of.pop(page_id, None)
         if key is None:
             return
@@ -197,8 +204,12 @@ class PagePool:
 
     # ---- data --------------------------------------------------------------------------------
     def copy_page(self, src: int, dst: int, stream=None) -> None:
-        """Copy every layer's K/V of page ``src`` into ``dst`` (copy-on-write), on ``stream``."""
+        """Copy every layer's K/V of page ``src`` into ``dst`` (copy-on-write), on ``stream``.
+        Both pages must be in use and ``dst`` owned by the caller alone (refcount 1)."""
         self._check_ids([src, dst], "page_ids")
+        if self._refcount[src] < 1 or self._refcount[dst] != 1 or dst in self._key_of:
+            raise ValueError(f"copy_page: src {src} must be in use (refcount {self._refcount[src]}) and dst {dst} "
+                             f"private and uncached (refcount {self._refcount[dst]})")
         if self.device == "cuda":
             with stream if stream is not None else contextlib.nullcontext():
                 self.kv[dst] = self.kv[src]

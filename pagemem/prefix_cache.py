@@ -2,12 +2,13 @@
 
 A full page is keyed by a hash chain over token ids:
 
-    key(page i)  = (hash(page i - 1), tokens of page i)      hash(page -1) = ``root``
-    hash(page i) = hash(key(page i))
+    key(page i)    = (digest(page i - 1), tokens of page i)      digest(page -1) = ``root``
+    digest(page i) = blake2b-128(digest(page i - 1) + tokens of page i)
 
 so a page matches only if every page before it matched too (same tokens, same positions).
-The key holds this page's tokens themselves: a lookup compares them exactly, and only the
-64-bit parent hash could collide. Keys live in the pool's index (``PagePool.cache_page``),
+The key holds this page's tokens themselves: a lookup compares them exactly, and the parent
+is a 128-bit cryptographic digest, so crafted prompts cannot collide a chain (Python's own
+``hash`` of ints is deterministic and 64-bit; vLLM moved to sha256 for the same reason). Keys live in the pool's index (``PagePool.cache_page``),
 so a freed cached page stays evictable in the pool's eviction policy until allocation needs it.
 
 Ownership: ``match`` hands the caller one new reference to each matched page (``touch``);
@@ -15,9 +16,15 @@ Ownership: ``match`` hands the caller one new reference to each matched page (``
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from typing import Hashable, NamedTuple, Sequence
 
 from pagemem.pool import PagePool
+
+
+def _digest(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
 
 
 class PrefixCacheStats(NamedTuple):
@@ -43,20 +50,32 @@ class PrefixCache:
             raise TypeError(f"pool must be a PagePool, got {type(pool).__name__}")
         self.pool = pool
         self.page_size = pool.page_size
-        self.root = hash(("pagemem-prefix", root))
+        self.root = hashlib.blake2b(repr(("pagemem-prefix", root)).encode(), digest_size=16).digest()
         self._queries = self._query_tokens = self._hit_tokens = self._registered = 0
 
-    def page_keys(self, token_ids: Sequence[int], num_pages: int | None = None) -> list[tuple]:
-        """The keys of the first ``num_pages`` full pages of ``token_ids`` (all full pages if None)."""
+    def page_keys(self, token_ids: Sequence[int], num_pages: int | None = None, start: int = 0,
+                  parent: bytes | None = None) -> list[tuple]:
+        """The keys of full pages ``start .. num_pages - 1`` of ``token_ids`` (all full pages if
+        num_pages is None). ``parent`` is the digest of page ``start - 1`` (root when start is 0)."""
         ps = self.page_size
         full = len(token_ids) // ps
         num_pages = full if num_pages is None else min(num_pages, full)
-        keys, parent = [], self.root
-        for i in range(num_pages):
+        keys, parent = [], self.root if parent is None else parent
+        for i in range(start, num_pages):
             key = (parent, tuple(int(t) for t in token_ids[i * ps:(i + 1) * ps]))
             keys.append(key)
-            parent = hash(key)
+            parent = _digest(*key)
         return keys
+
+    def peek(self, token_ids: Sequence[int]) -> list[int]:
+        """The pages match() would return, changing nothing: no reference, no statistics."""
+        pages = []
+        for key in self.page_keys(token_ids, (len(token_ids) - 1) // self.page_size):
+            page_id = self.pool.lookup(key)
+            if page_id is None:
+                break
+            pages.append(page_id)
+        return pages
 
     def match(self, token_ids: Sequence[int]) -> list[int]:
         """The cached pages holding the longest cached prefix of ``token_ids``, in token order.
@@ -68,36 +87,47 @@ class PrefixCache:
         self._check_tokens(token_ids)
         self._queries += 1
         self._query_tokens += len(token_ids)
-        pages = []
-        for key in self.page_keys(token_ids, (len(token_ids) - 1) // self.page_size):
-            page_id = self.pool.lookup(key)
-            if page_id is None:
-                break
-            pages.append(page_id)
+        pages = self.peek(token_ids)
         if pages:
             self.pool.touch(pages)
         self._hit_tokens += len(pages) * self.page_size
         return pages
 
-    def register(self, page_table: Sequence[int], token_ids: Sequence[int]) -> int:
+    def register(self, page_table: Sequence[int], token_ids: Sequence[int], start: int = 0) -> int:
         """Index the full pages of a sequence whose K/V have been computed: page ``i`` of
         ``page_table`` must hold tokens ``token_ids[i*page_size:(i+1)*page_size]``. Pages already
         indexed, or whose key already names another page, are left as they are. Changes no
-        refcount; returns how many pages were newly indexed."""
+        refcount; returns how many pages were newly indexed.
+
+        ``start``: pages before it were registered by an earlier call (a scheduler passes how
+        many it registered last step), so only the new ones are hashed: O(new pages) per call.
+        """
         self._check_tokens(token_ids)
         if len(page_table) * self.page_size < len(token_ids):
             raise ValueError(f"page_table: {len(page_table)} pages cannot hold {len(token_ids)} tokens")
-        keys = self.page_keys(token_ids)
-        self.pool._check_ids(page_table[:len(keys)], "page_table")
-        for p in page_table[:len(keys)]:
+        keys = self.page_keys(token_ids, start=start, parent=self._parent_of(page_table, token_ids, start))
+        owned = page_table[start:start + len(keys)]
+        self.pool._check_ids(owned, "page_table")
+        for p in owned:
             if self.pool.refcount(p) == 0:
                 raise ValueError(f"page_table: page {p} is free; register pages the sequence owns")
         added = 0
-        for page_id, key in zip(page_table, keys):
+        for page_id, key in zip(owned, keys):
             if self.pool.lookup(key) is None and not self.pool.is_cached(page_id):
                 added += self.pool.cache_page(page_id, key)
         self._registered += added
         return added
+
+    def _parent_of(self, page_table: Sequence[int], token_ids: Sequence[int], start: int) -> bytes:
+        """Digest of page ``start - 1``: from its key in the pool's index when it has one, else the chain."""
+        if start == 0:
+            return self.root
+        key = self.pool._key_of.get(page_table[start - 1])
+        ps = self.page_size
+        if key is not None and key[1] == tuple(int(t) for t in token_ids[(start - 1) * ps:start * ps]):
+            return _digest(*key)
+        keys = self.page_keys(token_ids, start)
+        return _digest(*keys[-1]) if keys else self.root
 
     def stats(self) -> PrefixCacheStats:
         """Counts since construction. Changes nothing."""

@@ -10,9 +10,10 @@ One step, in order:
        each gets its next chunk (1 token when decoding) within the token budget; when the
        pool has no page for it, the least important, latest-arrived running request not yet
        scheduled this step is preempted (possibly the request itself), by swap or recompute;
-    2. if nothing was preempted: swapped requests resume first (swap_in), then waiting
-       requests are admitted in order while pages stay above the watermark. Admission is
-       first-come first-served within a priority, so no request starves behind later ones.
+    2. if nothing was preempted: swapped requests resume first (swap_in); only when none is
+       left swapped are waiting requests admitted, in order, while pages stay above the
+       watermark. Admission is first-come first-served within a priority, so no request
+       starves behind later ones.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class Request:
     preempted: Preempted | None = None  # the swap record while swapped
     num_preemptions: int = 0
     num_cached_tokens: int = 0        # prompt tokens served by the prefix cache
+    num_registered_pages: int = 0     # leading full pages already offered to the prefix cache
     preempted_by: dict = field(default_factory=lambda: {"swap": 0, "recompute": 0})
 
     @property
@@ -95,8 +97,13 @@ class Scheduler:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
         if preemption != "recompute" and swap is None:
             raise ValueError(f"preemption={preemption!r} needs a HostSwap (swap=...)")
-        if max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {watermark}")
         self.pool, self.swap, self.prefix_cache = pool, swap, prefix_cache
         self.preemptor = Preemptor(swap, prefix_cache, pool=pool)
         self.preemption, self.stream = preemption, stream
@@ -111,17 +118,23 @@ class Scheduler:
     # ---- requests ----------------------------------------------------------------------------
     def add(self, request_id, prompt_ids: list[int], max_tokens: int, priority: int = 0) -> Request:
         """Queue a request. Raises ValueError if its prompt plus output could never fit the pool."""
+        self.check(request_id, prompt_ids, max_tokens, priority)
+        req = Request(request_id, list(prompt_ids), len(prompt_ids), max_tokens, priority, next(self._arrivals))
+        self.waiting.append(req)
+        return req
+
+    def check(self, request_id, prompt_ids: list[int], max_tokens: int, priority: int = 0) -> None:
+        """Raise what add() would raise for this request, changing nothing."""
         if len(prompt_ids) < 1:
             raise ValueError(f"request {request_id!r}: prompt_ids is empty")
         if max_tokens < 1:
             raise ValueError(f"request {request_id!r}: max_tokens must be >= 1, got {max_tokens}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"request {request_id!r}: priority must be an int, got {type(priority).__name__}")
         need = -(-(len(prompt_ids) + max_tokens) // self.pool.page_size)
         if need > self.pool.num_pages - 1:
             raise ValueError(f"request {request_id!r} needs {need} pages for {len(prompt_ids)} prompt + "
                              f"{max_tokens} output tokens; the pool has {self.pool.num_pages - 1}")
-        req = Request(request_id, list(prompt_ids), len(prompt_ids), max_tokens, priority, next(self._arrivals))
-        self.waiting.append(req)
-        return req
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -129,6 +142,8 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
         """Choose this step's requests and token counts; allocate their pages (SeqPages.append)."""
+        if self.swap is not None:
+            self.swap.reclaim()          # pages of finished swap-outs return to the pool
         budget = self.max_num_batched_tokens
         out: list[Request] = []
         lens: list[int] = []
@@ -152,7 +167,8 @@ class Scheduler:
         resumed: list[Request] = []
         if not preempted:
             budget = self._resume_swapped(out, lens, budget, resumed)
-            self._admit_waiting(out, lens, budget)
+            if not self.swapped:     # swapped requests come back before any new one is admitted
+                self._admit_waiting(out, lens, budget)
         return ScheduledStep(out, lens, preempted, resumed)
 
     def update(self, step: ScheduledStep, new_tokens: dict[Request, int]) -> None:
@@ -161,7 +177,9 @@ class Scheduler:
         for req in step.requests:
             req.num_computed = req.pages.num_tokens
             if self.prefix_cache is not None:
-                self.prefix_cache.register(req.pages.page_table, req.token_ids[:req.num_computed])
+                self.prefix_cache.register(req.pages.page_table, req.token_ids[:req.num_computed],
+                                           start=req.num_registered_pages)
+                req.num_registered_pages = req.num_computed // self.pool.page_size
             if req in new_tokens:
                 req.token_ids.append(new_tokens[req])
 
@@ -186,11 +204,15 @@ class Scheduler:
             record = self.preemptor.preempt(req.pages, "recompute", self.stream, req.priority)
         self.running.remove(req)
         req.pages = None
+        if record.mode == "swap" and record.ticket is not None:
+            # The victim's pages are free only once its copy is done; the caller needs them now.
+            # This waits on that copy's event alone (a few ms at PCIe speed), never the device.
+            self.swap.wait(record.ticket)
         if record.mode == "swap":
             req.preempted, req.status = record, Status.SWAPPED
             self.swapped.append(req)
         else:
-            req.num_computed, req.status = 0, Status.WAITING
+            req.num_computed, req.num_registered_pages, req.status = 0, 0, Status.WAITING
             self.waiting.append(req)
         req.num_preemptions += 1
         req.preempted_by[record.mode] += 1
@@ -213,7 +235,7 @@ class Scheduler:
                 break
             self.swapped.pop(0)
             req.pages, _ = self.preemptor.resume(req.preempted, stream=self.stream)
-            req.preempted = None
+            req.preempted, req.num_registered_pages = None, 0   # swapped-in pages are new, unindexed
             self._start(req, n, out, lens)
             resumed.append(req)
             budget -= n
@@ -223,34 +245,29 @@ class Scheduler:
         self.waiting.sort(key=Request._order)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cached = self._match_prefix(req)
-            computed = len(cached) * self.pool.page_size
+            # Decide with peek (no side effects); reviving an evictable hit consumes a free page.
+            hits = self.prefix_cache.peek(req.token_ids) if self.prefix_cache is not None else []
+            computed = len(hits) * self.pool.page_size
             n = min(req.num_tokens - computed, budget)
-            if not self.pool.can_allocate(self._pages_to_grow(computed, n) + self._watermark()):
-                if cached:
-                    self.pool.free(cached[::-1])
+            revived = sum(1 for p in hits if self.pool._refcount[p] == 0)
+            if not self.pool.can_allocate(self._pages_to_grow(computed, n) + revived + self._watermark()):
                 break
             self.waiting.pop(0)
+            cached = self.prefix_cache.match(req.token_ids) if hits else []
             req.pages = SeqPages(self.pool, cached, computed)
             req.num_computed = computed
+            req.num_registered_pages = len(cached)
             req.num_cached_tokens = max(req.num_cached_tokens, min(computed, req.num_prompt_tokens))
             self._start(req, n, out, lens)
             budget -= n
-
-    def _match_prefix(self, req: Request) -> list[int]:
-        """Cached full pages of the request's prefix (referenced). PrefixCache.match never covers
-        the last token, so at least one token is computed and the step yields logits."""
-        if self.prefix_cache is None:
-            return []
-        return self.prefix_cache.match(req.token_ids)
 
     def _pages_to_grow(self, num_tokens: int, n: int) -> int:
         ps = self.pool.page_size
         return -(-(num_tokens + n) // ps) - -(-num_tokens // ps)
 
     def _start(self, req: Request, n: int, out: list[Request], lens: list[int]) -> None:
+        req.pages.append(n, self.stream)       # may raise OutOfPages: then nothing changed
         req.status = Status.RUNNING
         self.running.append(req)
-        req.pages.append(n, self.stream)
         out.append(req)
         lens.append(n)

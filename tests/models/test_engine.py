@@ -88,3 +88,33 @@ def test_bad_requests(tiny):
         llm.generate([[1] * 4000], SamplingParams(max_tokens=200))
     with pytest.raises(ValueError, match="needs swap_space"):
         LLM(tiny, num_pages=8, preemption="swap", swap_space=0)
+
+
+def test_failed_generate_queues_nothing(tiny):
+    llm = LLM(tiny, num_pages=8, page_size=4, swap_space=0)
+    with pytest.raises(ValueError, match="needs"):
+        llm.generate([[1, 2, 3], list(range(40))], GREEDY)      # the second can never fit
+    assert not llm.scheduler.has_unfinished() and not llm._live
+    (out,) = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(out.token_ids) == 4
+
+
+def test_ttft_and_tpot_follow_the_schedule(tiny, prompts):
+    """With one sequence at a time, each request's first token comes after the previous one's last."""
+    llm = LLM(tiny, num_pages=64, swap_space=0, max_num_seqs=1)
+    outs = llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    for a, b in zip(outs, outs[1:]):
+        a_done = a.ttft_s + a.tpot_s * (len(a.token_ids) - 1)
+        assert b.ttft_s > a_done > a.ttft_s > 0
+    assert llm.stats.end_t - llm.stats.start_t >= outs[-1].ttft_s + outs[-1].tpot_s * 5 - 1e-9
+
+
+def test_summary_reports_each_run_alone(tiny, prompts):
+    from models.summary import summarize
+    llm = LLM(tiny, num_pages=17, preemption="swap", swap_space=0.01, max_num_batched_tokens=64)
+    first = summarize(llm, llm.generate(prompts, GREEDY))
+    second = summarize(llm, llm.generate(prompts, GREEDY))
+    assert first["pages_swapped_out"] > 0
+    assert second["pages_swapped_out"] == first["pages_swapped_out"]      # same work, not cumulative
+    assert second["preemptions_swap"] == first["preemptions_swap"]
+    assert 0 < first["peak_pages_used"] <= 16 and 0 <= first["mean_fragmentation"] < 1

@@ -171,3 +171,100 @@ def test_add_rejects_requests_that_can_never_fit():
         Scheduler(pool, preemption="swap")
     with pytest.raises(ValueError, match="preemption must be one of"):
         Scheduler(pool, preemption="drop")
+
+
+class _SlowCopyEvent:
+    """A swap-out copy that is still running when swap_out returns, as on a GPU: done only once
+    waited on, or after ``steps`` more polls."""
+
+    def __init__(self, steps: int = 3) -> None:
+        self.polls_left = steps
+
+    @property
+    def done(self) -> bool:
+        self.polls_left -= 1
+        return self.polls_left < 0
+
+    def synchronize(self) -> None:
+        self.polls_left = -1
+
+
+@pytest.fixture
+def slow_swap_copies(monkeypatch):
+    import pagemem.swap as swap_mod
+    init = swap_mod._Pending.__init__
+
+    def patched(self, *a, **kw):
+        init(self, *a, **kw)
+        if self.direction == "out":
+            self.event = _SlowCopyEvent()
+    monkeypatch.setattr(swap_mod._Pending, "__init__", patched)
+
+
+def test_swap_copies_in_flight_neither_stall_nor_leak(slow_swap_copies):
+    prompts = prompts_for(4)
+    outs, sched, pool = run(prompts, 12, num_pages=10, preemption="swap")
+    assert outs == expected(prompts, 12)
+    assert sched.num_preemptions["swap"] > 0
+
+
+def test_swapped_request_resumes_before_new_ones_are_admitted():
+    pool = PagePool(PoolConfig(9, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))        # 8 usable pages
+    sched = Scheduler(pool, max_num_batched_tokens=64, preemption="swap", swap=HostSwap(pool, 64),
+                      watermark=0.0)
+    a, b = sched.add("A", [1] * 12, 20), sched.add("B", [2] * 12, 20)
+
+    def step():
+        st = sched.schedule()
+        sched.update(st, toy_forward(pool, st))
+        for r in list(sched.running):
+            if r.num_output_tokens >= r.max_tokens:
+                sched.finish(r)
+        return st
+
+    while b.status is not Status.SWAPPED:
+        step()
+    smalls = [sched.add(f"small{k}", [3], 1) for k in range(6)]   # each would fit in the leftover pages
+    while b.status is Status.SWAPPED:
+        st = step()
+        if any(r in st.requests for r in smalls):     # only in the step that brought B back, after it
+            assert b in st.resumed, "a later request overtook the swapped one"
+    while sched.has_unfinished():
+        step()
+    assert a.status is b.status is Status.FINISHED and all(s.status is Status.FINISHED for s in smalls)
+
+
+def test_blocked_admission_leaves_prefix_cache_untouched():
+    pool = PagePool(PoolConfig(7, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))        # 6 usable pages
+    cache = PrefixCache(pool)
+    sched = Scheduler(pool, max_num_batched_tokens=64, prefix_cache=cache, watermark=0.0)
+    first = sched.add(0, list(range(1, 10)), 1)
+    st = sched.schedule()
+    sched.update(st, toy_forward(pool, st))
+    sched.finish(first)                                              # 2 pages cached, evictable
+    hog = sched.add(1, [50] * 9, 4)                                  # 3 pages, no growth for 3 steps
+    st = sched.schedule()
+    sched.update(st, toy_forward(pool, st))
+    late = sched.add(2, list(range(1, 10)) + [7] * 8, 3)            # hits 2 pages, needs 3 more: 1 free
+    def observed():
+        return cache.stats().num_queries, cache.stats().num_hit_tokens, list(pool.policy._order)
+
+    before = observed()
+    for _ in range(3):
+        st = sched.schedule()
+        assert late not in st.requests
+        sched.update(st, toy_forward(pool, st))
+    assert observed() == before                  # no query counted, no cached page moved
+    assert hog.status is Status.RUNNING
+
+
+def test_bad_scheduler_arguments_are_named():
+    pool = PagePool(PoolConfig(8, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    with pytest.raises(ValueError, match="watermark"):
+        Scheduler(pool, watermark=-0.1)
+    with pytest.raises(TypeError, match="max_num_seqs"):
+        Scheduler(pool, max_num_seqs=2.5)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        Scheduler(pool, max_num_batched_tokens=0)
+    with pytest.raises(TypeError, match="priority"):
+        Scheduler(pool).add(0, [1], 1, priority=None)
