@@ -85,7 +85,9 @@ def decode_variants(case: Case, sweep: bool = False):
     dims = check_attention(case.q, case.k, case.v, case.page_tables, case.context_lens, out, case.q.shape[0])
     args = (case.q, case.k, case.v, case.page_tables, case.context_lens)
     tuned = lambda **kw: (lambda: paged_decode_cuda(*args, D ** -0.5, out, None, 0, dims, **kw))  # noqa: E731
-    variants = {"v2": lambda: paged_decode(*args, out=out), "v1 naive": lambda: paged_decode_v1(*args, D ** -0.5, out)}
+    variants = {"v2": lambda: paged_decode(*args, out=out), "v1 naive": lambda: paged_decode_v1(*args, D ** -0.5, out),
+                "v2 256 threads": tuned(threads=256), "v2 no split": tuned(num_partitions=1),
+                "v2 split x4": tuned(num_partitions=4)}
     if sweep:
         for lanes in (16, 32):
             for tpg in (1, 2):
@@ -217,7 +219,7 @@ def profile_prefill(run) -> dict:
     import cupy as cp
     import kernels.prefill as pf
     times, events = {}, []
-    real_launch, real_mm = pf.launch, pf._matmul
+    real_launch, real_mm = pf.launch, pf.matmul
 
     def timed(name, fn, *a):
         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
@@ -227,11 +229,11 @@ def profile_prefill(run) -> dict:
         events.append((name, e0, e1))
         return r
     pf.launch = lambda k, *a: timed(k.py_func.__name__, real_launch, k, *a)
-    pf._matmul = lambda *a: timed("matmul", real_mm, *a)
+    pf.matmul = lambda *a: timed("matmul", real_mm, *a)
     try:
         run()
     finally:
-        pf.launch, pf._matmul = real_launch, real_mm
+        pf.launch, pf.matmul = real_launch, real_mm
     events[-1][2].synchronize()
     for name, e0, e1 in events:
         times[name] = round(times.get(name, 0) + cp.cuda.get_elapsed_time(e0, e1), 3)

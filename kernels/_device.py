@@ -160,7 +160,8 @@ def make_group_sum(lanes: int):
 
 # ---- arrays and streams ----------------------------------------------------------------------
 def is_device_array(x) -> bool:
-    return hasattr(x, "__cuda_array_interface__") and not isinstance(x, np.ndarray)
+    """A CUDA array (CuPy), told by its class so CuPy's interface dict is not built."""
+    return not isinstance(x, np.ndarray) and hasattr(type(x), "__cuda_array_interface__")
 
 
 _views: dict = {}
@@ -177,19 +178,18 @@ def as_device(x, dtype=None):
     dtype = np.dtype(x.dtype if dtype is None else dtype)
     if isinstance(x, np.ndarray):
         return _sim_array(x if x.dtype == dtype else x.view(dtype))
-    cai = x.__cuda_array_interface__
+    ptr, shape, strides = _pointer_shape_strides(x)
     itemsize = np.dtype(x.dtype).itemsize
-    shape, strides = tuple(cai["shape"]), cai["strides"] or _c_strides(cai["shape"], itemsize)
     if dtype.itemsize != itemsize:
         shape = shape[:-1] + (shape[-1] * itemsize // dtype.itemsize,)
         strides = tuple(strides[:-1]) + (dtype.itemsize,)
-    key = (cai["data"][0], shape, tuple(strides), dtype.str)
+    key = (ptr, shape, tuple(strides), dtype.str)
     view = _views.get(key)
     if view is None:
         if len(_views) > 512:
             _views.clear()
         desc = {"shape": shape, "strides": tuple(strides), "typestr": dtype.str,
-                "data": (cai["data"][0], False), "version": 3}
+                "data": (ptr, False), "version": 3}
         view = _views[key] = cuda.from_cuda_array_interface(desc, owner=None, sync=False)
     return view
 
@@ -203,22 +203,21 @@ def _sim_array(x: np.ndarray):
     return FakeCUDAArray(x)
 
 
+def _pointer_shape_strides(x):
+    data = getattr(x, "data", None)
+    if hasattr(data, "ptr"):  # CuPy: no interface dict per call
+        return data.ptr, tuple(x.shape), tuple(x.strides)
+    cai = x.__cuda_array_interface__
+    itemsize = np.dtype(x.dtype).itemsize
+    return cai["data"][0], tuple(cai["shape"]), tuple(cai["strides"] or _c_strides(cai["shape"], itemsize))
+
+
 def _c_strides(shape, itemsize):
     strides, acc = [], itemsize
     for n in reversed(shape):
         strides.append(acc)
         acc *= n
     return tuple(reversed(strides))
-
-
-def numba_stream(stream):
-    """A Numba stream for a CuPy stream (default: CuPy's current stream); 0 in the simulator."""
-    if SIM:
-        return 0
-    if stream is None:
-        import cupy
-        stream = cupy.cuda.get_current_stream()
-    return _external_stream(stream.ptr)
 
 
 @functools.lru_cache(maxsize=64)
@@ -238,19 +237,56 @@ _compiled: dict = {}
 
 
 def launch(kernel, grid, block, stream, *args) -> None:
-    """``kernel[grid, block, stream](*args)``, minus Numba's per-call typing of every argument
-    after the first launch of each argument signature (a large share of its launch overhead).
-    ``grid`` and ``block`` are ints or tuples; ``stream`` comes from numba_stream."""
+    """``kernel[grid, block, stream](*args)`` with ``stream`` a CuPy stream (None: current).
+
+    The first launch of each argument signature goes through Numba (compiling if needed); later
+    ones launch the same cubin through CuPy with Numba's flattened argument ABI, which costs a
+    fraction of Numba's per-launch typing and marshalling of ~100 parameters."""
     if SIM:
-        kernel[grid, block, stream](*args)
+        kernel[grid, block, 0](*args)
         return
+    import cupy
+    stream = cupy.cuda.get_current_stream() if stream is None else stream
     key = (kernel, *map(_arg_key, args))
-    compiled = _compiled.get(key)
-    if compiled is None:
-        kernel[grid, block, stream](*args)   # compiles if needed, launches
-        _compiled[key] = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)]
+    raw = _compiled.get(key)
+    if raw is None:
+        kernel[grid, block, _external_stream(stream.ptr)](*args)
+        _compiled[key] = _RawKernel(kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)])
         return
-    compiled.launch(args, _dim3(grid), _dim3(block), stream, 0)
+    raw(_dim3(grid), _dim3(block), args, stream)
+
+
+class _RawKernel:
+    """A Numba-compiled kernel loaded as a CuPy function. Array arguments are passed as Numba
+    lays them out: meminfo, parent, size, itemsize, data pointer, shape..., strides (bytes)."""
+
+    def __init__(self, compiled):
+        import cupy
+        cc = cuda.get_current_device().compute_capability
+        self.module = cupy.cuda.function.Module()
+        self.module.load(compiled._codelibrary.get_cubin(cc=cc))
+        self.function = self.module.get_function(compiled.entry_name)
+
+    def __call__(self, grid, block, args, stream) -> None:
+        params = []
+        for a in args:
+            if isinstance(a, (int, np.integer)):
+                params.append(np.int64(a))
+            elif isinstance(a, (float, np.floating)):
+                params.append(np.float32(a))
+            else:
+                params.extend(_array_params(a))
+        self.function(grid, block, tuple(params), stream=stream)
+
+
+def _array_params(a) -> tuple:
+    params = getattr(a, "_pagemem_params", None)
+    if params is None:
+        ptr = a.device_ctypes_pointer.value or 0
+        params = (np.intp(0), np.intp(0), np.intp(a.size), np.intp(a.dtype.itemsize), np.uintp(ptr),
+                  *map(np.intp, a.shape), *map(np.intp, a.strides))
+        a._pagemem_params = params
+    return params
 
 
 def _arg_key(a):

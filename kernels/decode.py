@@ -9,7 +9,7 @@ import numpy as np
 from numba import float32
 
 from kernels._checks import AttnDims
-from kernels._device import launch, as_device, bits_dtype, dtype_kind, num_sms, numba_stream
+from kernels._device import as_device, bits_dtype, dtype_kind, launch, num_sms
 from kernels.paged_attention import (choose_lanes, heads_per_block, make_decode_reduce_kernel,
                                   make_paged_decode_kernel)
 
@@ -41,7 +41,7 @@ def _dummy(xp):
 
 def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, stream,
                       window: int, dims: AttnDims, num_partitions: int | None = None,
-                      threads: int = THREADS, lanes: int | None = None, tokens_per_group: int = 2,
+                      threads: int = THREADS, lanes: int | None = None, tokens_per_group: int = 1,
                       max_registers: int | None = None):
     """Enqueue decode attention; ``out`` [num_seqs, num_q_heads, head_dim] is written, returned.
     Tuning overrides (tests and bench): ``num_partitions`` replaces split_rule, ``threads`` is the
@@ -61,7 +61,7 @@ def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: flo
     kernel = make_paged_decode_kernel(dims.head_dim, dims.page_size, dims.group, heads, dims.cache_kind,
                                       dims.q_kind, out_kind, parts > 1, lanes, threads, tokens_per_group,
                                       max_registers)
-    st = numba_stream(stream)
+    st = stream
     ctx = stream if stream is not None and xp is not np else contextlib.nullcontext()
     with ctx:  # temporaries come from the pool arena of the launch stream
         part_out, part_ml = _partials(xp, dims, parts)

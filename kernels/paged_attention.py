@@ -20,7 +20,7 @@ from numba import cuda, float32, int32, uint64
 
 from kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
 
-TOKENS_PER_GROUP = 2  # tokens each group has in flight per step (more loads before first use)
+TOKENS_PER_GROUP = 1  # tokens per lane group per step: 1 beat 2 and 4 on an H100 (fewer registers)
 MAX_REG_ELEMS = 32    # q (and acc) floats per thread per block: heads_per_block * elems_per_lane
 PAGES_CHUNK = 256     # page ids a block stages in shared memory at a time
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from kernels._device import launch, as_device, bits_dtype, dtype_kind, load_scalar, numba_stream, store_scalar
+from kernels._device import as_device, bits_dtype, dtype_kind, launch, load_scalar, store_scalar
 
 
 @functools.cache
@@ -67,7 +67,7 @@ def paged_decode_v1(q, k_cache, v_cache, page_tables, context_lens, scale: float
     ck, qk, ok = (dtype_kind(x.dtype, n) for x, n in ((k_cache, "k_cache"), (q, "q"), (out, "out")))
     kernel = make_paged_decode_v1_kernel(q.shape[2], k_cache.shape[1], ck, qk, ok)
     threads = 1 << (q.shape[2] - 1).bit_length()
-    launch(kernel, (q.shape[0], q.shape[1]), threads, numba_stream(stream),
+    launch(kernel, (q.shape[0], q.shape[1]), threads, stream,
         as_device(out, bits_dtype(ok)), as_device(q, bits_dtype(qk)), as_device(k_cache, bits_dtype(ck)),
         as_device(v_cache, bits_dtype(ck)), as_device(page_tables), as_device(context_lens),
         np.float32(scale), q.shape[1] // k_cache.shape[2], window)

@@ -3,7 +3,7 @@
 Everything is enqueued on one stream with shapes known on the host (num_seqs, max_query_len,
 max_pages * page_size), so nothing waits for the device. Sequences go in chunks whose score
 block stays under SCORE_BYTES. Scores are kept in the cache dtype (fp16/bf16: cuBLAS accumulates
-in float32 and rounds once); queries are pre-scaled so scores stay small.
+in float32 on tensor cores and rounds once); queries are pre-scaled so scores stay small.
 """
 from __future__ import annotations
 
@@ -12,23 +12,14 @@ import contextlib
 import numpy as np
 
 from kernels._checks import AttnDims
-from kernels._device import launch, F32, as_device, bits_dtype, dtype_kind, numba_stream
+from kernels._device import as_device, bits_dtype, dtype_kind, launch
+from kernels.gemm import matmul
 from kernels.prefill_kernels import (make_gather_kv_kernel, make_gather_q_kernel,
                                      make_prefill_softmax_kernel, make_scatter_out_kernel)
 
 SCORE_BYTES = 1 << 30      # score block per chunk of sequences
 THREADS = 256
 SOFTMAX_THREADS = 128
-
-
-def _matmul(xp, a, b):
-    """a @ b in a's dtype; float32 where the library has no GEMM for the dtype (bf16)."""
-    if a.dtype != np.float32 and a.dtype != np.float16:
-        try:
-            return xp.matmul(a, b)
-        except (TypeError, NotImplementedError, ValueError):
-            return xp.matmul(a.astype(np.float32), b.astype(np.float32))
-    return xp.matmul(a, b)
 
 
 def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
@@ -55,36 +46,27 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
 
 def _prefill_chunk(q, k_cache, v_cache, page_tables, context_lens, qsl, scale, out, stream, window,
                    dims: AttnDims, rows: int, tm: int, xp, block_sizes: tuple[int, int]):
-    cp = xp
     nt, snt = block_sizes
-    st = numba_stream(stream)
-    n, hk, d, g = page_tables.shape[0], dims.num_kv_heads, dims.head_dim, dims.group
+    n, hk, d, g, kind = page_tables.shape[0], dims.num_kv_heads, dims.head_dim, dims.group, dims.cache_kind
     words = d * np.dtype(k_cache.dtype).itemsize // 8
-    k_dense = cp.empty((n, hk, tm, d), k_cache.dtype)    # [S, Hkv, Tm, D]
-    v_dense = cp.empty((n, hk, tm, d), k_cache.dtype)
-    gather = make_gather_kv_kernel(words, dims.page_size)
-    launch(gather, (-(-tm * words // nt), hk, n), nt, st,
-        as_device(k_dense, np.uint64), as_device(v_dense, np.uint64), as_device(k_cache, np.uint64),
-        as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens))
-    q_dense = cp.empty((n, hk, rows, d), k_cache.dtype)  # [S, Hkv, Qm * G, D]
-    kind = dims.cache_kind
-    gq = make_gather_q_kernel(d, g, dims.q_kind, kind)
-    launch(gq, (-(-rows * d // nt), hk, n), nt, st, as_device(q_dense, bits_dtype(kind)),
-                                           as_device(q, bits_dtype(dims.q_kind)), as_device(qsl),
-                                           np.float32(scale))
-    scores = _matmul(xp, q_dense, k_dense.transpose(0, 1, 3, 2))  # [S, Hkv, Qm * G, Tm]
-    s_kind = dtype_kind(scores.dtype, "scores")
-    softmax = make_prefill_softmax_kernel(g, s_kind, snt)
-    launch(softmax, (rows, hk, n), snt, st, as_device(scores, bits_dtype(s_kind)), as_device(qsl),
-                                                as_device(context_lens), window)
-    v = v_dense if s_kind == kind else v_dense.astype(scores.dtype)
-    o_dense = _matmul(xp, scores, v)                               # [S, Hkv, Qm * G, D]
-    o_kind = dtype_kind(o_dense.dtype, "o")
+    k_dense = xp.empty((n, hk, tm, d), k_cache.dtype)      # [S, Hkv, Tm, D]
+    v_dense = xp.empty((n, hk, tm, d), k_cache.dtype)
+    launch(make_gather_kv_kernel(words, dims.page_size), (-(-tm * words // nt), hk, n), nt, stream,
+           as_device(k_dense, np.uint64), as_device(v_dense, np.uint64), as_device(k_cache, np.uint64),
+           as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens))
+    q_dense = xp.empty((n, hk, rows, d), k_cache.dtype)    # [S, Hkv, Qm * G, D]
+    launch(make_gather_q_kernel(d, g, dims.q_kind, kind), (-(-rows * d // nt), hk, n), nt, stream,
+           as_device(q_dense, bits_dtype(kind)), as_device(q, bits_dtype(dims.q_kind)), as_device(qsl),
+           np.float32(scale))
+    scores = matmul(xp, q_dense.reshape(n * hk, rows, d), k_dense.reshape(n * hk, tm, d), True, stream)
+    scores = scores.reshape(n, hk, rows, tm)                # [S, Hkv, Qm * G, Tm]
+    launch(make_prefill_softmax_kernel(g, kind, snt), (rows, hk, n), snt, stream,
+           as_device(scores, bits_dtype(kind)), as_device(qsl), as_device(context_lens), window)
+    o_dense = matmul(xp, scores.reshape(n * hk, rows, tm), v_dense.reshape(n * hk, tm, d), False, stream)
+    o_dense = o_dense.reshape(n, hk, rows, d)               # [S, Hkv, Qm * G, D]
     out_kind = dtype_kind(out.dtype, "out")
-    scatter = make_scatter_out_kernel(d, g, o_kind, out_kind)
-    launch(scatter, (-(-rows * d // nt), hk, n), nt, st, as_device(out, bits_dtype(out_kind)),
-                                                as_device(o_dense, bits_dtype(o_kind)), as_device(qsl))
-    assert o_kind in (kind, F32)
+    launch(make_scatter_out_kernel(d, g, kind, out_kind), (-(-rows * d // nt), hk, n), nt, stream,
+           as_device(out, bits_dtype(out_kind)), as_device(o_dense, bits_dtype(kind)), as_device(qsl))
 
 
 def _array_module(x):

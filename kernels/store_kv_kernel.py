@@ -6,7 +6,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from kernels._device import launch, as_device, numba_stream
+from kernels._device import as_device, launch
 
 THREADS = 256
 
@@ -52,7 +52,7 @@ def store_kv_cuda(k, v, k_cache, v_cache, slot_mapping, stream) -> None:
         return
     kernel = make_store_kv_kernel(words, k_cache.shape[1])
     blocks = min(-(-n // THREADS), 65536)
-    launch(kernel, blocks, THREADS, numba_stream(stream),
+    launch(kernel, blocks, THREADS, stream,
         as_device(k, np.uint64), as_device(v, np.uint64), as_device(k_cache, np.uint64),
         as_device(v_cache, np.uint64), as_device(slot_mapping))
 
