@@ -178,7 +178,7 @@ def main() -> None:
             check_close(name, run(), want)
             _row(f"{num_seqs}x{ctx}", name, run, case.kv_bytes, copy, base)
         if (num_seqs, ctx) == DECODE_SHAPES[-1]:
-            print(f"host time per v2 call: {host_us_per_call(decode_variants(case)['v2']):.1f} us")
+            print_host_costs(case)
         del case, sdpa, want
     num_seqs, seq_len = PREFILL_SHAPE
     case = make_case(num_seqs, seq_len, num_new=seq_len)
@@ -198,6 +198,18 @@ def _row(shape, name, run, nbytes, copy, base_ms):
     ratio = f"{base_ms / ms:7.2f}x" if base_ms else "       -"
     print(f"{shape:>10} {name:>20} {one * 1e3:8.1f} {ms * 1e3:8.1f} {bw / 1e12:6.2f} {bw / copy:8.0%} {ratio}", flush=True)
     return ms
+
+
+def print_host_costs(case: Case) -> None:
+    """Host cost of one paged_decode (split-K: two launches), relaunching through CuPy or Numba."""
+    import kernels._device as dev
+    for raw in (True, False):
+        dev.RAW_LAUNCH, saved = raw, dev.RAW_LAUNCH
+        dev._compiled.clear()
+        us = host_us_per_call(decode_variants(case)["v2"])
+        dev.RAW_LAUNCH = saved
+        dev._compiled.clear()
+        print(f"host time per paged_decode call, {'CuPy' if raw else 'Numba'} relaunch: {us:.1f} us")
 
 
 def host_us_per_call(run, calls: int = 200) -> float:

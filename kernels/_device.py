@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import ml_dtypes
 import numpy as np
@@ -234,6 +235,8 @@ def num_sms() -> int:
 
 
 _compiled: dict = {}
+# PAGEMEM_RAW_LAUNCH=0 relaunches through Numba instead of CuPy (a fallback for debugging).
+RAW_LAUNCH = os.environ.get("PAGEMEM_RAW_LAUNCH", "1") != "0"
 
 
 def launch(kernel, grid, block, stream, *args) -> None:
@@ -251,9 +254,20 @@ def launch(kernel, grid, block, stream, *args) -> None:
     raw = _compiled.get(key)
     if raw is None:
         kernel[grid, block, _external_stream(stream.ptr)](*args)
-        _compiled[key] = _RawKernel(kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)])
+        compiled = kernel.overloads[tuple(kernel.typeof_pyval(a) for a in args)]
+        _compiled[key] = _RawKernel(compiled) if RAW_LAUNCH else _NumbaKernel(compiled)
         return
     raw(_dim3(grid), _dim3(block), args, stream)
+
+
+class _NumbaKernel:
+    """Numba's own launch of a compiled kernel (the RAW_LAUNCH=0 path)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, grid, block, args, stream) -> None:
+        self.compiled.launch(args, grid, block, _external_stream(stream.ptr), 0)
 
 
 class _RawKernel:
@@ -264,7 +278,8 @@ class _RawKernel:
         import cupy
         cc = cuda.get_current_device().compute_capability
         self.module = cupy.cuda.function.Module()
-        self.module.load(compiled._codelibrary.get_cubin(cc=cc))
+        cubin = compiled._codelibrary.get_cubin(cc=cc)
+        self.module.load(bytes(getattr(cubin, "code", cubin)))  # cuda.core ObjectCode or bytes
         self.function = self.module.get_function(compiled.entry_name)
 
     def __call__(self, grid, block, args, stream) -> None:

@@ -1,0 +1,96 @@
+"""The CUDA kernels themselves, run by the Numba CUDA simulator on NumPy arrays at tiny sizes
+(CI has no GPU). Blocks of 32 threads keep the simulator fast; the kernel code is the same."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kernel_cases import ATOL, DTYPES, assert_close, make_paged, queries, query_start_loc
+
+from kernels._checks import check_attention
+from kernels._device import SIM
+from kernels.reference import ref_paged_decode, ref_paged_prefill
+
+pytestmark = pytest.mark.skipif(not SIM, reason="simulator tests (a CUDA device runs test_gpu.py)")
+LENS = [1, 3, 4, 5, 23]   # page_size 4: 1, page_size - 1, page_size, page_size + 1, longer
+
+
+def _decode(p, q, scale=0.5, window=0, **tuning):
+    from kernels.decode import paged_decode_cuda
+    out = np.full(q.shape, np.nan, q.dtype)
+    dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, q.shape[0])
+    paged_decode_cuda(q, p.k, p.v, p.page_tables, p.context_lens, scale, out, None, window, dims,
+                      threads=32, **tuning)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_partitions", [1, 3])
+def test_decode_v2(rng, dtype, num_partitions):
+    """v2 (uint64 loads, lane-group sums, online softmax) equals the reference, split-K or not."""
+    p = make_paged(rng, LENS, dtype=dtype)
+    q = queries(rng, len(LENS), 8, 16, dtype)
+    out = _decode(p, q, num_partitions=num_partitions)
+    assert_close(out, ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5), dtype)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,lanes", [(2, 2, 4), (8, 2, 8), (16, 2, 4), (32, 1, 4)])
+def test_decode_v2_gqa_ratios(rng, num_q_heads, num_kv_heads, lanes):
+    """GQA 1, 4, 8 and MQA with 32 query heads (4 head chunks per KV head), several lane widths."""
+    p = make_paged(rng, [1, 5, 23], num_kv_heads=num_kv_heads, head_dim=32)
+    q = queries(rng, 3, num_q_heads, 32, np.float16)
+    out = _decode(p, q, lanes=lanes)
+    assert_close(out, ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5), np.float16)
+
+
+def test_decode_v2_window_with_split_and_page_chunks(rng, monkeypatch):
+    """A sliding window over split partitions, with page ids staged two at a time."""
+    import kernels.paged_attention as pa
+    monkeypatch.setattr(pa, "PAGES_CHUNK", 2)   # read at factory time: a fresh kernel
+    pa.make_paged_decode_kernel.cache_clear()
+    p = make_paged(rng, [23, 9], head_dim=16)
+    q = queries(rng, 2, 4, 16, np.float16)
+    out = _decode(p, q, window=10, num_partitions=2, tokens_per_group=2)
+    pa.make_paged_decode_kernel.cache_clear()
+    ref = ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5, 10)
+    assert_close(out, ref, np.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+def test_decode_v1(rng, dtype):
+    """The naive baseline kernel equals the reference too (it is the bench's yardstick)."""
+    from kernels.paged_decode_v1 import paged_decode_v1
+    p = make_paged(rng, [1, 5, 9], dtype=dtype)
+    q = queries(rng, 3, 4, 16, dtype)
+    out = paged_decode_v1(q, p.k, p.v, p.page_tables, p.context_lens, 0.5, np.empty_like(q), window=4)
+    assert_close(out, ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5, 4), dtype)
+
+
+def test_store_kv_kernel(rng):
+    """The copy kernel writes the given slots bit for bit and skips NULL_PAGE slots."""
+    from kernels.store_kv_kernel import store_kv_cuda
+    p = make_paged(rng, [8], dtype=np.float16)
+    want = p.kv.copy()
+    k = rng.standard_normal((3, 2, 16)).astype(np.float16)
+    v = rng.standard_normal((3, 2, 16)).astype(np.float16)
+    slots = np.array([9, 2, 14], np.int32)           # slot 2 lies in NULL_PAGE: skipped
+    store_kv_cuda(k, v, p.k, p.v, slots, None)
+    for i in (0, 2):
+        want[slots[i] // 4, 1, 0, slots[i] % 4], want[slots[i] // 4, 1, 1, slots[i] % 4] = k[i], v[i]
+    np.testing.assert_array_equal(p.kv.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype,window", [(np.float16, None), (DTYPES[1], 3), (np.float32, None)])
+def test_prefill_kernels(rng, dtype, window):
+    """Gather, softmax and scatter kernels around the GEMMs equal the reference prefill."""
+    from kernels.prefill import paged_prefill_cuda
+    p = make_paged(rng, [5, 9], dtype=dtype)
+    qsl = query_start_loc([2, 9])
+    q = queries(rng, 11, 4, 16, dtype)
+    out = np.full(q.shape, np.nan, dtype)
+    dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, 2)
+    paged_prefill_cuda(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, out, None, window or 0, dims, 9,
+                       threads=32, softmax_threads=8)
+    ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, window)
+    # Scores and probabilities are rounded to the cache dtype between the GEMMs: twice the
+    # decode tolerance.
+    np.testing.assert_allclose(out.astype(np.float32), ref, rtol=0, atol=2 * ATOL[np.dtype(dtype)])
