@@ -195,6 +195,27 @@ def as_device(x, dtype=None):
     return view
 
 
+def as_flat_words(x):
+    """(flat, strides): the 4-d cache ``x`` [num_pages, page_size, num_kv_heads, head_dim] as one
+    flat uint64 array spanning it, and its first three strides in words. Kernels then index
+    ``flat[page * s0 + token * s1 + head * s2 + word]`` with unsigned integers."""
+    if isinstance(x, np.ndarray):
+        ptr, shape, strides = x.__array_interface__["data"][0], x.shape, x.strides
+    else:
+        ptr, shape, strides = _pointer_shape_strides(x)
+    extent = sum((n - 1) * st for n, st in zip(shape, strides)) + shape[-1] * np.dtype(x.dtype).itemsize
+    words = tuple(st // 8 for st in strides[:3])
+    if isinstance(x, np.ndarray):
+        flat = np.lib.stride_tricks.as_strided(x.view(np.uint64), shape=(extent // 8,), strides=(8,))
+        return _sim_array(flat), words
+    key = (ptr, (extent // 8,), (8,), "<u8")
+    view = _views.get(key)
+    if view is None:
+        desc = {"shape": (extent // 8,), "strides": (8,), "typestr": "<u8", "data": (ptr, False), "version": 3}
+        view = _views[key] = cuda.from_cuda_array_interface(desc, owner=None, sync=False)
+    return view, words
+
+
 def _sim_array(x: np.ndarray):
     """Wrap a NumPy array so the simulator uses it in place (it copies, and so rejects,
     non-contiguous NumPy arguments)."""

@@ -9,7 +9,7 @@ import numpy as np
 from numba import float32
 
 from kernels._checks import AttnDims
-from kernels._device import as_device, bits_dtype, dtype_kind, launch, num_sms
+from kernels._device import as_device, as_flat_words, bits_dtype, dtype_kind, launch, num_sms
 from kernels.paged_attention import (choose_lanes, heads_per_block, make_decode_reduce_kernel,
                                   make_paged_decode_kernel)
 
@@ -67,14 +67,16 @@ def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: flo
         part_out, part_ml = _partials(xp, dims, parts)
     out_b = as_device(out, bits_dtype(out_kind))
     grid = (dims.num_seqs, dims.num_kv_heads * (dims.group // heads), parts)
+    (k_flat, strides), (v_flat, v_strides) = as_flat_words(k_cache), as_flat_words(v_cache)
+    if v_strides != strides:
+        raise ValueError(f"v_cache: strides {tuple(v_cache.strides)} differ from k_cache's {tuple(k_cache.strides)}")
     launch(kernel, grid, threads, st, out_b, as_device(part_out), as_device(part_ml),
-                              as_device(q, bits_dtype(dims.q_kind)), as_device(k_cache, np.uint64),
-                              as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens),
-                              float32(scale), window, part_tokens)
+           as_device(q, bits_dtype(dims.q_kind)), k_flat, v_flat, as_device(page_tables),
+           as_device(context_lens), float32(scale), window, part_tokens, *strides)
     if parts > 1:
         reduce = make_decode_reduce_kernel(dims.head_dim, out_kind)
         launch(reduce, (dims.num_seqs, dims.num_q_heads), dims.head_dim, st,
-            out_b, as_device(part_out), as_device(part_ml), parts)
+               out_b, as_device(part_out), as_device(part_ml), parts)
     return out
 
 

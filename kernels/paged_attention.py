@@ -74,20 +74,18 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
     group_sum = make_group_sum(LPT)
 
     @cuda.jit(device=True)
-    def load_step(kw, vw, k_words, v_words, sm_pages, pbase, base, hi, kvh, g, j):
+    def load_step(kw, vw, k_flat, v_flat, sm_pages, pbase, base, hi, lane_word, page_words, token_words, g, j):
         """Issue this lane's loads of the step's tokens base + u * NG + g (< hi) into kw, vw."""
         for u in range(U):
             t = base + u * NG + g
             ok = t < hi
-            page = 0
+            row = uint64(0)   # word offset of (page, token, kv head); unsigned: no wraparound code
             if ok:
-                page = sm_pages[(t >> PSHIFT) - pbase]
-            off = t & (P - 1)
+                row = uint64(sm_pages[(t >> PSHIFT) - pbase]) * page_words + uint64(t & (P - 1)) * token_words
             for i in range(WPL):
-                w = i * LPT + j
-                if ok and w < W:  # unsigned indices: no negative-index wraparound code
-                    kw[u * WPL + i] = k_words[uint64(page), uint64(off), uint64(kvh), uint64(w)]
-                    vw[u * WPL + i] = v_words[uint64(page), uint64(off), uint64(kvh), uint64(w)]
+                if ok and i * LPT + j < W:
+                    kw[u * WPL + i] = k_flat[row + lane_word + uint64(i * LPT)]
+                    vw[u * WPL + i] = v_flat[row + lane_word + uint64(i * LPT)]
                 else:
                     kw[u * WPL + i] = uint64(0)
                     vw[u * WPL + i] = uint64(0)
@@ -125,11 +123,12 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
             m[h] = mx
 
     @cuda.jit(**({} if SIM or not max_registers else {"max_registers": max_registers}))
-    def paged_decode_kernel(out, part_out, part_ml, q, k_words, v_words, page_tables, context_lens,
-                            scale, window, part_tokens):
+    def paged_decode_kernel(out, part_out, part_ml, q, k_flat, v_flat, page_tables, context_lens,
+                            scale, window, part_tokens, page_words, token_words, head_words):
         # out, q: [num_seqs, num_q_heads, D] (bits for 16-bit kinds)
         # part_out: [num_seqs, num_q_heads, num_parts, D] f32; part_ml: [.., num_parts, 2] f32
-        # k_words, v_words: [num_pages, P, num_kv_heads, W] uint64
+        # k_flat, v_flat: the caches [num_pages, P, num_kv_heads, W] as flat uint64 words, with
+        # word strides page_words (page), token_words (token) and head_words (kv head)
         s = cuda.blockIdx.x
         kvh = cuda.blockIdx.y // CHUNKS
         h0 = kvh * G + (cuda.blockIdx.y % CHUNKS) * GC
@@ -160,6 +159,8 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
                     qr[h * EPL + i * E + e] = x
                     acc[h * EPL + i * E + e] = float32(0)
 
+        pw, tw = uint64(page_words), uint64(token_words)
+        lane_word = uint64(kvh * head_words + j)
         ctx = context_lens[s]
         lo = 0
         if window > 0:
@@ -177,9 +178,9 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
                 sm_pages[i] = pg
             cuda.syncthreads()  # page ids staged
             lo_c, hi_c = max(start, c0), min(end, c0 + TC)
-            load_step(kw, vw, k_words, v_words, sm_pages, pbase, lo_c, hi_c, kvh, g, j)
+            load_step(kw, vw, k_flat, v_flat, sm_pages, pbase, lo_c, hi_c, lane_word, pw, tw, g, j)
             for base in range(lo_c, hi_c, TPI):
-                load_step(kn, vn, k_words, v_words, sm_pages, pbase, base + TPI, hi_c, kvh, g, j)
+                load_step(kn, vn, k_flat, v_flat, sm_pages, pbase, base + TPI, hi_c, lane_word, pw, tw, g, j)
                 attend_step(kw, vw, qr, acc, m, lsum, sc, base, hi_c, g, scratch, tid)
                 for x in range(N_WORDS):
                     kw[x] = kn[x]

@@ -1,0 +1,73 @@
+"""Launch-time checks: a caller's mistake raises TypeError or ValueError naming the argument,
+before any work is done (the shared checks guard the CPU and CUDA paths alike)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kernel_cases import make_paged, queries, query_start_loc
+
+import kernels
+
+
+@pytest.fixture
+def case(rng):
+    p = make_paged(rng, [5, 9])
+    return p, queries(rng, 2, 4, 16, np.float16)
+
+
+def _decode(p, q0, **kw):
+    args = dict(q=q0, k_cache=p.k, v_cache=p.v, page_tables=p.page_tables, context_lens=p.context_lens)
+    args.update(kw)
+    return kernels.paged_decode(**args)
+
+
+@pytest.mark.parametrize("name,value,exc,match", [
+    ("q", "q.astype(np.int8)", TypeError, "q: dtype"),
+    ("k_cache", "p.k.astype(np.float64)", TypeError, "k_cache: dtype"),
+    ("v_cache", "p.v.astype(np.float32)", TypeError, "v_cache: dtype"),
+    ("page_tables", "p.page_tables.astype(np.int64)", TypeError, "page_tables: dtype"),
+    ("context_lens", "p.context_lens[:1]", ValueError, "context_lens"),
+    ("q", "q[:, :3]", ValueError, "num_q_heads=3"),
+    ("q", "q[..., :8]", ValueError, "q: expected"),
+    ("k_cache", "p.k[..., ::2]", ValueError, "k_cache"),
+    ("k_cache", "p.k[:, :3]", ValueError, "k_cache"),
+    ("out", "np.empty((2, 4, 8), np.float16)", ValueError, "out: shape"),
+    ("q", "q.tolist()", TypeError, "q: expected a numpy or cupy array"),
+])
+def test_decode_rejects(case, name, value, exc, match):
+    """Each bad argument raises the exact exception type, naming itself."""
+    p, q = case
+    with pytest.raises(exc, match=match):
+        _decode(p, q, **{name: eval(value)})
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5])
+def test_bad_sliding_window(case, window):
+    p, q = case
+    with pytest.raises(ValueError, match="sliding_window"):
+        _decode(p, q, sliding_window=window)
+
+
+def test_prefill_rejects_bad_query_start_loc(case):
+    p, _ = case
+    q = np.zeros((6, 4, 16), np.float16)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        kernels.paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, query_start_loc([2, 4])[:2])
+    with pytest.raises(TypeError, match="query_start_loc: dtype"):
+        kernels.paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, np.array([0, 2, 6]))
+    with pytest.raises(ValueError, match="query_start_loc: seq 0 has 7"):
+        kernels.paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, np.array([0, 7, 6], np.int32))
+
+
+def test_store_kv_rejects(rng):
+    p = make_paged(rng, [8])
+    k = rng.standard_normal((2, 2, 16)).astype(np.float16)
+    slots = np.array([5, 6], np.int32)
+    with pytest.raises(TypeError, match="k: dtype"):
+        kernels.store_kv(k.astype(np.float32), k, p.k, p.v, slots)
+    with pytest.raises(ValueError, match="v: expected"):
+        kernels.store_kv(k, k[:, :1], p.k, p.v, slots)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        kernels.store_kv(k, k, p.k, p.v, slots[:1])
+    with pytest.raises(ValueError, match="slot_mapping: page ids \\[0\\]"):
+        kernels.store_kv(k, k, p.k, p.v, np.array([1, 6], np.int32))   # slot 1 is in NULL_PAGE
