@@ -86,9 +86,9 @@ def decode_variants(case: Case, sweep: bool = False):
     args = (case.q, case.k, case.v, case.page_tables, case.context_lens)
     tuned = lambda **kw: (lambda: paged_decode_cuda(*args, D ** -0.5, out, None, 0, dims, **kw))  # noqa: E731
     variants = {"v2": lambda: paged_decode(*args, out=out), "v1 naive": lambda: paged_decode_v1(*args, D ** -0.5, out),
-                "v2 2 tok/group": tuned(tokens_per_group=2),
-                "v2 2 tok r128": tuned(tokens_per_group=2, max_registers=128),
-                "v2 32 lanes 2 tok": tuned(lanes=32, tokens_per_group=2),
+                "v2 1 tok uncapped": tuned(tokens_per_group=1, max_registers=None),
+                "v2 2 tok uncapped": tuned(max_registers=None),
+                "v2 32 lanes": tuned(lanes=32),
                 "v2 256 threads": tuned(threads=256), "v2 no split": tuned(num_partitions=1),
                 "v2 split x4": tuned(num_partitions=4)}
     if sweep:

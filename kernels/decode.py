@@ -8,10 +8,11 @@ import functools
 import numpy as np
 from numba import float32
 
+from kernels._arrays import as_device, as_flat_words, launch, num_sms
 from kernels._checks import AttnDims
-from kernels._device import as_device, as_flat_words, bits_dtype, dtype_kind, launch, num_sms
-from kernels.paged_attention import (choose_lanes, heads_per_block, make_decode_reduce_kernel,
-                                  make_paged_decode_kernel)
+from kernels._device import bits_dtype, dtype_kind
+from kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
+                                     make_decode_reduce_kernel, make_paged_decode_kernel)
 
 THREADS = 128
 MIN_SPLIT_SPAN = 512       # contexts up to this many tokens never split
@@ -41,8 +42,8 @@ def _dummy(xp):
 
 def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, stream,
                       window: int, dims: AttnDims, num_partitions: int | None = None,
-                      threads: int = THREADS, lanes: int | None = None, tokens_per_group: int = 1,
-                      max_registers: int | None = None):
+                      threads: int = THREADS, lanes: int | None = None,
+                      tokens_per_group: int = TOKENS_PER_GROUP, max_registers: int | None = MAX_REGISTERS):
     """Enqueue decode attention; ``out`` [num_seqs, num_q_heads, head_dim] is written, returned.
     Tuning overrides (tests and bench): ``num_partitions`` replaces split_rule, ``threads`` is the
     block size (a multiple of 32), ``lanes`` the lanes per token, ``tokens_per_group`` the tokens

@@ -12,7 +12,8 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from kernels._device import as_device, bits_dtype, dtype_kind, launch, load_scalar, store_scalar
+from kernels._arrays import as_device, launch
+from kernels._device import bits_dtype, dtype_kind, load_scalar, store_scalar
 
 
 @functools.cache

@@ -11,8 +11,9 @@ import contextlib
 
 import numpy as np
 
+from kernels._arrays import as_device, launch
 from kernels._checks import AttnDims
-from kernels._device import as_device, bits_dtype, dtype_kind, launch
+from kernels._device import bits_dtype, dtype_kind
 from kernels.gemm import matmul
 from kernels.prefill_kernels import (make_gather_kv_kernel, make_gather_q_kernel,
                                      make_prefill_softmax_kernel, make_scatter_out_kernel)

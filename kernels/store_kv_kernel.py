@@ -6,7 +6,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from kernels._device import as_device, launch
+from kernels._arrays import as_device, launch
 
 THREADS = 256
 
