@@ -39,24 +39,32 @@ def _softmax_(s: np.ndarray) -> np.ndarray:
 
 def paged_decode_cpu(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, window: int,
                      dims: AttnDims):
-    """One query per sequence; gathers all sequences' tokens into [S, T, Hkv, D] at once."""
+    """One query per sequence. All sequences' pages are gathered at once (token-major, one copy),
+    then per KV head two batched BLAS products read K and V rows in place (row stride Hkv * D)."""
     S, P, Hkv, G, D = dims.num_seqs, dims.page_size, dims.num_kv_heads, dims.group, dims.head_dim
-    ctx = context_lens.astype(np.int64)                        # [S]
-    T = int(ctx.max())
+    ctx = context_lens.astype(np.int64)                          # [S]
+    num_pages = -(-int(ctx.max()) // P)
+    T = num_pages * P
     t = np.arange(T)
-    valid = t[None, :] < ctx[:, None]                          # [S, T]
-    if window:
-        valid &= t[None, :] >= (ctx - window)[:, None]
-    pages = page_tables[:, t // P]                              # [S, T] (may read padding)
-    _check_pages(pages[valid], k_cache.shape[0])
-    pages = np.where(valid, pages, NULL_PAGE)                    # padding reads NULL_PAGE, masked
-    k = k_cache[pages, t % P].astype(np.float32)                # [S, T, Hkv, D]
-    v = v_cache[pages, t % P].astype(np.float32)
+    lo = np.maximum(ctx - window, 0) if window else np.zeros_like(ctx)
+    valid = (t[None, :] < ctx[:, None]) & (t[None, :] >= lo[:, None])   # [S, T]
+    used = valid.reshape(S, num_pages, P).any(axis=2)                   # [S, num_pages]
+    pages = page_tables[:, :num_pages]
+    _check_pages(pages[used], k_cache.shape[0])
+    pages = np.where(used, pages, NULL_PAGE)                    # unused pages read NULL_PAGE, masked
+    k = k_cache[pages].reshape(S, T, Hkv, D).astype(np.float32, copy=False)   # [S, T, Hkv, D]
+    v = v_cache[pages].reshape(S, T, Hkv, D).astype(np.float32, copy=False)
     v[~valid] = 0.0                                             # masked tokens: no 0 * NaN in p @ v
-    qg = q.astype(np.float32).reshape(S, Hkv, G, D) * np.float32(scale)
-    s = np.matmul(qg, k.transpose(0, 2, 3, 1))                  # [S, Hkv, G, T]
-    s[np.broadcast_to(~valid[:, None, None, :], s.shape)] = -np.inf
-    o = np.matmul(_softmax_(s), v.transpose(0, 2, 1, 3))        # [S, Hkv, G, D]
+    qt = (q.astype(np.float32) * np.float32(scale)).reshape(S, Hkv, G, D).transpose(0, 1, 3, 2)
+    qt = np.ascontiguousarray(qt)                               # [S, Hkv, D, G]: BLAS-ready
+    s = np.empty((S, Hkv, G, T), np.float32)
+    for h in range(Hkv):                                        # [S, T, D] @ [S, D, G] -> [S, T, G]
+        s[:, h] = np.matmul(k[:, :, h], qt[:, h]).transpose(0, 2, 1)
+    np.copyto(s, -np.inf, where=~valid[:, None, None, :])
+    p = _softmax_(s)
+    o = np.empty((S, Hkv, G, D), np.float32)
+    for h in range(Hkv):                                        # [S, G, T] @ [S, T, D]
+        o[:, h] = np.matmul(p[:, h], v[:, :, h])
     out[...] = o.reshape(S, Hkv * G, D)
     return out
 

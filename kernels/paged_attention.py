@@ -4,9 +4,11 @@ One block per (sequence, KV head, partition): it reads its KV head's tokens once
 GQA group of query heads (up to 8 per block). Tokens are split across *token groups* of
 ``lanes`` threads; each group streams whole tokens (K and V rows read as uint64 words, four
 fp16/bf16 values each, unpacked in registers), keeps an online softmax per query head, and the
-groups are merged through shared memory at the end. With split-K (flash-decoding), each
-partition writes unnormalized partial outputs plus (max, sum) and ``make_decode_reduce_kernel``
-merges them.
+groups are merged through shared memory at the end. Page ids are staged in shared memory a
+chunk at a time (no token load waits on a page-table load), and each lane issues the next step's
+loads before the current step's math (register double buffer). With split-K (flash-decoding),
+each partition writes unnormalized partial outputs plus (max, sum) and
+``make_decode_reduce_kernel`` merges them.
 
     token groups of one block (lanes=16, 128 threads -> 8 groups, 2 tokens per group per step)
     step 0: group g takes tokens base+g and base+8+g; step 1: base += 16; ...
@@ -21,8 +23,8 @@ from numba import cuda, float32, int32, uint64
 from kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
 
 # Measured on an H100 at Llama-3.2-1B's shape: 2 tokens per group under a 128-register cap (4
-# blocks of 128 threads per SM, small spills) beat 1 token uncapped (168 registers) and 2 uncapped
-# (183) by 25 to 40%: bytes in flight per SM is what decode is short of.
+# blocks of 128 threads per SM, small spills) took 10 to 42% less time than 1 token uncapped
+# (168 registers, 3 blocks per SM): bytes in flight per SM is what decode is short of.
 TOKENS_PER_GROUP = 2
 MAX_REGISTERS = 128
 MAX_REG_ELEMS = 32    # q (and acc) floats per thread per block: heads_per_block * elems_per_lane
