@@ -44,8 +44,8 @@ def check_int_array(x, name: str, ndim: int, shape0: int | None = None) -> None:
 
 
 def check_cache(k_cache, v_cache) -> int:
-    """k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim], same dtype; the last axis
-    contiguous and every stride a multiple of 8 bytes (kernels read rows as uint64 words)."""
+    """k_cache, v_cache: [num_pages, page_size, num_kv_heads, head_dim], same dtype and strides;
+    the last axis contiguous and every stride a multiple of 8 bytes (kernels read uint64 words)."""
     kind = dtype_kind(k_cache.dtype, "k_cache")
     if np.dtype(v_cache.dtype) != np.dtype(k_cache.dtype):
         raise TypeError(f"v_cache: dtype {np.dtype(v_cache.dtype)} differs from k_cache's {np.dtype(k_cache.dtype)}")
@@ -62,6 +62,8 @@ def check_cache(k_cache, v_cache) -> int:
         if c.strides[3] != itemsize or any(st % 8 for st in c.strides[:3]):
             raise ValueError(f"{name}: last axis must be contiguous and other strides multiples of 8 bytes, "
                              f"got strides {tuple(c.strides)}")
+    if tuple(v_cache.strides) != tuple(k_cache.strides):
+        raise ValueError(f"v_cache: strides {tuple(v_cache.strides)} differ from k_cache's {tuple(k_cache.strides)}")
     return kind
 
 

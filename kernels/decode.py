@@ -47,8 +47,11 @@ def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: flo
     """Enqueue decode attention; ``out`` [num_seqs, num_q_heads, head_dim] is written, returned.
     Tuning overrides (tests and bench): ``num_partitions`` replaces split_rule, ``threads`` is the
     block size (a multiple of 32), ``lanes`` the lanes per token, ``tokens_per_group`` the tokens
-    each lane group loads per step."""
-    xp = np if isinstance(q, np.ndarray) else __import__("cupy")
+    each lane group loads per step, ``max_registers`` the ptxas cap (None: uncapped)."""
+    if isinstance(q, np.ndarray):
+        xp = np
+    else:
+        import cupy as xp
     heads = heads_per_block(dims.group)
     lanes = lanes or choose_lanes(dims.head_dim, heads, dims.cache_kind)
     span = page_tables.shape[1] * dims.page_size
@@ -62,21 +65,18 @@ def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: flo
     kernel = make_paged_decode_kernel(dims.head_dim, dims.page_size, dims.group, heads, dims.cache_kind,
                                       dims.q_kind, out_kind, parts > 1, lanes, threads, tokens_per_group,
                                       max_registers)
-    st = stream
     ctx = stream if stream is not None and xp is not np else contextlib.nullcontext()
     with ctx:  # temporaries come from the pool arena of the launch stream
         part_out, part_ml = _partials(xp, dims, parts)
     out_b = as_device(out, bits_dtype(out_kind))
     grid = (dims.num_seqs, dims.num_kv_heads * (dims.group // heads), parts)
-    (k_flat, strides), (v_flat, v_strides) = as_flat_words(k_cache), as_flat_words(v_cache)
-    if v_strides != strides:
-        raise ValueError(f"v_cache: strides {tuple(v_cache.strides)} differ from k_cache's {tuple(k_cache.strides)}")
-    launch(kernel, grid, threads, st, out_b, as_device(part_out), as_device(part_ml),
+    (k_flat, strides), (v_flat, _) = as_flat_words(k_cache), as_flat_words(v_cache)  # same strides
+    launch(kernel, grid, threads, stream, out_b, as_device(part_out), as_device(part_ml),
            as_device(q, bits_dtype(dims.q_kind)), k_flat, v_flat, as_device(page_tables),
            as_device(context_lens), float32(scale), window, part_tokens, *strides)
     if parts > 1:
         reduce = make_decode_reduce_kernel(dims.head_dim, out_kind)
-        launch(reduce, (dims.num_seqs, dims.num_q_heads), dims.head_dim, st,
+        launch(reduce, (dims.num_seqs, dims.num_q_heads), dims.head_dim, stream,
                out_b, as_device(part_out), as_device(part_ml), parts)
     return out
 

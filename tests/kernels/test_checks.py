@@ -31,6 +31,7 @@ def _decode(p, q0, **kw):
     ("q", "q[..., :8]", ValueError, "q: expected"),
     ("k_cache", "p.k[..., ::2]", ValueError, "k_cache"),
     ("k_cache", "p.k[:, :3]", ValueError, "k_cache"),
+    ("v_cache", "np.ascontiguousarray(p.v)", ValueError, "v_cache: strides"),
     ("out", "np.empty((2, 4, 8), np.float16)", ValueError, "out: shape"),
     ("q", "q.tolist()", TypeError, "q: expected a numpy or cupy array"),
 ])
