@@ -167,6 +167,30 @@ def test_prefill(benchmark, impl):
     benchmark.extra_info.update(event_ms=ms, tflops=flops / ms / 1e9, device=device_name())
 
 
+# ---- CPU path (what CPU generation runs) ---------------------------------------------------------
+@pytest.mark.benchmark(group="decode-attn-cpu")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_cpu(benchmark, dtype):
+    """NumPy decode at a Qwen2-0.5B layer (14 q heads, 2 KV heads, head_dim 64): 8 x 1024 tokens."""
+    import ml_dtypes
+    from kernels import paged_decode
+    from kernels.reference import ref_paged_decode
+    rng = np.random.default_rng(0)
+    num_seqs, ctx, hq, hkv, d = 8, 1024, 14, 2, 64
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    num_pages = num_seqs * ctx // PAGE + 1
+    kv = rng.standard_normal((num_pages, LAYERS, 2, PAGE, hkv, d)).astype(np_dtype)
+    page_tables = rng.permutation(np.arange(1, num_pages, dtype=np.int32)).reshape(num_seqs, -1)
+    lens = np.full(num_seqs, ctx, np.int32)
+    q = rng.standard_normal((num_seqs, hq, d)).astype(np_dtype)
+    args = (q, kv[:, 1, 0], kv[:, 1, 1], page_tables, lens)
+    want = ref_paged_decode(*args)
+    assert abs(paged_decode(*args).astype(np.float32) - want).max() < 2e-2
+    benchmark.pedantic(lambda: paged_decode(*args), rounds=20, warmup_rounds=2)
+    kv_bytes = 2 * num_seqs * ctx * hkv * d * np_dtype.itemsize
+    benchmark.extra_info.update(kv_bytes=kv_bytes, gb_per_s=kv_bytes / benchmark.stats.stats.median / 1e9)
+
+
 # ---- script mode: one table ---------------------------------------------------------------------
 def main() -> None:
     copy = device_copy_bandwidth()
