@@ -16,10 +16,12 @@ time on the engine's stream, so sharing temporaries between graphs is safe.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
 
+from models.cublas_graph import CapturableGemm
 from pagemem import PagedBatch, PagePool, SeqPages, slot
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
@@ -42,18 +44,27 @@ class DecodeGraphs:
         self.static: dict[tuple[int, int], tuple] = {}
         with cp.cuda.using_allocator(self.mempool.malloc):
             self.logits = cp.empty((max_num_seqs, model.config.vocab_size), dtype=cp.float32)  # [B, V]
+        self.gemm = CapturableGemm(stream)     # CuPy's own matmul cannot be captured
         self.num_captures = self.num_replays = 0
+        self.disabled: str | None = None       # why capture failed, if it did: eager from then on
 
     def can_run(self, seqs: Sequence[SeqPages], query_lens: Sequence[int]) -> bool:
-        return 0 < len(seqs) <= self.max_seqs and all(q == 1 for q in query_lens)
+        return (self.disabled is None and 0 < len(seqs) <= self.max_seqs
+                and all(q == 1 for q in query_lens))
 
     def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages]):
-        """Logits [num_seqs, V] float32 (a view into the static buffer, valid until the next run)."""
+        """Logits [num_seqs, V] float32 (a view into the static buffer, valid until the next run),
+        or None if capturing failed (the caller runs the step eagerly)."""
         n = len(seqs)
         max_pages = max(len(s.page_table) for s in seqs)
         key = (_bucket(n, self.buckets), 1 << max(3, (max_pages - 1).bit_length()))
         if key not in self.graphs:
-            self._capture(key)
+            try:
+                self._capture(key)
+            except Exception as e:  # noqa: BLE001 -- any capture failure: fall back to eager, say why
+                self.disabled = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA-graph decode disabled, running eager: {self.disabled}", RuntimeWarning)
+                return None
         host, dev, _batch, _ids, _pos = self.static[key]
         self._fill(host, key, tokens, positions, seqs)
         dev.set(host, stream=self.stream)            # one host-to-device copy of every input
@@ -117,5 +128,5 @@ class DecodeGraphs:
         self.num_captures += 1
 
     def _forward(self, batch: PagedBatch, v: dict, key) -> None:
-        logits = self.model.forward(v["token_ids"], v["positions"], batch, self.pool)   # [b, V]
+        logits = self.model.forward(v["token_ids"], v["positions"], batch, self.pool, mm=self.gemm)  # [b, V]
         self.logits[:key[0]] = logits

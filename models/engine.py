@@ -185,9 +185,10 @@ class LLM:
         seqs = [r.pages for r in step.requests]
         # Every device operation of the step (batch upload, forward, sampling) runs on one stream.
         with self.stream if self.stream is not None else contextlib.nullcontext():
+            logits = None
             if self.graphs is not None and self.graphs.can_run(seqs, step.query_lens):
-                logits = self.graphs.run(tokens, positions, seqs)                  # [num_seqs, V]
-            else:
+                logits = self.graphs.run(tokens, positions, seqs)                  # [num_seqs, V] or None
+            if logits is None:
                 batch = pack_batch(seqs, step.query_lens, self.xp)
                 logits = self.model.forward(tokens, positions, batch, self.pool)   # [num_seqs, V]
             rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]

@@ -11,7 +11,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.presets import preset_config, random_weights
 from models.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-from models.transformer import forward, fuse_projections, rope_buffer
+from models.transformer import forward, fuse_projections, matmul_t, rope_buffer
 from models.weights import load_weights
 from pagemem import PagedBatch, PagePool, PoolConfig
 from pagemem.backend import array_module, resolve_device, to_dtype
@@ -41,10 +41,10 @@ class Model:
         return self.config.eos_token_ids or tuple(self.tokenizer.eos_token_ids)
 
     def forward(self, token_ids: Array, positions: Array, batch: PagedBatch, pool: PagePool, *,
-                all_logits: bool = False) -> Array:
+                all_logits: bool = False, mm=matmul_t) -> Array:
         """Logits [num_seqs, V] float32 of each sequence's last new token ([T, V] with all_logits).
         Writes the new tokens' K/V into ``pool``; see ``models.transformer.forward``."""
-        return forward(self.config, self.weights, token_ids, positions, batch, pool, all_logits=all_logits)
+        return forward(self.config, self.weights, token_ids, positions, batch, pool, all_logits=all_logits, mm=mm)
 
     def pool_config(self, num_pages: int, page_size: int = 16, dtype: str | None = None) -> PoolConfig:
         """A PoolConfig matching this model's layers, K/V heads, head_dim, dtype and device."""

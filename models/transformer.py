@@ -55,9 +55,15 @@ def fuse_projections(config: ModelConfig, weights: dict[str, Array]) -> dict[str
 
 
 # ---- building blocks --------------------------------------------------------------------------
-def linear(x: Array, w: Array, b: Array | None = None) -> Array:
-    """x [T, in] @ w[out, in].T (+ b [out]) -> [T, out]."""
-    y = x @ w.T
+def matmul_t(x: Array, w: Array) -> Array:
+    """x [T, in] @ w[out, in].T -> [T, out]: the default product of ``linear``."""
+    return x @ w.T
+
+
+def linear(x: Array, w: Array, b: Array | None = None, mm=matmul_t) -> Array:
+    """mm(x [T, in], w [out, in]) (+ b [out]) -> [T, out]. ``mm`` is x @ w.T unless a caller
+    substitutes another implementation of the same product (the CUDA-graph decode does)."""
+    y = mm(x, w)
     return y if b is None else y + b
 
 
@@ -111,11 +117,11 @@ def norm(config: ModelConfig, w: dict, name: str, x: Array) -> Array:
 
 # ---- one layer ----------------------------------------------------------------------------------
 def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | None,
-              batch: PagedBatch, pool: PagePool) -> Array:
+              batch: PagedBatch, pool: PagePool, mm=matmul_t) -> Array:
     """Self-attention of the new tokens over their sequences' pages. x [T, H] -> [T, H]."""
     p, T, d = f"layers.{layer}.", x.shape[0], config.head_dim
     nh, nkv = config.num_heads, config.num_kv_heads
-    qkv = linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"))           # [T, (nh + 2 * nkv) * d]
+    qkv = linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"), mm)         # [T, (nh + 2 * nkv) * d]
     q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + nkv) * d], qkv[:, (nh + nkv) * d:]
     q, k, v = q.reshape(T, nh, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
     if rope is not None:
@@ -131,7 +137,7 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
         out = kernels.paged_prefill(q, k_cache, v_cache, batch.page_tables, batch.context_lens,
                                     batch.query_start_loc, scale=scale, sliding_window=window,
                                     max_query_len=batch.max_query_len or None)
-    return linear(out.reshape(T, nh * d).astype(x.dtype, copy=False), w[p + "o.weight"], w.get(p + "o.bias"))
+    return linear(out.reshape(T, nh * d).astype(x.dtype, copy=False), w[p + "o.weight"], w.get(p + "o.bias"), mm)
 
 
 def _contiguous(x: Array, dtype) -> Array:
@@ -139,21 +145,22 @@ def _contiguous(x: Array, dtype) -> Array:
     return module_of(x).ascontiguousarray(x.astype(dtype, copy=False))
 
 
-def mlp(config: ModelConfig, w: dict, layer: int, x: Array) -> Array:
+def mlp(config: ModelConfig, w: dict, layer: int, x: Array, mm=matmul_t) -> Array:
     """SwiGLU (Llama family) or GELU (GPT-2) MLP. x [T, H] -> [T, H]."""
     p, I = f"layers.{layer}.", config.intermediate_size
     if config.is_gpt2:
-        h = gelu_tanh(linear(x, w[p + "up.weight"], w[p + "up.bias"]))      # [T, I]
+        h = gelu_tanh(linear(x, w[p + "up.weight"], w[p + "up.bias"], mm))  # [T, I]
     else:
-        gate_up = linear(x, w[p + "gate_up.weight"], w.get(p + "gate_up.bias"))  # [T, 2 * I]
+        gate_up = linear(x, w[p + "gate_up.weight"], w.get(p + "gate_up.bias"), mm)  # [T, 2 * I]
         h = silu(gate_up[:, :I]) * gate_up[:, I:]                          # [T, I]
-    return linear(h, w[p + "down.weight"], w.get(p + "down.bias"))
+    return linear(h, w[p + "down.weight"], w.get(p + "down.bias"), mm)
 
 
 # ---- the whole model ------------------------------------------------------------------------------
 def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, positions: Array,
-            batch: PagedBatch, pool: PagePool, *, all_logits: bool = False) -> Array:
+            batch: PagedBatch, pool: PagePool, *, all_logits: bool = False, mm=matmul_t) -> Array:
     """Logits [num_seqs, V] float32 for each sequence's last new token, or [T, V] with all_logits.
+    ``mm(x, w)`` computes every x @ w.T (default: the array module's matmul).
 
     token_ids, positions: [T] ints, ordered as ``batch.query_start_loc`` says (sequence by
     sequence); the new tokens' K/V are written into ``pool`` at ``batch.slot_mapping``.
@@ -168,12 +175,12 @@ def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, po
     else:
         rope = rope_cos_sin(w["rope.inv_freq"], positions, x.dtype)
     for layer in range(config.num_layers):
-        x = x + attention(config, w, layer, norm(config, w, f"layers.{layer}.attn_norm", x), rope, batch, pool)
-        x = x + mlp(config, w, layer, norm(config, w, f"layers.{layer}.mlp_norm", x))
+        x = x + attention(config, w, layer, norm(config, w, f"layers.{layer}.attn_norm", x), rope, batch, pool, mm)
+        x = x + mlp(config, w, layer, norm(config, w, f"layers.{layer}.mlp_norm", x), mm)
     if not all_logits:
         x = x[batch.query_start_loc[1:] - 1]                               # [num_seqs, H]
     x = norm(config, w, "norm", x)
-    return xp.asarray(linear(x, w["lm_head.weight"]), dtype=_F32)          # [*, V]
+    return xp.asarray(linear(x, w["lm_head.weight"], None, mm), dtype=_F32)  # [*, V]
 
 
 def _check_inputs(config: ModelConfig, token_ids, positions, batch: PagedBatch, pool: PagePool):
