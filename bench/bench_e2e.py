@@ -128,7 +128,11 @@ def test_decode_step_b256(benchmark, engine, context_len):
     seqs = [SeqPages(llm.pool) for _ in range(256)]
     for s in seqs:
         s.append(context_len)
-    llm.pool.kv[1:] = cp.random.standard_normal(llm.pool.kv[1:].shape, dtype=cp.float32).astype(cp.float16) * 0.1
+    pages = [p for s in seqs for p in s.page_table]
+    for i in range(0, len(pages), 1024):                    # random K/V, never zeros; 1024 pages at a time
+        idx = cp.asarray(pages[i:i + 1024])
+        shape = (len(idx), *llm.pool.kv.shape[1:])
+        llm.pool.kv[idx] = (cp.random.standard_normal(shape, dtype=cp.float32) * 0.1).astype(cp.float16)
     batch = pack_batch(seqs, [1] * 256, cp)
     tokens = np.arange(256, dtype=np.int32)
     positions = np.full(256, context_len - 1, dtype=np.int32)

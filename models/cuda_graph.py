@@ -16,6 +16,7 @@ time on the engine's stream, so sharing temporaries between graphs is safe.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Sequence
 
@@ -46,6 +47,7 @@ class DecodeGraphs:
             self.logits = cp.empty((max_num_seqs, model.config.vocab_size), dtype=cp.float32)  # [B, V]
         self.gemm = CapturableGemm(stream)     # CuPy's own matmul cannot be captured
         self.num_captures = self.num_replays = 0
+        self.capture_s = 0.0
         self.disabled: str | None = None       # why capture failed, if it did: eager from then on
 
     def can_run(self, seqs: Sequence[SeqPages], query_lens: Sequence[int]) -> bool:
@@ -59,8 +61,10 @@ class DecodeGraphs:
         max_pages = max(len(s.page_table) for s in seqs)
         key = (_bucket(n, self.buckets), 1 << max(3, (max_pages - 1).bit_length()))
         if key not in self.graphs:
+            t0 = time.perf_counter()
             try:
                 self._capture(key)
+                self.capture_s += time.perf_counter() - t0
             except Exception as e:  # noqa: BLE001 -- any capture failure: fall back to eager, say why
                 self.disabled = f"{type(e).__name__}: {e}"
                 warnings.warn(f"CUDA-graph decode disabled, running eager: {self.disabled}", RuntimeWarning)

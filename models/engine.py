@@ -44,6 +44,8 @@ class StepRecord:
     """The pool after one step, for plots and summaries."""
 
     t: float
+    seconds: float           # wall time of the step, schedule to retire
+    num_seqs: int
     num_tokens: int
     num_used: int
     fragmentation: float     # empty slots in the running sequences' pages
@@ -196,7 +198,7 @@ class LLM:
         self.scheduler.update(step, new)
         now = time.perf_counter()
         self._measure_prefill(step, now - t0)
-        self._record(now, step.num_tokens)      # before retiring: the step's peak occupancy
+        self._record(now, now - t0, step)      # before retiring: the step's peak occupancy
         return self._retire(new, now)
 
     def _sample(self, logits, reqs: list[Request], rows: list[int], num_rows: int) -> dict[Request, int]:
@@ -236,11 +238,11 @@ class LLM:
                 "prefix_query_tokens": pc.num_query_tokens if pc else 0,
                 "prefix_hit_tokens": pc.num_hit_tokens if pc else 0}
 
-    def _record(self, now: float, num_tokens: int) -> None:
+    def _record(self, now: float, seconds: float, step) -> None:
         s = self.pool.stats([r.pages for r in self.scheduler.running])
         sw = self.swap
         self.stats.steps.append(StepRecord(
-            now - self.stats.start_t, num_tokens, s.num_used, s.fragmentation, s.num_cached, len(self.scheduler.running),
+            now - self.stats.start_t, seconds, len(step.requests), step.num_tokens, s.num_used, s.fragmentation, s.num_cached, len(self.scheduler.running),
             len(self.scheduler.waiting), len(self.scheduler.swapped),
             sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0))
 

@@ -48,7 +48,18 @@ def summarize(llm, outputs) -> dict:
         "prefix_hit_tokens": d["prefix_hit_tokens"],
         "evictions": d["evictions"],
         "cuda_graph_replays": llm.graphs.num_replays if llm.graphs is not None else 0,
+        **_step_split(st.steps),
     }
+
+
+def _step_split(steps) -> dict:
+    """Steps that only decode (one token per sequence) against steps that prefill."""
+    dec = [s for s in steps if s.num_tokens == s.num_seqs]
+    pre = [s for s in steps if s.num_tokens != s.num_seqs]
+    return {"decode_steps": len(dec), "decode_s": sum(s.seconds for s in dec),
+            "mean_decode_batch": float(np.mean([s.num_seqs for s in dec])) if dec else 0.0,
+            "prefill_steps": len(pre), "prefill_s": sum(s.seconds for s in pre),
+            "prefill_tokens": sum(s.num_tokens for s in pre)}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -67,6 +78,8 @@ def format_summary(s: dict) -> str:
         ("requests/s", f"{s['requests_per_s']:.2f}"),
         ("output tokens/s", f"{s['output_tokens_per_s']:.1f}  (total tokens/s {s['total_tokens_per_s']:.1f})"),
         ("TTFT p50 / p99", f"{s['ttft_p50_ms']:.1f} / {s['ttft_p99_ms']:.1f} ms"),
+        ("steps", f"{s['decode_steps']} decode ({s['decode_s']:.2f} s, mean batch {s['mean_decode_batch']:.0f}), "
+                  f"{s['prefill_steps']} with prefill ({s['prefill_s']:.2f} s)"),
         ("TPOT p50 / p99", f"{s['tpot_p50_ms']:.2f} / {s['tpot_p99_ms']:.2f} ms"),
         ("pool", f"{s['pool_pages']} pages x {s['page_size']} tokens ({_fmt_bytes(s['page_bytes'])} each)"),
         ("peak pages used", f"{s['peak_pages_used']} ({100 * s['peak_kv_utilization']:.0f}%)"),

@@ -1,0 +1,45 @@
+"""Where an engine run spends its time: the summary's step split plus a cProfile of the host side.
+
+    python bench/profile_engine.py [num_requests] [model]     (default: 300, random:llama-3.2-1b)
+
+Requests come from bench_e2e's seeded workload. Host functions are profiled with cProfile; GPU
+time shows up in the calls that wait for it (sampling copies the tokens to the host).
+"""
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import time
+
+from bench.bench_e2e import workload
+from models import SamplingParams
+from models.engine import LLM
+from models.summary import format_summary, summarize
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+    model = sys.argv[2] if len(sys.argv) > 2 else "random:llama-3.2-1b"
+    t0 = time.perf_counter()
+    llm = LLM(model, dtype="float16", num_pages=40_000, swap_space=4.0, max_num_seqs=256,
+              max_num_batched_tokens=8192, preemption="swap")
+    print(f"load {time.perf_counter() - t0:.1f} s")
+    warm = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 2
+    llm.generate([[1] * 40, [2] * 300], warm)
+    prompts, out_lens = workload(n)
+    params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in out_lens]
+    prof = cProfile.Profile()
+    prof.enable()
+    outs = llm.generate(prompts, params)
+    prof.disable()
+    print(format_summary(summarize(llm, outs)))
+    if llm.graphs is not None:
+        g = llm.graphs
+        print(f"graphs: {g.num_captures} captures in {g.capture_s:.2f} s, {g.num_replays} replays, "
+              f"disabled: {g.disabled}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
