@@ -59,22 +59,41 @@ class DecodeGraphs:
         or None if capturing failed (the caller runs the step eagerly)."""
         n = len(seqs)
         max_pages = max(len(s.page_table) for s in seqs)
-        key = (_bucket(n, self.buckets), 1 << max(3, (max_pages - 1).bit_length()))
-        if key not in self.graphs:
-            t0 = time.perf_counter()
-            try:
-                self._capture(key)
-                self.capture_s += time.perf_counter() - t0
-            except Exception as e:  # noqa: BLE001 -- any capture failure: fall back to eager, say why
-                self.disabled = f"{type(e).__name__}: {e}"
-                warnings.warn(f"CUDA-graph decode disabled, running eager: {self.disabled}", RuntimeWarning)
-                return None
+        key = (_bucket(n, self.buckets), self._page_bucket(max_pages))
+        if key not in self.graphs and not self._try_capture(key):
+            return None
         host, dev, _batch, _ids, _pos = self.static[key]
         self._fill(host, key, tokens, positions, seqs)
         dev.set(host, stream=self.stream)            # one host-to-device copy of every input
         self.graphs[key].launch(stream=self.stream)
         self.num_replays += 1
         return self.logits[:n]
+
+    def capture_all(self, max_context_len: int) -> None:
+        """Capture every (batch, page) bucket up to ``max_context_len`` tokens ahead of time, as
+        vLLM does at start-up, so no step of a run pays for compiling or capturing."""
+        top = self._page_bucket(-(-max_context_len // self.pool.page_size))
+        for b in self.buckets:
+            p = self._page_bucket(1)
+            while p <= top and self.disabled is None:
+                if (b, p) not in self.graphs:
+                    self._try_capture((b, p))
+                p *= 2
+
+    @staticmethod
+    def _page_bucket(max_pages: int) -> int:
+        return 1 << max(3, (max_pages - 1).bit_length())
+
+    def _try_capture(self, key: tuple[int, int]) -> bool:
+        t0 = time.perf_counter()
+        try:
+            self._capture(key)
+        except Exception as e:  # noqa: BLE001 -- any capture failure: fall back to eager, say why
+            self.disabled = f"{type(e).__name__}: {e}"
+            warnings.warn(f"CUDA-graph decode disabled, running eager: {self.disabled}", RuntimeWarning)
+            return False
+        self.capture_s += time.perf_counter() - t0
+        return True
 
     # ---- static inputs ------------------------------------------------------------------------
     def _layout(self, key: tuple[int, int]) -> list[tuple[str, int]]:

@@ -115,6 +115,13 @@ class LLM:
         self._live: dict[Request, _Live] = {}
         self._next_id = 0
 
+    def capture_graphs(self, max_context_len: int) -> None:
+        """Capture the decode CUDA graphs for contexts up to ``max_context_len`` now (start-up),
+        instead of on first use. No-op on the CPU or with cuda_graph=False."""
+        if self.graphs is not None:
+            with self.stream:
+                self.graphs.capture_all(max_context_len)
+
     def _pool_config(self, num_pages: int | None, page_size: int, utilization: float) -> PoolConfig:
         probe = self.model.pool_config(2, page_size)
         if num_pages is not None:

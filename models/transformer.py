@@ -130,14 +130,28 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
     q, k, v = (_contiguous(a, k_cache.dtype) for a in (q, k, v))
     kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     scale, window = 1.0 / math.sqrt(d), config.layer_window(layer)
-    if batch.num_tokens == batch.num_seqs:                                 # every query length is 1
-        out = kernels.paged_decode(q, k_cache, v_cache, batch.page_tables, batch.context_lens, scale=scale,
-                                   sliding_window=window)
-    else:
-        out = kernels.paged_prefill(q, k_cache, v_cache, batch.page_tables, batch.context_lens,
-                                    batch.query_start_loc, scale=scale, sliding_window=window,
-                                    max_query_len=batch.max_query_len or None)
+    out = _paged_attention(q, k_cache, v_cache, batch, scale, window)         # [T, nh, d]
     return linear(out.reshape(T, nh * d).astype(x.dtype, copy=False), w[p + "o.weight"], w.get(p + "o.bias"), mm)
+
+
+def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch, scale: float,
+                     window: int | None) -> Array:
+    """Decode rows (one new token each, packed first) through paged_decode, the rest through
+    paged_prefill: the prefill kernel pads every sequence to the longest query, so decode rows
+    must not ride along with a long prompt. q [T, nh, d] -> [T, nh, d]."""
+    nd, n = batch.num_decode_seqs, batch.num_seqs
+    pt, ctx, qsl = batch.page_tables, batch.context_lens, batch.query_start_loc
+    if nd == n:
+        return kernels.paged_decode(q, k_cache, v_cache, pt, ctx, scale=scale, sliding_window=window)
+    if nd == 0:
+        return kernels.paged_prefill(q, k_cache, v_cache, pt, ctx, qsl, scale=scale, sliding_window=window,
+                                     max_query_len=batch.max_query_len or None)
+    out = module_of(q).empty_like(q)
+    kernels.paged_decode(q[:nd], k_cache, v_cache, pt[:nd], ctx[:nd], scale=scale, out=out[:nd],
+                         sliding_window=window)
+    kernels.paged_prefill(q[nd:], k_cache, v_cache, pt[nd:], ctx[nd:], qsl[nd:] - nd, scale=scale,
+                          out=out[nd:], sliding_window=window, max_query_len=batch.max_query_len or None)
+    return out
 
 
 def _contiguous(x: Array, dtype) -> Array:

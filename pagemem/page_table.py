@@ -31,6 +31,7 @@ class PagedBatch:
     query_start_loc: Array  # [num_seqs + 1] int32: new tokens of seq i are [qsl[i], qsl[i+1])
     max_context_len: int = 0
     max_query_len: int = 0
+    num_decode_seqs: int = 0    # leading sequences with one new token (pack decode rows first)
 
     @property
     def num_seqs(self) -> int:
@@ -167,4 +168,5 @@ def pack_batch(seqs: Sequence[SeqPages], query_lens: Sequence[int], xp=np) -> Pa
         slot_mapping=dev[o + 2 * num_seqs + 1:],
         max_context_len=int(ctx.max()),
         max_query_len=int(q.max()),
+        num_decode_seqs=int(np.argmax(q != 1)) if (q != 1).any() else num_seqs,
     )

@@ -169,7 +169,9 @@ class Scheduler:
             budget = self._resume_swapped(out, lens, budget, resumed)
             if not self.swapped:     # swapped requests come back before any new one is admitted
                 self._admit_waiting(out, lens, budget)
-        return ScheduledStep(out, lens, preempted, resumed)
+        # Decode rows first: the model runs them through the decode kernel, the rest through prefill.
+        order = sorted(range(len(out)), key=lambda i: lens[i] != 1)
+        return ScheduledStep([out[i] for i in order], [lens[i] for i in order], preempted, resumed)
 
     def update(self, step: ScheduledStep, new_tokens: dict[Request, int]) -> None:
         """Record that ``step`` ran: its K/V are cached; append each sampled token.

@@ -147,3 +147,13 @@ def test_pack_batch_makes_one_host_to_device_transfer():
     batch = pack_batch(seqs, [1, 9, 1], xp)
     assert xp.calls == 1
     assert batch.page_tables.base is batch.context_lens.base is not None   # views of one buffer
+
+
+def test_pack_batch_counts_leading_decode_rows():
+    pool = make_pool(num_pages=16)
+    seqs = [SeqPages(pool) for _ in range(4)]
+    for s in seqs:
+        s.append(5)
+    assert pack_batch(seqs, [1, 1, 5, 1]).num_decode_seqs == 2
+    assert pack_batch(seqs, [1, 1, 1, 1]).num_decode_seqs == 4
+    assert pack_batch(seqs, [2, 1, 1, 1]).num_decode_seqs == 0
