@@ -92,7 +92,7 @@ def engine(checkpoint):
     from models.engine import LLM
     path, _ = checkpoint
     llm = LLM(str(path), dtype="float16", device="cuda", num_pages=40_000, swap_space=4.0,
-              max_num_seqs=256, max_num_batched_tokens=8192, preemption="swap")
+              max_num_seqs=256, max_num_batched_tokens=8192, preemption="swap", admit_batch=32)
     from models import SamplingParams
     llm.generate([[1] * 40, [2] * 300], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # compile
     llm.capture_graphs(1024 + 512)          # start-up capture of every decode shape, as vLLM does

@@ -23,7 +23,7 @@ def main() -> None:
     model = sys.argv[2] if len(sys.argv) > 2 else "random:llama-3.2-1b"
     t0 = time.perf_counter()
     llm = LLM(model, dtype="float16", num_pages=40_000, swap_space=4.0, max_num_seqs=256,
-              max_num_batched_tokens=8192, preemption="swap")
+              max_num_batched_tokens=8192, preemption="swap", admit_batch=32)
     print(f"load {time.perf_counter() - t0:.1f} s")
     warm = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 2
     llm.generate([[1] * 40, [2] * 300], warm)

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--swap-space", type=float, default=1.0, help="GiB of host memory for swapped pages")
     run.add_argument("--max-num-seqs", type=_positive(int), default=256)
     run.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048)
+    run.add_argument("--admit-batch", type=_positive(int), default=1,
+                     help="while requests run, admit new ones only when this many slots are free")
     run.add_argument("--preemption", choices=["swap", "recompute", "auto"], default="swap")
     run.add_argument("--eviction", choices=["lru", "fifo", "priority"], default="lru")
     run.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
@@ -93,7 +95,8 @@ def run(args) -> dict:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, page_size=args.page_size, num_pages=num_pages,
               gpu_memory_utilization=args.gpu_memory_utilization or 0.9, swap_space=args.swap_space,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              preemption=args.preemption, eviction=args.eviction, enable_prefix_caching=prefix, seed=args.seed)
+              preemption=args.preemption, eviction=args.eviction, enable_prefix_caching=prefix, seed=args.seed,
+              admit_batch=args.admit_batch)
     prompts, out_lens = make_workload(args, llm.model.config.vocab_size, reserved=8)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)

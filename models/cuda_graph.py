@@ -134,7 +134,8 @@ class DecodeGraphs:
             dev = cp.zeros(size, dtype=cp.int32)
         v = self._views(dev, key)
         batch = PagedBatch(v["page_tables"], v["context_lens"], v["slot_mapping"], v["query_start_loc"],
-                           max_context_len=key[1] * self.pool.page_size, max_query_len=1)
+                           max_context_len=key[1] * self.pool.page_size, max_query_len=1,
+                           num_decode_seqs=key[0])
         # Padded rows everywhere, so the warm-up writes only NULL_PAGE slots (skipped).
         host[:] = 0
         self._views(host, key)["context_lens"][:] = 1

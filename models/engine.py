@@ -88,7 +88,7 @@ class LLM:
                  page_size: int = 16, num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
                  swap_space: float = 4.0, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  preemption: str = "recompute", eviction: str = "lru", enable_prefix_caching: bool = False,
-                 seed: int = 0, watermark: float = 0.01, cuda_graph: bool = True) -> None:
+                 seed: int = 0, watermark: float = 0.01, cuda_graph: bool = True, admit_batch: int = 1) -> None:
         self.model = model if isinstance(model, Model) else load_model(model, dtype, device, seed)
         self.xp = self.model.xp
         if swap_space < 0:
@@ -109,7 +109,7 @@ class LLM:
         self.scheduler = Scheduler(self.pool, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, preemption=preemption,
                                    swap=self.swap, prefix_cache=self.prefix_cache, watermark=watermark,
-                                   stream=self.stream)
+                                   admit_batch=admit_batch, stream=self.stream)
         self.seed = seed
         self.stats = EngineStats()
         self._live: dict[Request, _Live] = {}
@@ -194,12 +194,7 @@ class LLM:
         seqs = [r.pages for r in step.requests]
         # Every device operation of the step (batch upload, forward, sampling) runs on one stream.
         with self.stream if self.stream is not None else contextlib.nullcontext():
-            logits = None
-            if self.graphs is not None and self.graphs.can_run(seqs, step.query_lens):
-                logits = self.graphs.run(tokens, positions, seqs)                  # [num_seqs, V] or None
-            if logits is None:
-                batch = pack_batch(seqs, step.query_lens, self.xp)
-                logits = self.model.forward(tokens, positions, batch, self.pool)   # [num_seqs, V]
+            logits = self._forward(tokens, positions, seqs, step.query_lens)      # [num_seqs, V]
             rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
             new = self._sample(logits, [step.requests[i] for i in rows], rows, len(step.requests))
         self.scheduler.update(step, new)
@@ -207,6 +202,21 @@ class LLM:
         self._measure_prefill(step, now - t0)
         self._record(now, now - t0, step)      # before retiring: the step's peak occupancy
         return self._retire(new, now)
+
+    def _forward(self, tokens: np.ndarray, positions: np.ndarray, seqs, lens: list[int]):
+        """Logits [num_seqs, V]. Decode rows (packed first) replay a CUDA graph when one is
+        available; the rest, or everything without graphs, run the eager forward."""
+        nd = next((i for i, q in enumerate(lens) if q != 1), len(lens))
+        head = None
+        if nd and self.graphs is not None and self.graphs.can_run(seqs[:nd], lens[:nd]):
+            head = self.graphs.run(tokens[:nd], positions[:nd], seqs[:nd])         # [nd, V] or None
+        if head is None:
+            nd = 0
+        if nd == len(lens):
+            return head
+        batch = pack_batch(seqs[nd:], lens[nd:], self.xp)
+        tail = self.model.forward(tokens[sum(lens[:nd]):], positions[sum(lens[:nd]):], batch, self.pool)
+        return tail if nd == 0 else self.xp.concatenate([head, tail])
 
     def _sample(self, logits, reqs: list[Request], rows: list[int], num_rows: int) -> dict[Request, int]:
         if not reqs:

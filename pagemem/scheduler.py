@@ -92,7 +92,7 @@ class Scheduler:
     def __init__(self, pool: PagePool, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  preemption: str = "recompute", swap: HostSwap | None = None,
                  prefix_cache: PrefixCache | None = None,
-                 watermark: float = 0.01, stream=None) -> None:
+                 watermark: float = 0.01, admit_batch: int = 1, stream=None) -> None:
         if preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
         if preemption != "recompute" and swap is None:
@@ -104,6 +104,9 @@ class Scheduler:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+        if isinstance(admit_batch, bool) or not isinstance(admit_batch, int) or admit_batch < 1:
+            raise ValueError(f"admit_batch must be an int >= 1, got {admit_batch!r}")
+        self.admit_batch = admit_batch
         self.pool, self.swap, self.prefix_cache = pool, swap, prefix_cache
         self.preemptor = Preemptor(swap, prefix_cache, pool=pool)
         self.preemption, self.stream = preemption, stream
@@ -244,6 +247,12 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, out: list[Request], lens: list[int], budget: int) -> None:
+        """Admit waiting requests in order. With ``admit_batch`` > 1, while others run, wait until
+        that many sequence slots are free: prefills then come in batches and most steps stay
+        pure decode (which a CUDA graph can replay), at some cost in time to first token."""
+        slots = self.max_num_seqs - len(self.running)
+        if self.running and slots < min(self.admit_batch, len(self.waiting)):
+            return
         self.waiting.sort(key=Request._order)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]

@@ -42,7 +42,7 @@ def test_greedy_tokens_identical(setup, kw):
     llm = LLM(model, max_num_batched_tokens=256, **kw)
     outs = [o.token_ids for o in llm.generate(prompts, GREEDY)]
     assert outs == reference
-    assert llm.graphs.num_replays > 0
+    assert llm.graphs.num_replays > 0 and llm.graphs.disabled is None
     llm.pool.check_integrity()
     if kw.get("preemption") == "swap":
         assert llm.swap.num_pages_out > 0

@@ -268,3 +268,23 @@ def test_bad_scheduler_arguments_are_named():
         Scheduler(pool, max_num_batched_tokens=0)
     with pytest.raises(TypeError, match="priority"):
         Scheduler(pool).add(0, [1], 1, priority=None)
+
+
+def test_admit_batch_admits_in_batches_and_completes():
+    prompts = prompts_for(5, n=10)
+    pool = PagePool(PoolConfig(64, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    sched = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64, watermark=0.0, admit_batch=3)
+    reqs = [sched.add(i, p, 5 + i) for i, p in enumerate(prompts)]
+    admitted_per_step = []
+    while sched.has_unfinished():
+        before = {r for r in reqs if r.status is Status.WAITING}
+        st = sched.schedule()
+        admitted_per_step.append(len(before & set(st.requests)))
+        sched.update(st, toy_forward(pool, st))
+        for r in list(sched.running):
+            if r.num_output_tokens >= r.max_tokens:
+                sched.finish(r)
+    assert [r.token_ids[r.num_prompt_tokens:] for r in reqs] == \
+        [e[:5 + i] for i, e in enumerate(expected(prompts, 14))]
+    later = [n for n in admitted_per_step[1:] if n]   # admissions while others run
+    assert later and all(n >= 3 for n in later[:-1])   # in threes; the last may be the remainder
