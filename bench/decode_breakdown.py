@@ -57,7 +57,7 @@ def main() -> None:
                 gemm(h, m)
         rows["layer GEMMs (qkv, o, gate_up, down) x16"] = cuda_event_time_ms(all_gemms, stream=stream)
         rows["LM head GEMM"] = cuda_event_time_ms(lambda: gemm(x, w["lm_head.weight"]), stream=stream)
-    weight_bytes = sum(int(a.nbytes) for n, a in w.items() if n != "rope.inv_freq")
+    weight_bytes = sum({int(a.data.ptr): int(a.nbytes) for a in w.values()}.values())   # tied head once
     kv_bytes = 256 * ctx * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
     floor = (weight_bytes + kv_bytes) / device_copy_bandwidth() * 1e3
     print(f"batch 256, context {ctx}: weights {weight_bytes / 1e9:.2f} GB, K/V {kv_bytes / 1e9:.2f} GB, "
