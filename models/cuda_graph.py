@@ -16,6 +16,7 @@ time on the engine's stream, so sharing temporaries between graphs is safe.
 """
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from typing import Sequence
@@ -113,9 +114,12 @@ class DecodeGraphs:
         """Write this step's inputs into the pinned host buffer; padded rows read NULL_PAGE."""
         n, ps = len(seqs), self.pool.page_size
         v = self._views(host, key)
-        v["page_tables"][:] = 0
-        for i, s in enumerate(seqs):
-            v["page_tables"][i, :len(s.page_table)] = s.page_table
+        num_pages = np.fromiter((len(s.page_table) for s in seqs), dtype=np.int64, count=n)
+        flat = np.fromiter(itertools.chain.from_iterable(s.page_table for s in seqs), dtype=np.int32,
+                           count=int(num_pages.sum()))
+        pt = v["page_tables"]                                        # [b, P], NULL_PAGE padded
+        pt[:] = 0
+        pt[:n][np.arange(pt.shape[1]) < num_pages[:, None]] = flat
         ctx = np.fromiter((s.num_tokens for s in seqs), dtype=np.int32, count=n)
         v["context_lens"][:n], v["context_lens"][n:] = ctx, 1
         v["query_start_loc"][:] = np.arange(key[0] + 1, dtype=np.int32)

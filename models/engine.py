@@ -275,6 +275,10 @@ class LLM:
 
 def _inputs(reqs: list[Request], lens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """This step's token ids and positions, [T] int32 each, sequence by sequence."""
+    if len(lens) == sum(lens):                                  # decode only: one token each
+        positions = np.fromiter((r.num_computed for r in reqs), dtype=np.int32, count=len(reqs))
+        tokens = np.fromiter((r.token_ids[r.num_computed] for r in reqs), dtype=np.int32, count=len(reqs))
+        return tokens, positions
     tokens = np.fromiter((t for r, n in zip(reqs, lens) for t in r.token_ids[r.num_computed:r.num_computed + n]),
                          dtype=np.int32, count=sum(lens))
     positions = np.concatenate([np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)

@@ -73,6 +73,9 @@ class SeqPages:
 
     def num_pages_needed(self, num_new_tokens: int) -> int:
         """Pages append(num_new_tokens) would allocate, a copy-on-write page included."""
+        if type(num_new_tokens) is int and num_new_tokens == 1 and self.num_tokens % self.pool.page_size:
+            # decode into a partial last page, the common case: a page only if it is shared
+            return int(self.pool._refcount[self.page_table[-1]] > 1)
         if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer)):
             raise TypeError(f"num_new_tokens must be an int, got {type(num_new_tokens).__name__}")
         if num_new_tokens < 0:
@@ -90,6 +93,12 @@ class SeqPages:
         If the last page is partial and shared (after fork), it is first copied to a
         fresh page on ``stream`` (copy-on-write) so neither sequence sees the other's tokens.
         """
+        start = self.num_tokens
+        self.grow(num_new_tokens, stream)
+        return self.slots(start, self.num_tokens)
+
+    def grow(self, num_new_tokens: int, stream=None) -> None:
+        """append() without computing the slots (a scheduler packs them later with pack_batch)."""
         need = self.num_pages_needed(num_new_tokens)
         cow = self._needs_cow(num_new_tokens)
         new_pages = self.pool.allocate(need) if need else []  # raises OutOfPages, nothing changed
@@ -99,9 +108,7 @@ class SeqPages:
             self.pool.free([old])
             self.page_table[-1] = copy
         self.page_table += new_pages
-        start = self.num_tokens
         self.num_tokens += num_new_tokens
-        return self.slots(start, self.num_tokens)
 
     def slots(self, start: int, stop: int) -> np.ndarray:
         """Slots of tokens [start, stop): [stop - start] int32."""

@@ -152,18 +152,18 @@ class Scheduler:
         lens: list[int] = []
         preempted: list[tuple[Request, str]] = []
         self.running.sort(key=Request._order)
-        queue = list(self.running)
+        queue = self.running[::-1]                                # most important last: pop() is O(1)
         while queue and budget > 0:
-            req = queue.pop(0)
+            req = queue.pop()
             n = min(req.num_tokens - req.num_computed, budget)
             while not req.pages.can_append(n):
-                victim = queue.pop() if queue else req          # least important, latest arrived
+                victim = queue.pop(0) if queue else req         # least important, latest arrived
                 preempted.append((victim, self._preempt(victim)))
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
                 continue
-            req.pages.append(n, self.stream)
+            req.pages.grow(n, self.stream)
             out.append(req)
             lens.append(n)
             budget -= n
@@ -277,7 +277,7 @@ class Scheduler:
         return -(-(num_tokens + n) // ps) - -(-num_tokens // ps)
 
     def _start(self, req: Request, n: int, out: list[Request], lens: list[int]) -> None:
-        req.pages.append(n, self.stream)       # may raise OutOfPages: then nothing changed
+        req.pages.grow(n, self.stream)         # may raise OutOfPages: then nothing changed
         req.status = Status.RUNNING
         self.running.append(req)
         out.append(req)
