@@ -121,7 +121,7 @@ class PagePool:
         given: free a sequence's pages in reverse so its tail is reused or evicted first."""
         rc = self._refcount
         self._check_ids(page_ids, "page_ids")
-        if isinstance(priority, bool) or not isinstance(priority, (int, np.integer)):
+        if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, np.integer)):
             raise TypeError(f"priority must be an int, got {type(priority).__name__}")
         if len(page_ids) == 1:
             if rc[page_ids[0]] < 1:
