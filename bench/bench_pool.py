@@ -25,7 +25,7 @@ def test_allocate_free(benchmark, num_pages, n):
     def allocate_free():
         pool.free(pool.allocate(n))
 
-    benchmark.pedantic(allocate_free, rounds=2000, iterations=10, warmup_rounds=100)
+    benchmark.pedantic(allocate_free, rounds=2000, iterations=10, warmup_rounds=1000)
     benchmark.extra_info.update(num_pages=num_pages, pages_per_call=n)
     pool.free(held)
     pool.check_integrity()
