@@ -1,6 +1,7 @@
 """Where an engine run spends its time: the summary's step split plus a cProfile of the host side.
 
-    python bench/profile_engine.py [num_requests] [model]     (default: 300, random:llama-3.2-1b)
+    python bench/profile_engine.py [num_requests] [model] [max_num_batched_tokens] [admit_batch] [profile]
+    (defaults: 300, random:llama-3.2-1b, 8192, 32, 1)
 
 Requests come from bench_e2e's seeded workload. Host functions are profiled with cProfile; GPU
 time shows up in the calls that wait for it (sampling copies the tokens to the host).
@@ -21,9 +22,12 @@ from models.summary import format_summary, summarize
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     model = sys.argv[2] if len(sys.argv) > 2 else "random:llama-3.2-1b"
+    budget = int(sys.argv[3]) if len(sys.argv) > 3 else 8192
+    admit = int(sys.argv[4]) if len(sys.argv) > 4 else 32
+    profile = (sys.argv[5] if len(sys.argv) > 5 else "1") == "1"
     t0 = time.perf_counter()
     llm = LLM(model, dtype="float16", num_pages=40_000, swap_space=4.0, max_num_seqs=256,
-              max_num_batched_tokens=8192, preemption="swap", admit_batch=32)
+              max_num_batched_tokens=budget, preemption="swap", admit_batch=admit)
     print(f"load {time.perf_counter() - t0:.1f} s")
     warm = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 2
     llm.generate([[1] * 40, [2] * 300], warm)
@@ -33,7 +37,8 @@ def main() -> None:
     prompts, out_lens = workload(n)
     params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in out_lens]
     prof = cProfile.Profile()
-    prof.enable()
+    if profile:
+        prof.enable()
     outs = llm.generate(prompts, params)
     prof.disable()
     print(format_summary(summarize(llm, outs)))
@@ -41,7 +46,8 @@ def main() -> None:
         g = llm.graphs
         print(f"graphs: {g.num_captures} captures in {g.capture_s:.2f} s, {g.num_replays} replays, "
               f"disabled: {g.disabled}")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if profile:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
