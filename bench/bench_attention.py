@@ -7,6 +7,7 @@ Every working set is larger than the 50 MB L2, so repeated calls measure HBM, no
 
     pytest bench/bench_attention.py            # pytest-benchmark groups (wall clock, synced)
     python bench/bench_attention.py            # one table: CUDA-event medians, every variant
+    python bench/bench_attention.py --tune     # decode launch settings, old vs new, head_dim 64 and 128
 """
 from __future__ import annotations
 
@@ -35,13 +36,17 @@ class Case(NamedTuple):
     kv_bytes: int        # K and V bytes the attention must read
 
 
-def make_case(num_seqs: int, context_len: int, num_new: int = 1, seed: int = 0) -> Case:
+def make_case(num_seqs: int, context_len: int, num_new: int = 1, seed: int = 0, head_dim: int = D,
+              layers: int = LAYERS) -> Case:
     """Paged K/V for num_seqs sequences of context_len tokens, num_new of them new queries."""
+    D = head_dim  # noqa: N806
     import cupy as cp
     rng = cp.random.default_rng(seed)
     pages_per_seq = -(-context_len // PAGE)
     num_pages = num_seqs * pages_per_seq + 1
-    kv = rng.standard_normal((num_pages, LAYERS, 2, PAGE, HKV, D), dtype=cp.float32).astype(cp.float16)
+    kv = cp.empty((num_pages, layers, 2, PAGE, HKV, D), dtype=cp.float16)
+    for i in range(layers):   # one layer at a time: no float32 copy of the whole pool
+        kv[:, i] = rng.standard_normal((num_pages, 2, PAGE, HKV, D), dtype=cp.float32).astype(cp.float16)
     kv[0] = cp.nan                                                        # NULL_PAGE poisoned
     perm = np.random.default_rng(seed).permutation(np.arange(1, num_pages, dtype=np.int32))
     page_tables = cp.asarray(perm.reshape(num_seqs, pages_per_seq))
@@ -87,7 +92,7 @@ def decode_variants(case: Case, sweep: bool = False):
     tuned = lambda **kw: (lambda: paged_decode_cuda(*args, D ** -0.5, out, None, 0, dims, **kw))  # noqa: E731
     variants = {"v2": lambda: paged_decode(*args, out=out), "v1 naive": lambda: paged_decode_v1(*args, D ** -0.5, out),
                 "v2 1 tok uncapped": tuned(tokens_per_group=1, max_registers=None),
-                "v2 2 tok uncapped": tuned(max_registers=None),
+                "v2 2 tok capped": tuned(tokens_per_group=2),
                 "v2 32 lanes": tuned(lanes=32),
                 "v2 256 threads": tuned(threads=256), "v2 no split": tuned(num_partitions=1),
                 "v2 split x4": tuned(num_partitions=4)}
@@ -191,8 +196,77 @@ def test_decode_cpu(benchmark, dtype):
     benchmark.extra_info.update(kv_bytes=kv_bytes, gb_per_s=kv_bytes / benchmark.stats.stats.median / 1e9)
 
 
+# ---- decode tuning: old vs new launch settings, per head_dim --------------------------------------
+OLD_DECODE = dict(heads_major=False, lanes=None, tokens_per_group=2, threads=128, max_registers=128)
+# (head_dim, num_seqs, context_len, layers in the pool); 16 layers = the engine's page stride
+TUNE_SHAPES = [(64, 256, 512, 2), (64, 256, 512, 16), (64, 64, 2048, 2), (64, 8, 8192, 2), (128, 64, 2048, 2),
+               (128, 256, 512, 2), (128, 8, 8192, 2), (128, 1, 32768, 2)]
+
+
+def tune_variants(head_dim: int) -> dict:
+    """name -> paged_decode_cuda overrides; "old" is the launch of commit 0cf7d17 (batch-major grid)."""
+    hm = dict(heads_major=True)
+    v = {"old": OLD_DECODE, "default": {}, "old + heads_major": {**OLD_DECODE, **hm}}
+    if head_dim != 64:
+        v["hm l32 u1"] = dict(lanes=32, tokens_per_group=1)
+    for regs, threads in [(96, 128), (80, 128), (None, 128), (128, 256)]:
+        v[f"u1 t{threads} r{regs or '-'}"] = dict(tokens_per_group=1, threads=threads, max_registers=regs)
+    v["u1 batch-major"] = dict(heads_major=False, tokens_per_group=1)
+    return v
+
+
+def kernel_regs(function) -> str:
+    """"r<registers per thread>/<local bytes per thread>B" of a loaded CuPy function (blank if the
+    driver query is unavailable)."""
+    try:
+        from cupy.cuda import driver
+        regs = driver.funcGetAttribute(4, function.ptr)    # CU_FUNC_ATTRIBUTE_NUM_REGS
+        local = driver.funcGetAttribute(3, function.ptr)   # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+        return f"r{regs:3d}/{local:3d}B"
+    except Exception:  # noqa: BLE001 -- a label only; never fail the timing over it
+        return " " * 10
+
+
+def tune_decode(shapes=TUNE_SHAPES) -> None:
+    """Every variant of tune_variants on each (head_dim, num_seqs, context_len), in one process:
+    CUDA-event median of 10 back-to-back calls (and of 1 call alone, host launch cost included, as
+    bench/decode_breakdown.py times it); outputs checked against "old"; registers per thread and
+    local (spill) bytes of each kernel as compiled."""
+    import kernels._arrays as arr
+    import cupy as cp
+    from kernels._checks import check_attention
+    from kernels.decode import paged_decode_cuda
+    copy = device_copy_bandwidth()
+    print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s; Llama-3.2-1B heads (32 q, 8 kv), fp16, page 16")
+    for head_dim, num_seqs, ctx, layers in shapes:
+        case = make_case(num_seqs, ctx, head_dim=head_dim, layers=layers)
+        out = cp.empty_like(case.q)
+        args = (case.q, case.k, case.v, case.page_tables, case.context_lens)
+        dims = check_attention(*args, out, num_seqs)
+        kv_bytes = 2 * num_seqs * ctx * HKV * head_dim * 2
+        want, base = None, None
+        variants = list(tune_variants(head_dim).items())
+        for name, kw in variants if num_seqs >= 64 else variants[:3]:   # split-K shapes: grid order only
+            run = lambda kw=kw: paged_decode_cuda(*args, head_dim ** -0.5, out, None, 0, dims, **kw)  # noqa: E731
+            seen = len(arr._compiled)
+            got = run().copy()
+            new = [r for r in list(arr._compiled.values())[seen:] if hasattr(r, "function")]
+            regs = kernel_regs(new[0].function) if new else " " * 10
+            if want is None:
+                want = got
+            check_close(name, got, want)
+            ms = cuda_event_time_ms(lambda: [run() for _ in range(10)], iters=15) / 10
+            one = cuda_event_time_ms(run, iters=15)
+            base = base or ms
+            print(f"d{head_dim} {num_seqs}x{ctx:<5} L{layers:<2} {name:>24} {regs} {ms * 1e3:7.1f} us "
+                  f"{kv_bytes / ms / 1e9:5.2f} TB/s {base / ms:5.2f}x of old | 1 call alone {one * 1e3:6.1f} us", flush=True)
+        del case, out, want
+
+
 # ---- script mode: one table ---------------------------------------------------------------------
 def main() -> None:
+    if "--tune" in sys.argv:
+        return tune_decode()
     copy = device_copy_bandwidth()
     print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s (read + write)")
     print("# us: CUDA-event median of 1 call (host launch cost included) / of 10 back-to-back calls")
@@ -229,7 +303,7 @@ def _row(shape, name, run, nbytes, copy, base_ms):
 
 def print_host_costs(case: Case) -> None:
     """Host cost of one paged_decode (split-K: two launches), relaunching through CuPy or Numba."""
-    import kernels._device as dev
+    import kernels._arrays as dev
     for raw in (True, False):
         dev.RAW_LAUNCH, saved = raw, dev.RAW_LAUNCH
         dev._compiled.clear()

@@ -8,9 +8,11 @@ groups are merged through shared memory at the end. Page ids are staged in share
 chunk at a time (no token load waits on a page-table load), and each lane issues the next step's
 loads before the current step's math (register double buffer). With split-K (flash-decoding),
 each partition writes unnormalized partial outputs plus (max, sum) and
-``make_decode_reduce_kernel`` merges them.
+``make_decode_reduce_kernel`` merges them. The launcher orders the grid KV heads first
+(``heads_major``): a page interleaves every KV head's rows (token stride = num_kv_heads rows), so
+the blocks of one sequence's heads run side by side and together read each page's K/V span whole.
 
-    token groups of one block (lanes=16, 128 threads -> 8 groups, 2 tokens per group per step)
+    token groups of one block (lanes=16, 128 threads -> 8 groups; with tokens_per_group=2)
     step 0: group g takes tokens base+g and base+8+g; step 1: base += 16; ...
 """
 from __future__ import annotations
@@ -22,10 +24,11 @@ from numba import cuda, float32, int32, uint64
 
 from kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
 
-# Measured on an H100 at Llama-3.2-1B's shape: 2 tokens per group under a 128-register cap (4
-# blocks of 128 threads per SM, small spills) took 10 to 42% less time than 1 token uncapped
-# (168 registers, 3 blocks per SM): bytes in flight per SM is what decode is short of.
-TOKENS_PER_GROUP = 2
+# Measured on an H100 at Llama-3.2-1B's heads (bench/bench_attention.py --tune, 2026-11-26): under
+# the 128-register cap (4 blocks of 128 threads per SM), 1 token per group took 6 to 9% less time
+# than 2 at 256x512 and 64x2048, head_dim 64 and 128 alike (KV-head-major grid). Earlier, 2 capped
+# had beaten 1 *uncapped* (168 registers, 3 blocks per SM) by 10 to 42%: keep the cap.
+TOKENS_PER_GROUP = 1
 MAX_REGISTERS = 128
 MAX_REG_ELEMS = 32    # q (and acc) floats per thread per block: heads_per_block * elems_per_lane
 PAGES_CHUNK = 256     # page ids a block stages in shared memory at a time
@@ -50,10 +53,13 @@ def heads_per_block(group: int) -> int:
 @functools.cache
 def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: int, cache_kind: int,
                              q_kind: int, out_kind: int, split: bool, lanes: int, threads: int,
-                             tokens_per_group: int = TOKENS_PER_GROUP, max_registers: int | None = MAX_REGISTERS):
+                             tokens_per_group: int = TOKENS_PER_GROUP, max_registers: int | None = MAX_REGISTERS,
+                             heads_major: bool = False):
     """Decode attention over pages, float32 accumulation.
 
-    Launch: grid=(num_seqs, num_kv_heads * group // heads, num_partitions), block=threads.
+    Launch: grid=(num_seqs, num_kv_heads * group // heads, num_partitions), block=threads; with
+    ``heads_major`` grid=(num_kv_heads * group // heads, num_seqs, num_partitions), so the blocks of
+    one sequence's KV heads are resident together and read each page's interleaved heads at once.
     Thread t is lane t % lanes of token group t // lanes; lane j owns words j, j+lanes, ... of a
     token row and the matching q/output elements for the block's ``heads`` query heads.
     Preconditions: page_size a power of two; context_lens >= 1; valid page ids for the tokens
@@ -135,9 +141,14 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
         # part_out: [num_seqs, num_q_heads, num_parts, D] f32; part_ml: [.., num_parts, 2] f32
         # k_flat, v_flat: the caches [num_pages, P, num_kv_heads, W] as flat uint64 words, with
         # word strides page_words (page), token_words (token) and head_words (kv head)
-        s = cuda.blockIdx.x
-        kvh = cuda.blockIdx.y // CHUNKS
-        h0 = kvh * G + (cuda.blockIdx.y % CHUNKS) * GC
+        if heads_major:
+            s = cuda.blockIdx.y
+            hb = cuda.blockIdx.x
+        else:
+            s = cuda.blockIdx.x
+            hb = cuda.blockIdx.y
+        kvh = hb // CHUNKS
+        h0 = kvh * G + (hb % CHUNKS) * GC
         part = cuda.blockIdx.z
         tid = cuda.threadIdx.x
         g = tid // LPT

@@ -25,11 +25,13 @@ def _decode(p, q, scale=0.5, window=0, **tuning):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("num_partitions", [1, 3])
-def test_decode_v2(rng, dtype, num_partitions):
-    """v2 (uint64 loads, lane-group sums, online softmax) equals the reference, split-K or not."""
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_decode_v2(rng, dtype, num_partitions, heads_major):
+    """v2 (uint64 loads, lane-group sums, online softmax) equals the reference, split-K or not,
+    with either grid order (sequence-major or KV-head-major)."""
     p = make_paged(rng, LENS, dtype=dtype)
     q = queries(rng, len(LENS), 8, 16, dtype)
-    out = _decode(p, q, num_partitions=num_partitions)
+    out = _decode(p, q, num_partitions=num_partitions, heads_major=heads_major)
     assert_close(out, ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5), dtype)
 
 

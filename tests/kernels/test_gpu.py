@@ -59,6 +59,27 @@ def test_decode_split_k(rng, num_partitions):
     assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.1), np.float16)
 
 
+TUNINGS = [dict(heads_major=False), dict(heads_major=True), dict(tokens_per_group=2),
+           dict(max_registers=96), dict(max_registers=80), dict(max_registers=None), dict(threads=256),
+           dict(lanes=32), dict(lanes=16, tokens_per_group=4, threads=64)]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
+@pytest.mark.parametrize("head_dim,page_size,num_partitions", [(64, 16, None), (64, 8, 3), (128, 32, 1), (96, 16, 2)])
+def test_decode_tunings(rng, tuning, head_dim, page_size, num_partitions):
+    """Launch settings the bench sweeps (grid order, lanes, tokens per group, threads, register
+    cap) give the reference result, split or not, with NULL_PAGE-padded page tables."""
+    from kernels._checks import check_attention
+    from kernels.decode import paged_decode_cuda
+    p = make_paged(rng, [1, 15, 17, 300, 700], num_kv_heads=2, head_dim=head_dim, page_size=page_size, pad_pages=5)
+    q = queries(rng, 5, 8, head_dim, np.float16)
+    args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
+    out = args[0].copy()
+    dims = check_attention(*args, out, 5)
+    paged_decode_cuda(*args, 0.1, out, None, 0, dims, num_partitions=num_partitions, **tuning)
+    assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.1), np.float16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 100])
 def test_prefill(rng, dtype, window):
