@@ -78,9 +78,9 @@ def format_summary(s: dict) -> str:
         ("requests/s", f"{s['requests_per_s']:.2f}"),
         ("output tokens/s", f"{s['output_tokens_per_s']:.1f}  (total tokens/s {s['total_tokens_per_s']:.1f})"),
         ("TTFT p50 / p99", f"{s['ttft_p50_ms']:.1f} / {s['ttft_p99_ms']:.1f} ms"),
+        ("TPOT p50 / p99", f"{s['tpot_p50_ms']:.2f} / {s['tpot_p99_ms']:.2f} ms"),
         ("steps", f"{s['decode_steps']} decode ({s['decode_s']:.2f} s, mean batch {s['mean_decode_batch']:.0f}), "
                   f"{s['prefill_steps']} with prefill ({s['prefill_s']:.2f} s)"),
-        ("TPOT p50 / p99", f"{s['tpot_p50_ms']:.2f} / {s['tpot_p99_ms']:.2f} ms"),
         ("pool", f"{s['pool_pages']} pages x {s['page_size']} tokens ({_fmt_bytes(s['page_bytes'])} each)"),
         ("peak pages used", f"{s['peak_pages_used']} ({100 * s['peak_kv_utilization']:.0f}%)"),
         ("KV utilization", f"{100 * s['mean_kv_utilization']:.1f}% mean, "
