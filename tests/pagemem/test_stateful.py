@@ -1,5 +1,6 @@
 """A hypothesis state machine drives the pool and page tables through thousands of steps and
-checks them against a plain model of who owns which page and which token each sequence holds."""
+checks them against a plain model of who owns which page, which token each sequence holds, and
+what each prefix-cached page contains, under each eviction policy."""
 from __future__ import annotations
 
 from collections import Counter
@@ -17,9 +18,12 @@ PAGE_SIZE = 4
 class PoolMachine(RuleBasedStateMachine):
     seqs = Bundle("seqs")
 
+    eviction = "lru"
+
     def __init__(self) -> None:
         super().__init__()
-        self.pool = PagePool(PoolConfig(9, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+        self.pool = PagePool(PoolConfig(9, PAGE_SIZE, 1, 1, 1, "float32", "cpu"), self.eviction)
+        self.cached: dict[tuple, list[float]] = {}  # model: cache key -> the page's token values
         self.tokens: dict[int, list[float]] = {}   # model: id(seq) -> marker value of each token
         self.next_value = 1.0
         self.raw: list[int] = []                   # pages held by allocate() directly
@@ -69,21 +73,44 @@ class PoolMachine(RuleBasedStateMachine):
         self.live[id(child)] = child
         return child
 
-    @rule(seq=consumes(seqs))
-    def free_seq(self, seq):
-        seq.free()
+    @rule(seq=consumes(seqs), priority=st.integers(0, 2))
+    def free_seq(self, seq, priority):
+        seq.free(priority)
         del self.tokens[id(seq)], self.live[id(seq)]
+
+    @rule(seq=seqs, data=st.data())
+    def cache_full_page(self, seq, data):
+        full = seq.num_tokens // PAGE_SIZE
+        if not full:
+            return
+        page = seq.page_table[data.draw(st.integers(0, full - 1))]
+        key = ("page", len(self.cached), page)
+        if self.pool.cache_page(page, key):
+            self.cached[key] = self._page_values(page)
+
+    @rule(data=st.data())
+    def revive_cached(self, data):
+        evictable = sorted(k for k in self.cached if (p := self.pool.lookup(k)) is not None
+                           and self.pool._refcount[p] == 0)
+        if evictable:
+            page = self.pool.lookup(data.draw(st.sampled_from(evictable)))
+            self.pool.touch([page])
+            self.raw.append(page)
+
+    def _page_values(self, page: int) -> list[float]:
+        k, _ = self.pool.layer_kv(0)
+        return k[page, :, 0, 0].tolist()
 
     @rule(n=st.integers(1, 4))
     def allocate_raw(self, n):
         if self.pool.can_allocate(n):
             self.raw += self.pool.allocate(n)
 
-    @rule(data=st.data())
-    def free_raw(self, data):
+    @rule(data=st.data(), priority=st.integers(0, 2))
+    def free_raw(self, data, priority):
         if self.raw:
             i = data.draw(st.integers(0, len(self.raw) - 1))
-            self.pool.free([self.raw.pop(i)])
+            self.pool.free([self.raw.pop(i)], priority)
 
     @rule(seq=seqs)
     def share_and_release(self, seq):
@@ -118,6 +145,15 @@ class PoolMachine(RuleBasedStateMachine):
             assert self.pool._refcount[p] == owners[p], f"page {p}: refcount {self.pool._refcount[p]}, owners {owners[p]}"
 
     @invariant()
+    def cached_pages_keep_their_contents(self):
+        for key, values in list(self.cached.items()):
+            page = self.pool.lookup(key)
+            if page is None:                      # evicted: its contents may be reused now
+                del self.cached[key]
+            else:
+                assert self._page_values(page) == values, f"cached page {page} changed"
+
+    @invariant()
     def tokens_are_private(self):
         for s in self._live():
             assert self._read(s) == self.tokens[id(s)]
@@ -130,5 +166,16 @@ class PoolMachine(RuleBasedStateMachine):
         assert self.pool.num_free_pages == self.pool.num_pages - 1, "pages leaked"
 
 
-PoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+class FIFOPoolMachine(PoolMachine):
+    eviction = "fifo"
+
+
+class PriorityPoolMachine(PoolMachine):
+    eviction = "priority"
+
+
+_SETTINGS = settings(max_examples=100, stateful_step_count=60, deadline=None)
+PoolMachine.TestCase.settings = FIFOPoolMachine.TestCase.settings = PriorityPoolMachine.TestCase.settings = _SETTINGS
 TestPoolMachine = PoolMachine.TestCase
+TestFIFOPoolMachine = FIFOPoolMachine.TestCase
+TestPriorityPoolMachine = PriorityPoolMachine.TestCase
