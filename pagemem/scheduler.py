@@ -144,7 +144,8 @@ class Scheduler:
 
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
-        """Choose this step's requests and token counts; allocate their pages (SeqPages.append)."""
+        """Choose this step's requests and token counts; allocate their pages (SeqPages.grow).
+        Requests come back decode rows first (query length 1), then prefill rows."""
         if self.swap is not None:
             self.swap.reclaim()          # pages of finished swap-outs return to the pool
         budget = self.max_num_batched_tokens
