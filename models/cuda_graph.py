@@ -16,7 +16,6 @@ time on the engine's stream, so sharing temporaries between graphs is safe.
 """
 from __future__ import annotations
 
-import itertools
 import time
 import warnings
 from typing import Sequence
@@ -25,6 +24,7 @@ import numpy as np
 
 from models.cublas_graph import CapturableGemm
 from pagemem import PagedBatch, PagePool, SeqPages, slot
+from pagemem.page_table import fill_page_tables
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -43,7 +43,7 @@ class DecodeGraphs:
         self.max_seqs = max_num_seqs
         self.mempool = cp.cuda.MemoryPool()
         self.graphs: dict[tuple[int, int], object] = {}
-        self.static: dict[tuple[int, int], tuple] = {}
+        self.static: dict[tuple[int, int], tuple] = {}   # key -> (pinned host inputs, device inputs)
         with cp.cuda.using_allocator(self.mempool.malloc):
             self.logits = cp.empty((max_num_seqs, model.config.vocab_size), dtype=cp.float32)  # [B, V]
         self.gemm = CapturableGemm(stream)     # CuPy's own matmul cannot be captured
@@ -63,7 +63,7 @@ class DecodeGraphs:
         key = (_bucket(n, self.buckets), self._page_bucket(max_pages))
         if key not in self.graphs and not self._try_capture(key):
             return None
-        host, dev, _batch, _ids, _pos = self.static[key]
+        host, dev = self.static[key]
         self._fill(host, key, tokens, positions, seqs)
         dev.set(host, stream=self.stream)            # one host-to-device copy of every input
         self.graphs[key].launch(stream=self.stream)
@@ -114,12 +114,7 @@ class DecodeGraphs:
         """Write this step's inputs into the pinned host buffer; padded rows read NULL_PAGE."""
         n, ps = len(seqs), self.pool.page_size
         v = self._views(host, key)
-        num_pages = np.fromiter((len(s.page_table) for s in seqs), dtype=np.int64, count=n)
-        flat = np.fromiter(itertools.chain.from_iterable(s.page_table for s in seqs), dtype=np.int32,
-                           count=int(num_pages.sum()))
-        pt = v["page_tables"]                                        # [b, P], NULL_PAGE padded
-        pt[:] = 0
-        pt[:n][np.arange(pt.shape[1]) < num_pages[:, None]] = flat
+        fill_page_tables(v["page_tables"], seqs)                     # [b, P], NULL_PAGE padded
         ctx = np.fromiter((s.num_tokens for s in seqs), dtype=np.int32, count=n)
         v["context_lens"][:n], v["context_lens"][n:] = ctx, 1
         v["query_start_loc"][:] = np.arange(key[0] + 1, dtype=np.int32)
@@ -142,8 +137,9 @@ class DecodeGraphs:
                            num_decode_seqs=key[0])
         # Padded rows everywhere, so the warm-up writes only NULL_PAGE slots (skipped).
         host[:] = 0
-        self._views(host, key)["context_lens"][:] = 1
-        self._views(host, key)["query_start_loc"][:] = np.arange(key[0] + 1, dtype=np.int32)
+        hv = self._views(host, key)
+        hv["context_lens"][:] = 1
+        hv["query_start_loc"][:] = np.arange(key[0] + 1, dtype=np.int32)
         dev.set(host, stream=self.stream)
         with cp.cuda.using_allocator(self.mempool.malloc), self.stream:
             self._forward(batch, v, key)             # warm-up: compiles kernels, fills the pool
@@ -152,7 +148,7 @@ class DecodeGraphs:
                 self._forward(batch, v, key)
             finally:
                 graph = self.stream.end_capture()
-        self.graphs[key], self.static[key] = graph, (host, dev, batch, v["token_ids"], v["positions"])
+        self.graphs[key], self.static[key] = graph, (host, dev)   # dev holds every input the graph reads
         self.num_captures += 1
 
     def _forward(self, batch: PagedBatch, v: dict, key) -> None:

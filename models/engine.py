@@ -174,7 +174,7 @@ class LLM:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         encoded = [self._encode(p, sp, 0) for p, sp in zip(prompts, plist)]   # all or nothing
         reqs = [self._queue(text, ids, sp, 0) for (text, ids), sp in zip(encoded, plist)]
-        self.stats = EngineStats(start_t=time.perf_counter(), counters_at_start=self._counters())
+        self.stats = EngineStats(start_t=time.perf_counter(), counters_at_start=self.counters())
         bar = _progress(len(reqs), use_tqdm)
         while self.scheduler.has_unfinished():
             bar.update(self.step())
@@ -215,7 +215,7 @@ class LLM:
         if nd == len(lens):
             return head
         batch = pack_batch(seqs[nd:], lens[nd:], self.xp)
-        tail = self.model.forward(tokens[sum(lens[:nd]):], positions[sum(lens[:nd]):], batch, self.pool)
+        tail = self.model.forward(tokens[nd:], positions[nd:], batch, self.pool)   # decode rows: 1 token each
         return tail if nd == 0 else self.xp.concatenate([head, tail])
 
     def _sample(self, logits, reqs: list[Request], rows: list[int], num_rows: int) -> dict[Request, int]:
@@ -245,7 +245,7 @@ class LLM:
         if step.num_tokens >= 4 * len(step.requests) and seconds > 0:
             self.scheduler.preemptor.set_prefill_rate(step.num_tokens / seconds)
 
-    def _counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int]:
         """Cumulative counters, so a run's summary can report its own share."""
         sw, pc = self.swap, self.prefix_cache.stats() if self.prefix_cache else None
         return {"pages_out": sw.num_pages_out if sw else 0, "pages_in": sw.num_pages_in if sw else 0,

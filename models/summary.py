@@ -22,7 +22,7 @@ def summarize(llm, outputs) -> dict:
     tpot = [o.tpot_s for o in outputs if len(o.token_ids) > 1]
     usable = llm.pool.num_pages - 1
     used = [s.num_used for s in st.steps] or [0]
-    now, start = llm._counters(), st.counters_at_start
+    now, start = llm.counters(), st.counters_at_start
     d = {k: now[k] - start.get(k, 0) for k in now}              # this run's share of each counter
     page_bytes = llm.pool.config.page_bytes
     sw = llm.swap

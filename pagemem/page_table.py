@@ -5,6 +5,7 @@ sequence lives at ``slot(page_table[t // page_size], t % page_size, page_size)``
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -132,6 +133,16 @@ class SeqPages:
         self.num_tokens = 0
 
 
+def fill_page_tables(out: np.ndarray, seqs: Sequence[SeqPages]) -> None:
+    """Write seq i's page table into row i of ``out`` ([>= len(seqs), max_pages] int32) and
+    NULL_PAGE everywhere else. The one place page tables are packed."""
+    num_pages = np.fromiter((len(s.page_table) for s in seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(s.page_table for s in seqs), dtype=np.int32,
+                       count=int(num_pages.sum()))
+    out[:] = NULL_PAGE
+    out[:len(seqs)][np.arange(out.shape[1]) < num_pages[:, None]] = flat
+
+
 def pack_batch(seqs: Sequence[SeqPages], query_lens: Sequence[int], xp=np) -> PagedBatch:
     """Pack a step's sequences into one PagedBatch with a single host-to-device transfer.
 
@@ -156,9 +167,7 @@ def pack_batch(seqs: Sequence[SeqPages], query_lens: Sequence[int], xp=np) -> Pa
     n_pt = num_seqs * max_pages
     buf = np.zeros(n_pt + 2 * num_seqs + 1 + num_tokens, dtype=np.int32)
     pt = buf[:n_pt].reshape(num_seqs, max_pages)  # [num_seqs, max_pages], NULL_PAGE padded
-    flat = np.fromiter((p for s in seqs for p in s.page_table), dtype=np.int32, count=int(num_pages.sum()))
-    pt[np.arange(max_pages) < num_pages[:, None]] = flat
-    assert NULL_PAGE == 0  # the zero fill above is the padding
+    fill_page_tables(pt, seqs)
     buf[n_pt:n_pt + num_seqs] = ctx
     qsl = buf[n_pt + num_seqs:n_pt + 2 * num_seqs + 1]
     np.cumsum(q, out=qsl[1:])
