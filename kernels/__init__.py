@@ -7,6 +7,9 @@ enqueued on ``stream`` (a CuPy stream; default CuPy's current stream) without sy
     store_kv        k, v [num_tokens, num_kv_heads, head_dim] -> their slots of the cache
     paged_decode    q [num_seqs, num_q_heads, head_dim], one new token per sequence
     paged_prefill   q [num_tokens, num_q_heads, head_dim], ragged new tokens (query_start_loc)
+    rms_norm        x [num_tokens, hidden] (optionally added into a residual first), one kernel
+    apply_rope      x [num_tokens, heads, head_dim] rotated in place by each token's position
+    silu_mul        gate_up [num_tokens, 2 * inter] -> silu(gate) * up [num_tokens, inter]
 
 Caches are the per-layer views ``[num_pages, page_size, num_kv_heads, head_dim]`` (fp16, bf16 or
 fp32; strided over pages is fine), page_tables ``[num_seqs, max_pages]`` int32 padded with
@@ -14,10 +17,12 @@ NULL_PAGE (0), context_lens ``[num_seqs]`` int32 >= 1 counting the new tokens. M
 """
 from __future__ import annotations
 
+import numpy as np
+
 from kernels import cpu as _cpu
 from kernels._checks import check_attention, check_int_array, check_same_device, check_window, default_scale
 
-__all__ = ["store_kv", "paged_decode", "paged_prefill"]
+__all__ = ["store_kv", "paged_decode", "paged_prefill", "rms_norm", "apply_rope", "silu_mul"]
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, stream=None) -> None:
@@ -71,6 +76,76 @@ def paged_prefill(q, k_cache, v_cache, page_tables, context_lens, query_start_lo
     from kernels.prefill import paged_prefill_cuda
     return paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale,
                               out, stream, window, dims, int(max_query_len))
+
+
+def rms_norm(x, weight, eps: float, residual=None, out=None, stream=None):
+    """Per row of x [num_tokens, hidden]: x / sqrt(mean(x^2) + eps) * weight, statistics in float32.
+    With ``residual`` (same shape and dtype) it first does ``residual += x`` in place and normalizes
+    the sum: a pre-norm block's residual add and the next norm in one pass. Returns ``out``."""
+    arrays = dict(x=x, weight=weight, **({} if residual is None else {"residual": residual}),
+                  **({} if out is None else {"out": out}))
+    on_gpu = check_same_device(**arrays)
+    kind = _check_rows(x, "x", 2)
+    for name, a in arrays.items():
+        want = (x.shape[1],) if name == "weight" else tuple(x.shape)
+        if tuple(a.shape) != want or a.dtype != x.dtype:
+            raise ValueError(f"{name}: expected shape {want} and dtype {x.dtype}, got {tuple(a.shape)} {a.dtype}")
+    if not float(eps) > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    out = _empty_like(x) if out is None else out
+    if not on_gpu:
+        return _cpu.rms_norm_cpu(x, weight, float(eps), residual, out)
+    from kernels.pointwise import rms_norm_cuda
+    return rms_norm_cuda(x, weight, float(eps), residual, out, kind, stream)
+
+
+def apply_rope(x, positions, inv_freq, stream=None) -> None:
+    """Rotate-half RoPE in place (HF's pairing of i and i + head_dim/2). x [num_tokens, heads,
+    head_dim] (rows may be strided, e.g. the q and k heads of a fused qkv projection);
+    positions [num_tokens] ints; inv_freq [head_dim // 2] float32."""
+    on_gpu = check_same_device(x=x, positions=positions, inv_freq=inv_freq)
+    kind = _check_rows(x, "x", 3)
+    if x.shape[2] % 2:
+        raise ValueError(f"x: head_dim must be even, got {x.shape[2]}")
+    if positions.ndim != 1 or positions.shape[0] != x.shape[0] or positions.dtype.kind not in "iu":
+        raise ValueError(f"positions: expected [{x.shape[0]}] ints, got {tuple(positions.shape)} {positions.dtype}")
+    if inv_freq.shape != (x.shape[2] // 2,) or inv_freq.dtype != "float32":
+        raise ValueError(f"inv_freq: expected [{x.shape[2] // 2}] float32, got {tuple(inv_freq.shape)} {inv_freq.dtype}")
+    if not on_gpu:
+        return _cpu.rope_cpu(x, positions, inv_freq)
+    from kernels.pointwise import rope_cuda
+    rope_cuda(x, positions, inv_freq, kind, stream)
+
+
+def silu_mul(gate_up, out=None, stream=None):
+    """SwiGLU's gate: gate_up [num_tokens, 2 * inter] -> silu(gate) * up [num_tokens, inter],
+    silu in float32 rounded once to the dtype. Returns ``out``."""
+    on_gpu = check_same_device(gate_up=gate_up, **({} if out is None else {"out": out}))
+    kind = _check_rows(gate_up, "gate_up", 2)
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"gate_up: width must be even (gate then up), got {gate_up.shape[1]}")
+    shape = (gate_up.shape[0], gate_up.shape[1] // 2)
+    if out is None:
+        out = np.empty(shape, gate_up.dtype) if not on_gpu else _cupy().empty(shape, gate_up.dtype)
+    elif tuple(out.shape) != shape or out.dtype != gate_up.dtype:
+        raise ValueError(f"out: expected shape {shape} and dtype {gate_up.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if not on_gpu:
+        return _cpu.silu_mul_cpu(gate_up, out)
+    from kernels.pointwise import silu_mul_cuda
+    return silu_mul_cuda(gate_up, out, kind, stream)
+
+
+def _check_rows(x, name: str, ndim: int) -> int:
+    from kernels._device import dtype_kind
+    kind = dtype_kind(x.dtype, name)
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim}-d, got shape {tuple(x.shape)}")
+    return kind
+
+
+def _cupy():
+    import cupy
+    return cupy
 
 
 def _empty_like(q):

@@ -155,3 +155,45 @@ def make_group_sum(lanes: int):
             off >>= 1
         return v
     return group_sum
+
+
+@functools.cache
+def make_block_reduce(threads: int, is_max: bool):
+    """block_reduce(v, sm, tid): max (is_max) or sum of v over the block of ``threads`` threads,
+    returned to every thread. ``sm``: shared float32 [threads] (the simulator's tree uses all of
+    it, the device only [threads // 32]). Call in block-uniform flow: it has barriers."""
+    NT = threads
+    if SIM or NT < 32:
+        @cuda.jit(device=True)
+        def block_reduce(v, sm, tid):
+            sm[tid] = v
+            cuda.syncthreads()  # all partials written
+            stride = NT // 2
+            while stride > 0:
+                if tid < stride:
+                    sm[tid] = max(sm[tid], sm[tid + stride]) if is_max else sm[tid] + sm[tid + stride]
+                cuda.syncthreads()  # this level done before the next reads it
+                stride //= 2
+            total = sm[0]
+            cuda.syncthreads()  # everyone has read sm[0] before sm is reused
+            return total
+        return block_reduce
+
+    NW = NT // 32
+
+    @cuda.jit(device=True)
+    def block_reduce(v, sm, tid):
+        off = 16
+        while off > 0:  # within the warp
+            o = cuda.shfl_xor_sync(FULL_MASK, v, off)
+            v = max(v, o) if is_max else v + o
+            off >>= 1
+        if tid % 32 == 0:
+            sm[tid // 32] = v
+        cuda.syncthreads()  # every warp's result written
+        total = sm[0]
+        for i in range(1, NW):
+            total = max(total, sm[i]) if is_max else total + sm[i]
+        cuda.syncthreads()  # everyone has read before sm is reused
+        return total
+    return block_reduce

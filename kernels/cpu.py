@@ -104,3 +104,30 @@ def _prefill_one(q, k_cache, v_cache, page_table, ctx, lo, hi, scale, out, windo
         s[:, ~np.repeat(mask, G, axis=0)] = -np.inf
         o = np.matmul(_softmax_(s), vt[:, k_lo:k_hi])                   # [Hkv, m * G, D]
         out[a:b] = o.reshape(Hkv, b - a, G, D).transpose(1, 0, 2, 3).reshape(b - a, Hkv * G, D)
+
+
+# ---- per-token ops of a layer: the same rounding points as kernels/pointwise.py --------------------
+def rms_norm_cpu(x, weight, eps: float, residual, out):
+    if residual is not None:
+        residual += x          # the residual stream, in place, in its dtype
+        x = residual
+    xf = x.astype(np.float32, copy=False)
+    out[...] = weight * (xf / np.sqrt((xf * xf).mean(axis=-1, keepdims=True) + np.float32(eps))).astype(x.dtype)
+    return out
+
+
+def rope_cpu(x, positions, inv_freq) -> None:
+    """In place; cos and sin rounded to x's dtype, the math in that dtype (as HF)."""
+    angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]   # [T, d // 2]
+    cos, sin = (f(angles)[:, None, :].astype(x.dtype) for f in (np.cos, np.sin))
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].copy(), x[..., half:].copy()
+    x[..., :half] = x1 * cos - x2 * sin
+    x[..., half:] = x2 * cos + x1 * sin
+
+
+def silu_mul_cpu(gate_up, out):
+    inter = out.shape[1]
+    g = gate_up[:, :inter].astype(np.float32)
+    out[...] = (g / (1 + np.exp(-g))).astype(out.dtype) * gate_up[:, inter:]
+    return out

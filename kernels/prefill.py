@@ -15,19 +15,23 @@ from kernels._arrays import as_device, launch
 from kernels._checks import AttnDims
 from kernels._device import bits_dtype, dtype_kind
 from kernels.gemm import matmul
-from kernels.prefill_kernels import (make_gather_kv_kernel, make_gather_q_kernel,
-                                     make_prefill_softmax_kernel, make_scatter_out_kernel)
+from kernels.prefill_kernels import (REG_WORDS, make_gather_kv_kernel, make_gather_q_kernel,
+                                     make_prefill_softmax_kernel, make_prefill_softmax_regs_kernel,
+                                     make_scatter_out_kernel)
 
 SCORE_BYTES = 1 << 30      # score block per chunk of sequences
 THREADS = 256
 SOFTMAX_THREADS = 128
+MAX_REGS_THREADS = 256     # rows up to 256 * REG_WORDS words (8192 fp16 keys) take the one-read softmax
 
 
 def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
                        out, stream, window: int, dims: AttnDims, max_query_len: int,
-                       threads: int = THREADS, softmax_threads: int = SOFTMAX_THREADS):
+                       threads: int = THREADS, softmax_threads: int | None = None, softmax_regs: bool = True):
     """Enqueue ragged causal attention of q's new tokens; writes and returns ``out``.
-    NumPy arrays run the same kernels under the simulator (tests, with fewer ``threads``)."""
+    NumPy arrays run the same kernels under the simulator (tests, with fewer ``threads``).
+    ``softmax_regs=False`` forces the three-pass softmax (the fallback for rows too long for
+    registers); ``softmax_threads`` overrides either softmax's block size."""
     xp = _array_module(q)
     if xp is not np:
         stream = stream or xp.cuda.get_current_stream()
@@ -41,13 +45,13 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
             s1 = min(dims.num_seqs, s0 + chunk)
             _prefill_chunk(q, k_cache, v_cache, page_tables[s0:s1], context_lens[s0:s1],
                            query_start_loc[s0:s1 + 1], scale, out, stream, window, dims, rows, tm, xp,
-                           (threads, softmax_threads))
+                           (threads, softmax_threads, softmax_regs))
     return out
 
 
 def _prefill_chunk(q, k_cache, v_cache, page_tables, context_lens, qsl, scale, out, stream, window,
-                   dims: AttnDims, rows: int, tm: int, xp, block_sizes: tuple[int, int]):
-    nt, snt = block_sizes
+                   dims: AttnDims, rows: int, tm: int, xp, tuning: tuple):
+    nt, snt, regs = tuning
     n, hk, d, g, kind = page_tables.shape[0], dims.num_kv_heads, dims.head_dim, dims.group, dims.cache_kind
     words = d * np.dtype(k_cache.dtype).itemsize // 8
     k_dense = xp.empty((n, hk, tm, d), k_cache.dtype)      # [S, Hkv, Tm, D]
@@ -61,13 +65,31 @@ def _prefill_chunk(q, k_cache, v_cache, page_tables, context_lens, qsl, scale, o
            np.float32(scale))
     scores = matmul(xp, q_dense.reshape(n * hk, rows, d), k_dense.reshape(n * hk, tm, d), True, stream)
     scores = scores.reshape(n, hk, rows, tm)                # [S, Hkv, Qm * G, Tm]
-    launch(make_prefill_softmax_kernel(g, kind, snt), (rows, hk, n), snt, stream,
-           as_device(scores, bits_dtype(kind)), as_device(qsl), as_device(context_lens), window)
+    plan = _softmax_plan(tm * np.dtype(k_cache.dtype).itemsize, snt) if regs else None
+    if plan is None:
+        snt = snt or SOFTMAX_THREADS
+        launch(make_prefill_softmax_kernel(g, kind, snt), (rows, hk, n), snt, stream,
+               as_device(scores, bits_dtype(kind)), as_device(qsl), as_device(context_lens), window)
+    else:
+        snt, wpt = plan
+        launch(make_prefill_softmax_regs_kernel(g, kind, snt, wpt), (rows, hk, n), snt, stream,
+               as_device(scores, np.uint64), as_device(qsl), as_device(context_lens), window)
     o_dense = matmul(xp, scores.reshape(n * hk, rows, tm), v_dense.reshape(n * hk, tm, d), False, stream)
     o_dense = o_dense.reshape(n, hk, rows, d)               # [S, Hkv, Qm * G, D]
     out_kind = dtype_kind(out.dtype, "out")
     launch(make_scatter_out_kernel(d, g, kind, out_kind), (-(-rows * d // nt), hk, n), nt, stream,
            as_device(out, bits_dtype(out_kind)), as_device(o_dense, bits_dtype(kind)), as_device(qsl))
+
+
+def _softmax_plan(row_bytes: int, threads: int | None) -> tuple[int, int] | None:
+    """(threads, words per thread) of the one-read softmax for score rows of ``row_bytes``, about
+    four uint64 words per thread; None when a row does not fit in registers (three passes)."""
+    words = row_bytes // 8
+    if row_bytes % 8 or words > MAX_REGS_THREADS * REG_WORDS:
+        return None
+    nt = threads or min(MAX_REGS_THREADS, max(32, 1 << (-(-words // 4) - 1).bit_length()))
+    wpt = -(-words // nt)
+    return (nt, wpt) if wpt <= REG_WORDS else None
 
 
 def _array_module(x):

@@ -16,7 +16,8 @@ import math
 
 from numba import cuda, float32, uint64
 
-from kernels._device import load_scalar, store_scalar
+from kernels._device import (ELEMS_PER_WORD, F32, f32_to_bits, load_scalar, make_block_reduce, store_scalar,
+                             unpack)
 
 
 @functools.cache
@@ -144,3 +145,68 @@ def make_prefill_softmax_kernel(group: int, kind: int, threads: int):
             scores[s, hk, r, j] = store(p)
 
     return prefill_softmax_kernel
+
+
+REG_WORDS = 8   # most uint64 words of a score row one thread keeps in registers
+
+
+@functools.cache
+def make_prefill_softmax_regs_kernel(group: int, kind: int, threads: int, words_per_thread: int):
+    """The same causal softmax in one read of the row: for rows of at most
+    threads * words_per_thread uint64 words, each thread holds its words' scores in registers.
+    Only words overlapping the unmasked keys [lo, pos] are read; every word is written (zeros
+    outside), so the PV product needs no mask. Launch: grid=(Qm * group, num_kv_heads, S)."""
+    G, NT, WPT = group, threads, words_per_thread
+    E = ELEMS_PER_WORD[kind]
+    BITS = 64 // E
+    unpack_w, store = unpack[kind], store_scalar[kind]
+    to_bits = f32_to_bits if kind == F32 else store
+    block_max, block_sum = make_block_reduce(NT, True), make_block_reduce(NT, False)
+    NEG_INF = float32(-math.inf)
+    N = WPT * E
+
+    @cuda.jit
+    def prefill_softmax_regs_kernel(scores, query_start_loc, context_lens, window):
+        # scores: [S, Hkv, Qm * G, Tm // E] uint64 words
+        r, hk, s = cuda.blockIdx.x, cuda.blockIdx.y, cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        qlen = query_start_loc[s + 1] - query_start_loc[s]
+        if r // G >= qlen:  # block-uniform exit
+            return
+        pos = context_lens[s] - qlen + r // G
+        lo = 0
+        if window > 0:
+            lo = max(0, pos - window + 1)
+        sm = cuda.shared.array(NT, float32)
+        vals = cuda.local.array(N, float32)
+        m = NEG_INF
+        for k in range(WPT):
+            w = tid + k * NT
+            j0 = w * E
+            word = uint64(0)
+            live = w < scores.shape[3] and j0 <= pos and j0 + E > lo
+            if live:
+                word = scores[s, hk, r, w]
+            for e in range(E):
+                x = NEG_INF
+                if live and lo <= j0 + e <= pos:
+                    x = unpack_w(word, e)
+                vals[k * E + e] = x
+                m = max(m, x)
+        mx = block_max(m, sm, tid)
+        l = float32(0)
+        for i in range(N):
+            p = math.exp(vals[i] - mx)   # exp(-inf) = 0 for masked keys
+            vals[i] = p
+            l += p
+        inv = float32(1) / block_sum(l, sm, tid)
+        for k in range(WPT):
+            w = tid + k * NT
+            if w < scores.shape[3]:
+                word = uint64(0)
+                for e in range(E):
+                    word |= uint64(to_bits(vals[k * E + e] * inv)) << uint64(BITS * e)
+                scores[s, hk, r, w] = word
+
+    return prefill_softmax_regs_kernel
+

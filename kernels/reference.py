@@ -88,3 +88,29 @@ def ref_paged_prefill(q, k_cache, v_cache, page_tables, context_lens, query_star
         positions = np.arange(ctx - (hi - lo), ctx)
         out[lo:hi] = _attend(q[lo:hi], k, v, positions, scale, sliding_window)
     return out
+
+
+# ---- per-token ops of a layer (kernels/pointwise.py) --------------------------------------------
+def ref_rms_norm(x, weight, eps, residual=None):
+    """(out float64 [T, H], residual after the add or None): r = x, or residual + x stored in
+    x's dtype; out = r / sqrt(mean(r^2) + eps) * weight."""
+    r = x if residual is None else (residual.astype(np.float64) + x.astype(np.float64)).astype(x.dtype)
+    rf = r.astype(np.float64)
+    out = rf / np.sqrt((rf * rf).mean(axis=-1, keepdims=True) + eps) * weight.astype(np.float64)
+    return out, None if residual is None else r
+
+
+def ref_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (pairs i, i + d/2), float64: x [T, heads, d] -> [T, heads, d]."""
+    ang = np.asarray(positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, dtype=np.float64)[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    xf = x.astype(np.float64)
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def ref_silu_mul(gate_up):
+    """SwiGLU, float64: gate_up [T, 2 * I] -> silu(gate) * up [T, I]."""
+    g, u = np.split(gate_up.astype(np.float64), 2, axis=-1)
+    return g / (1 + np.exp(-g)) * u

@@ -29,6 +29,10 @@ from pagemem.backend import module_of
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 _F32 = np.float32
+# prefill_groups: a group's fixed cost (about ten launches) in units of query x key elements,
+# about 1k x 1k; beyond MAX_GROUP_ROWS prefill rows the quadratic search is skipped.
+GROUP_PENALTY = 1 << 20
+MAX_GROUP_ROWS = 64
 
 
 def rope_buffer(config: ModelConfig, xp=np) -> Array:
@@ -67,38 +71,12 @@ def linear(x: Array, w: Array, b: Array | None = None, mm=matmul_t) -> Array:
     return y if b is None else y + b
 
 
-def rms_norm(x: Array, w: Array, eps: float) -> Array:
-    """x [T, H] * rsqrt(mean(x^2) + eps) * w, the statistics in float32 (as HF)."""
-    xf = x.astype(_F32, copy=False)
-    xf = xf / module_of(x).sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
-    return w * xf.astype(x.dtype, copy=False)
-
-
 def layer_norm(x: Array, w: Array, b: Array, eps: float) -> Array:
     """LayerNorm over H in float32, back to x's dtype."""
     xf = x.astype(_F32, copy=False)
     xf = xf - xf.mean(axis=-1, keepdims=True)
     xf = xf / module_of(x).sqrt((xf * xf).mean(axis=-1, keepdims=True) + eps)
     return (xf * w + b).astype(x.dtype, copy=False)
-
-
-def rope_cos_sin(inv_freq: Array, positions: Array, dtype) -> tuple[Array, Array]:
-    """cos, sin: [T, 1, d // 2] of positions * inv_freq, angles in float32 (as HF)."""
-    xp = module_of(inv_freq)
-    angles = positions.astype(_F32)[:, None] * inv_freq[None, :]   # [T, d // 2]
-    return xp.cos(angles)[:, None, :].astype(dtype), xp.sin(angles)[:, None, :].astype(dtype)
-
-
-def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotate-half RoPE (HF's layout: pairs are (i, i + d/2)). x [T, heads, d] -> same."""
-    xp = module_of(x)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def silu(x: Array) -> Array:
-    return x / (1 + module_of(x).exp(-x))
 
 
 def gelu_tanh(x: Array) -> Array:
@@ -112,51 +90,98 @@ def gelu_tanh(x: Array) -> Array:
 def norm(config: ModelConfig, w: dict, name: str, x: Array) -> Array:
     if config.is_gpt2:
         return layer_norm(x, w[name + ".weight"], w[name + ".bias"], config.norm_eps)
-    return rms_norm(x, w[name + ".weight"], config.norm_eps)
+    return kernels.rms_norm(x, w[name + ".weight"], config.norm_eps)
+
+
+def add_norm(config: ModelConfig, w: dict, name: str, residual: Array, x: Array) -> tuple[Array, Array]:
+    """(residual + x, norm of it). RMSNorm models add into ``residual`` in place, in the same
+    kernel as the norm; GPT-2 adds, then normalizes."""
+    if config.is_gpt2:
+        residual = residual + x
+        return residual, norm(config, w, name, residual)
+    return residual, kernels.rms_norm(x, w[name + ".weight"], config.norm_eps, residual=residual)
 
 
 # ---- one layer ----------------------------------------------------------------------------------
 def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | None,
-              batch: PagedBatch, pool: PagePool, mm=matmul_t) -> Array:
-    """Self-attention of the new tokens over their sequences' pages. x [T, H] -> [T, H]."""
+              batch: PagedBatch, pool: PagePool, mm=matmul_t, groups: list | None = None) -> Array:
+    """Self-attention of the new tokens over their sequences' pages. x [T, H] -> [T, H].
+    ``groups``: prefill_groups(batch) when the caller computed it once for every layer."""
     p, T, d = f"layers.{layer}.", x.shape[0], config.head_dim
     nh, nkv = config.num_heads, config.num_kv_heads
     qkv = linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"), mm)         # [T, (nh + 2 * nkv) * d]
-    q, k, v = qkv[:, :nh * d], qkv[:, nh * d:(nh + nkv) * d], qkv[:, (nh + nkv) * d:]
-    q, k, v = q.reshape(T, nh, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
+    heads = qkv.reshape(T, nh + 2 * nkv, d)
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kernels.apply_rope(heads[:, :nh + nkv], *rope)                     # q and k heads, in place
+    q, k, v = heads[:, :nh], heads[:, nh:nh + nkv], heads[:, nh + nkv:]   # views
     k_cache, v_cache = pool.layer_kv(layer)                                # [num_pages, page_size, nkv, d]
-    q, k, v = (_contiguous(a, k_cache.dtype) for a in (q, k, v))
+    q, k, v = (_in_dtype(a, k_cache.dtype) for a in (q, k, v))
     kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     scale, window = 1.0 / math.sqrt(d), config.layer_window(layer)
-    out = _paged_attention(q, k_cache, v_cache, batch, scale, window)         # [T, nh, d]
+    groups = prefill_groups(batch, pool.page_size) if groups is None else groups
+    out = _paged_attention(q, k_cache, v_cache, batch, scale, window, groups)  # [T, nh, d]
     return linear(out.reshape(T, nh * d).astype(x.dtype, copy=False), w[p + "o.weight"], w.get(p + "o.bias"), mm)
 
 
 def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch, scale: float,
-                     window: int | None) -> Array:
+                     window: int | None, groups: list[tuple[int, int]]) -> Array:
     """Decode rows (one new token each, packed first) through paged_decode, the rest through
-    paged_prefill: the prefill kernel pads every sequence to the longest query, so decode rows
-    must not ride along with a long prompt. q [T, nh, d] -> [T, nh, d]."""
+    paged_prefill in ``groups`` of rows (prefill_groups): the prefill kernel pads every sequence
+    of a call to its longest query and context, so decode rows never ride along with a long
+    prompt, and short prompts are not padded to long ones. q [T, nh, d] -> [T, nh, d]."""
     nd, n = batch.num_decode_seqs, batch.num_seqs
     pt, ctx, qsl = batch.page_tables, batch.context_lens, batch.query_start_loc
     if nd == n:
         return kernels.paged_decode(q, k_cache, v_cache, pt, ctx, scale=scale, sliding_window=window)
-    if nd == 0:
-        return kernels.paged_prefill(q, k_cache, v_cache, pt, ctx, qsl, scale=scale, sliding_window=window,
-                                     max_query_len=batch.max_query_len or None)
     out = module_of(q).empty_like(q)
-    kernels.paged_decode(q[:nd], k_cache, v_cache, pt[:nd], ctx[:nd], scale=scale, out=out[:nd],
-                         sliding_window=window)
-    kernels.paged_prefill(q[nd:], k_cache, v_cache, pt[nd:], ctx[nd:], qsl[nd:] - nd, scale=scale,
-                          out=out[nd:], sliding_window=window, max_query_len=batch.max_query_len or None)
+    if nd:
+        kernels.paged_decode(q[:nd], k_cache, v_cache, pt[:nd], ctx[:nd], scale=scale, out=out[:nd],
+                             sliding_window=window)
+    if batch.host_query_lens is None:        # a PagedBatch built by hand: one call for every row
+        kernels.paged_prefill(q[nd:], k_cache, v_cache, pt[nd:], ctx[nd:], qsl[nd:] - nd, scale=scale,
+                              out=out[nd:], sliding_window=window, max_query_len=batch.max_query_len or None)
+        return out
+    qlens, ps = batch.host_query_lens, k_cache.shape[1]
+    starts = np.concatenate(([0], np.cumsum(qlens)))
+    for a, b in groups:
+        t0, t1 = int(starts[a]), int(starts[b])
+        pages = -(-int(batch.host_context_lens[a:b].max()) // ps)
+        kernels.paged_prefill(q[t0:t1], k_cache, v_cache, pt[a:b, :pages], ctx[a:b], qsl[a:b + 1] - t0,
+                              scale=scale, out=out[t0:t1], sliding_window=window,
+                              max_query_len=int(qlens[a:b].max()))
     return out
 
 
-def _contiguous(x: Array, dtype) -> Array:
-    """x in ``dtype``, C-contiguous (the kernels' precondition), copied only when needed."""
-    return module_of(x).ascontiguousarray(x.astype(dtype, copy=False))
+def prefill_groups(batch: PagedBatch, page_size: int, penalty: int | None = None) -> list[tuple[int, int]]:
+    """Split the prefill rows [num_decode_seqs, num_seqs) into contiguous groups [a, b) that
+    minimize the padded work, sum of rows * longest query * longest context, plus ``penalty``
+    per group (a call's fixed cost in the same units). Exact dynamic programme over cut points;
+    rows sorted by length (as the scheduler packs them) group best. One group without host lens."""
+    nd, n = batch.num_decode_seqs, batch.num_seqs
+    penalty = GROUP_PENALTY if penalty is None else penalty
+    if batch.host_query_lens is None or n - nd <= 1 or n - nd > MAX_GROUP_ROWS:
+        return [(nd, n)]
+    q = batch.host_query_lens.tolist()
+    t = (-(-batch.host_context_lens // page_size) * page_size).tolist()
+    best, cut = [0] + [None] * (n - nd), [0] * (n - nd + 1)
+    for b in range(1, n - nd + 1):
+        mq = mt = 0
+        for a in range(b - 1, -1, -1):
+            mq, mt = max(mq, q[nd + a]), max(mt, t[nd + a])
+            cost = best[a] + (b - a) * mq * mt + penalty
+            if best[b] is None or cost < best[b]:
+                best[b], cut[b] = cost, a
+    groups, b = [], n - nd
+    while b > 0:
+        groups.append((nd + cut[b], nd + b))
+        b = cut[b]
+    return groups[::-1]
+
+
+def _in_dtype(x: Array, dtype) -> Array:
+    """x in ``dtype``; a strided view of the qkv projection is passed as it is (the kernels read
+    rows at any stride), converted (and so made contiguous) only when the dtype differs."""
+    return x if x.dtype == dtype else module_of(x).ascontiguousarray(x.astype(dtype))
 
 
 def mlp(config: ModelConfig, w: dict, layer: int, x: Array, mm=matmul_t) -> Array:
@@ -166,7 +191,7 @@ def mlp(config: ModelConfig, w: dict, layer: int, x: Array, mm=matmul_t) -> Arra
         h = gelu_tanh(linear(x, w[p + "up.weight"], w[p + "up.bias"], mm))  # [T, I]
     else:
         gate_up = linear(x, w[p + "gate_up.weight"], w.get(p + "gate_up.bias"), mm)  # [T, 2 * I]
-        h = silu(gate_up[:, :I]) * gate_up[:, I:]                          # [T, I]
+        h = kernels.silu_mul(gate_up)                                      # [T, I]
     return linear(h, w[p + "down.weight"], w.get(p + "down.bias"), mm)
 
 
@@ -187,13 +212,19 @@ def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, po
     if config.is_gpt2:
         x = x + w["pos_embed.weight"][positions]
     else:
-        rope = rope_cos_sin(w["rope.inv_freq"], positions, x.dtype)
+        rope = (positions, w["rope.inv_freq"])
+    groups = prefill_groups(batch, pool.page_size)
+    h = norm(config, w, "layers.0.attn_norm", x)                            # x: the residual stream
     for layer in range(config.num_layers):
-        x = x + attention(config, w, layer, norm(config, w, f"layers.{layer}.attn_norm", x), rope, batch, pool, mm)
-        x = x + mlp(config, w, layer, norm(config, w, f"layers.{layer}.mlp_norm", x), mm)
+        a = attention(config, w, layer, h, rope, batch, pool, mm, groups)
+        x, h = add_norm(config, w, f"layers.{layer}.mlp_norm", x, a)
+        m = mlp(config, w, layer, h, mm)
+        if layer + 1 < config.num_layers:
+            x, h = add_norm(config, w, f"layers.{layer + 1}.attn_norm", x, m)
     if not all_logits:
-        x = x[batch.query_start_loc[1:] - 1]                               # [num_seqs, H]
-    x = norm(config, w, "norm", x)
+        rows = batch.query_start_loc[1:] - 1
+        x, m = x[rows], m[rows]                                            # [num_seqs, H]
+    _, x = add_norm(config, w, "norm", x, m)
     return xp.asarray(linear(x, w["lm_head.weight"], None, mm), dtype=_F32)  # [*, V]
 
 

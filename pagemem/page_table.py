@@ -33,6 +33,8 @@ class PagedBatch:
     max_context_len: int = 0
     max_query_len: int = 0
     num_decode_seqs: int = 0    # leading sequences with one new token (pack decode rows first)
+    host_query_lens: np.ndarray | None = None    # [num_seqs] int32 on the host, for host-side planning
+    host_context_lens: np.ndarray | None = None  # [num_seqs] int32 on the host
 
     @property
     def num_seqs(self) -> int:
@@ -185,4 +187,6 @@ def pack_batch(seqs: Sequence[SeqPages], query_lens: Sequence[int], xp=np) -> Pa
         max_context_len=int(ctx.max()),
         max_query_len=int(q.max()),
         num_decode_seqs=int(np.argmax(q != 1)) if (q != 1).any() else num_seqs,
+        host_query_lens=q,
+        host_context_lens=ctx,
     )

@@ -145,7 +145,7 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
         """Choose this step's requests and token counts; allocate their pages (SeqPages.grow).
-        Requests come back decode rows first (query length 1), then prefill rows."""
+        Requests come back decode rows first (query length 1), then prefill rows by context length."""
         if self.swap is not None:
             self.swap.reclaim()          # pages of finished swap-outs return to the pool
         budget = self.max_num_batched_tokens
@@ -173,8 +173,11 @@ class Scheduler:
             budget = self._resume_swapped(out, lens, budget, resumed)
             if not self.swapped:     # swapped requests come back before any new one is admitted
                 self._admit_waiting(out, lens, budget)
-        # Decode rows first: the model runs them through the decode kernel, the rest through prefill.
-        order = sorted(range(len(out)), key=lambda i: lens[i] != 1)
+        # Decode rows first: the model runs them through the decode kernel, the rest through
+        # prefill, shortest context first, so a model can cut them into groups of similar length.
+        def row_order(i: int) -> tuple[bool, int]:
+            return lens[i] != 1, out[i].pages.num_tokens if lens[i] != 1 else 0
+        order = sorted(range(len(out)), key=row_order)
         return ScheduledStep([out[i] for i in order], [lens[i] for i in order], preempted, resumed)
 
     def update(self, step: ScheduledStep, new_tokens: dict[Request, int]) -> None:

@@ -82,8 +82,10 @@ def test_store_kv_kernel(rng):
 
 
 @pytest.mark.parametrize("dtype,window", [(np.float16, None), (DTYPES[1], 3), (np.float32, None)])
-def test_prefill_kernels(rng, dtype, window):
-    """Gather, softmax and scatter kernels around the GEMMs equal the reference prefill."""
+@pytest.mark.parametrize("softmax_regs", [True, False])
+def test_prefill_kernels(rng, dtype, window, softmax_regs):
+    """Gather, softmax and scatter kernels around the GEMMs equal the reference prefill, with the
+    one-read softmax (rows in registers) and with the three-pass one."""
     from kernels.prefill import paged_prefill_cuda
     p = make_paged(rng, [5, 9], dtype=dtype)
     qsl = query_start_loc([2, 9])
@@ -91,7 +93,7 @@ def test_prefill_kernels(rng, dtype, window):
     out = np.full(q.shape, np.nan, dtype)
     dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, 2)
     paged_prefill_cuda(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, out, None, window or 0, dims, 9,
-                       threads=32, softmax_threads=8)
+                       threads=32, softmax_threads=8, softmax_regs=softmax_regs)
     ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, window)
     # Scores and probabilities are rounded to the cache dtype between the GEMMs: twice the
     # decode tolerance.
