@@ -16,8 +16,9 @@ from kernels._checks import AttnDims
 from kernels._device import bits_dtype, dtype_kind
 from kernels.gemm import matmul
 from kernels.prefill_kernels import (REG_WORDS, make_gather_kv_kernel, make_gather_q_kernel,
-                                     make_prefill_softmax_kernel, make_prefill_softmax_regs_kernel,
-                                     make_scatter_out_kernel)
+                                     make_gather_q_words_kernel, make_prefill_softmax_kernel,
+                                     make_prefill_softmax_regs_kernel, make_scatter_out_kernel,
+                                     make_scatter_out_words_kernel)
 
 SCORE_BYTES = 1 << 30      # score block per chunk of sequences
 THREADS = 256
@@ -60,9 +61,13 @@ def _prefill_chunk(q, k_cache, v_cache, page_tables, context_lens, qsl, scale, o
            as_device(k_dense, np.uint64), as_device(v_dense, np.uint64), as_device(k_cache, np.uint64),
            as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens))
     q_dense = xp.empty((n, hk, rows, d), k_cache.dtype)    # [S, Hkv, Qm * G, D]
-    launch(make_gather_q_kernel(d, g, dims.q_kind, kind), (-(-rows * d // nt), hk, n), nt, stream,
-           as_device(q_dense, bits_dtype(kind)), as_device(q, bits_dtype(dims.q_kind)), as_device(qsl),
-           np.float32(scale))
+    if dims.q_kind == kind and _words_ok(q):
+        launch(make_gather_q_words_kernel(words, g, kind), (-(-rows * words // nt), hk, n), nt, stream,
+               as_device(q_dense, np.uint64), as_device(q, np.uint64), as_device(qsl), np.float32(scale))
+    else:
+        launch(make_gather_q_kernel(d, g, dims.q_kind, kind), (-(-rows * d // nt), hk, n), nt, stream,
+               as_device(q_dense, bits_dtype(kind)), as_device(q, bits_dtype(dims.q_kind)), as_device(qsl),
+               np.float32(scale))
     scores = matmul(xp, q_dense.reshape(n * hk, rows, d), k_dense.reshape(n * hk, tm, d), True, stream)
     scores = scores.reshape(n, hk, rows, tm)                # [S, Hkv, Qm * G, Tm]
     plan = _softmax_plan(tm * np.dtype(k_cache.dtype).itemsize, snt) if regs else None
@@ -77,8 +82,19 @@ def _prefill_chunk(q, k_cache, v_cache, page_tables, context_lens, qsl, scale, o
     o_dense = matmul(xp, scores.reshape(n * hk, rows, tm), v_dense.reshape(n * hk, tm, d), False, stream)
     o_dense = o_dense.reshape(n, hk, rows, d)               # [S, Hkv, Qm * G, D]
     out_kind = dtype_kind(out.dtype, "out")
-    launch(make_scatter_out_kernel(d, g, kind, out_kind), (-(-rows * d // nt), hk, n), nt, stream,
-           as_device(out, bits_dtype(out_kind)), as_device(o_dense, bits_dtype(kind)), as_device(qsl))
+    if out_kind == kind and _words_ok(out):
+        launch(make_scatter_out_words_kernel(words, g), (-(-rows * words // nt), hk, n), nt, stream,
+               as_device(out, np.uint64), as_device(o_dense, np.uint64), as_device(qsl))
+    else:
+        launch(make_scatter_out_kernel(d, g, kind, out_kind), (-(-rows * d // nt), hk, n), nt, stream,
+               as_device(out, bits_dtype(out_kind)), as_device(o_dense, bits_dtype(kind)), as_device(qsl))
+
+
+def _words_ok(x) -> bool:
+    """Whether [num_tokens, heads, head_dim] x can be read as uint64 words: last axis contiguous,
+    the other strides whole words."""
+    st = x.strides
+    return st[2] == x.itemsize and st[0] % 8 == 0 and st[1] % 8 == 0 and (x.shape[2] * x.itemsize) % 8 == 0
 
 
 def _softmax_plan(row_bytes: int, threads: int | None) -> tuple[int, int] | None:

@@ -210,3 +210,49 @@ def make_prefill_softmax_regs_kernel(group: int, kind: int, threads: int, words_
 
     return prefill_softmax_regs_kernel
 
+
+
+@functools.cache
+def make_gather_q_words_kernel(words_per_row: int, group: int, kind: int):
+    """gather_q for q already in the dense dtype, a uint64 word (four fp16/bf16 or two fp32
+    values) per thread. Launch: grid=(ceil(Qm * G * W / threads), Hkv, S)."""
+    G, W = group, words_per_row
+    E = ELEMS_PER_WORD[kind]
+    BITS = 64 // E
+    unpack_w = unpack[kind]
+    to_bits = f32_to_bits if kind == F32 else store_scalar[kind]
+
+    @cuda.jit
+    def gather_q_words_kernel(q_dense, q, query_start_loc, scale):
+        # q_dense: [S, Hkv, Qm * G, W] uint64; q: [num_tokens, Hq, W] uint64
+        hk, s = cuda.blockIdx.y, cuda.blockIdx.z
+        x = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        r, w = x // W, x % W               # constants: no run-time division
+        if r < q_dense.shape[2]:
+            i, g = r // G, r % G
+            word = uint64(0)
+            if i < query_start_loc[s + 1] - query_start_loc[s]:
+                src = q[query_start_loc[s] + i, hk * G + g, w]
+                for e in range(E):
+                    word |= uint64(to_bits(unpack_w(src, e) * scale)) << uint64(BITS * e)
+            q_dense[s, hk, r, w] = word
+
+    return gather_q_words_kernel
+
+
+@functools.cache
+def make_scatter_out_words_kernel(words_per_row: int, group: int):
+    """scatter_out when out has the dense dtype: a uint64 word copy per thread.
+    Launch: grid=(ceil(Qm * G * W / threads), Hkv, S)."""
+    G, W = group, words_per_row
+
+    @cuda.jit
+    def scatter_out_words_kernel(out, o_dense, query_start_loc):
+        hk, s = cuda.blockIdx.y, cuda.blockIdx.z
+        x = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        r, w = x // W, x % W
+        i, g = r // G, r % G
+        if r < o_dense.shape[2] and i < query_start_loc[s + 1] - query_start_loc[s]:
+            out[query_start_loc[s] + i, hk * G + g, w] = o_dense[s, hk, r, w]
+
+    return scatter_out_words_kernel

@@ -101,8 +101,11 @@ def ref_rms_norm(x, weight, eps, residual=None):
 
 
 def ref_rope(x, positions, inv_freq):
-    """Rotate-half RoPE (pairs i, i + d/2), float64: x [T, heads, d] -> [T, heads, d]."""
-    ang = np.asarray(positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, dtype=np.float64)[None, :]
+    """Rotate-half RoPE (pairs i, i + d/2): x [T, heads, d] -> [T, heads, d] float64. The angles
+    are position * inv_freq in float32, as HF computes them (at position 4096 float32 already
+    moves an angle by 2e-4), the rest in float64."""
+    ang = (np.asarray(positions, dtype=np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :])
+    ang = ang.astype(np.float64)
     c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     xf = x.astype(np.float64)
     half = x.shape[-1] // 2

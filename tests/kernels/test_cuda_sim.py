@@ -98,3 +98,18 @@ def test_prefill_kernels(rng, dtype, window, softmax_regs):
     # Scores and probabilities are rounded to the cache dtype between the GEMMs: twice the
     # decode tolerance.
     np.testing.assert_allclose(out.astype(np.float32), ref, rtol=0, atol=2 * ATOL[np.dtype(dtype)])
+
+
+def test_prefill_kernels_mixed_dtypes(rng):
+    """float32 queries and output over an fp16 cache take the per-element gather and scatter
+    (the same-dtype case moves uint64 words)."""
+    from kernels.prefill import paged_prefill_cuda
+    p = make_paged(rng, [6, 3], dtype=np.float16)
+    qsl = query_start_loc([4, 2])
+    q = queries(rng, 6, 4, 16, np.float32)
+    out = np.full(q.shape, np.nan, np.float32)
+    dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, 2)
+    paged_prefill_cuda(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, out, None, 0, dims, 4,
+                       threads=32, softmax_threads=8)
+    ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2 * ATOL[np.dtype(np.float16)])
