@@ -8,6 +8,7 @@ Every working set is larger than the 50 MB L2, so repeated calls measure HBM, no
     pytest bench/bench_attention.py            # pytest-benchmark groups (wall clock, synced)
     python bench/bench_attention.py            # one table: CUDA-event medians, every variant
     python bench/bench_attention.py --tune     # decode launch settings, old vs new, head_dim 64 and 128
+    python bench/bench_attention.py --prefill  # the prefill line only
 """
 from __future__ import annotations
 
@@ -271,7 +272,7 @@ def main() -> None:
     print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s (read + write)")
     print("# us: CUDA-event median of 1 call (host launch cost included) / of 10 back-to-back calls")
     print(f"{'shape':>10} {'impl':>20} {'us x1':>8} {'us x10':>8} {'TB/s':>6} {'of copy':>8} {'vs sdpa':>8}")
-    for num_seqs, ctx in DECODE_SHAPES:
+    for num_seqs, ctx in DECODE_SHAPES if "--prefill" not in sys.argv else ():
         case = make_case(num_seqs, ctx)
         sdpa, want = sdpa_decode(case, num_seqs, ctx)
         base = _row(f"{num_seqs}x{ctx}", "torch sdpa", sdpa, case.kv_bytes, copy, None)
