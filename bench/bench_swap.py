@@ -3,6 +3,8 @@
 Shapes are named after real models; pages are scattered (a random permutation of the pool) so
 neither side merges into long runs by luck. Every figure is end to end: Python bookkeeping and
 enqueue included, host clock stopped after the copy's event (or the stream) completed.
+"Back-to-back" rows issue K calls in a row, as a scheduler preempting several sequences does:
+the host work of each call overlaps the copies of the calls before it.
 
 Run:  pytest bench/bench_swap.py --benchmark-group-by=group   (pytest-benchmark tables)
       PYTHONPATH=. python bench/bench_swap.py [results.json]   (every figure of one run, one table)
@@ -13,18 +15,22 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _harness import cuda_event_time_ms, device_name, has_cuda, pinned_bandwidth, requires_cuda
-from pagemem import HostSwap, PagePool, PoolConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run as a script or under pytest
+from bench._harness import cuda_event_time_ms, device_name, has_cuda, pinned_bandwidth, requires_cuda  # noqa: E402
+from pagemem import HostSwap, PagePool, PoolConfig  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(page_size=16, num_layers=16, num_kv_heads=8, head_dim=128),  # 1 MiB pages
     "small": dict(page_size=16, num_layers=2, num_kv_heads=4, head_dim=64),           # 32 KiB pages
 }
 SIZES = (256, 4096)
+SUSTAINED = (("llama-3.2-1b", 256), ("small", 256), ("small", 4096))  # llama at 4096: 16 GiB a direction
+SUSTAINED_BYTES = 64 << 20   # back-to-back calls move at least this much, in at least 4 calls
 _D2H, _H2D = 2, 1
 
 pytestmark = requires_cuda
@@ -154,6 +160,60 @@ def duplex_gbps(shape: str, n: int, reps: int) -> float:
     return 2 * case.nbytes / statistics.median(times[1:]) / 1e9
 
 
+def duplex_alternating_gbps(shape: str, n: int, reps: int, calls: int = 8) -> float:
+    """duplex_gbps with each side split into ``calls`` calls of n / calls pages, issued alternately
+    (out, in, out, in, ...); host clock until the last out event and the compute stream completed."""
+    case = SwapCase(shape, n, pool_factor=3, host_factor=2)
+    k = n // calls
+    others = [case.swap.swap_out(case.pool.allocate(k), case.stream) for _ in range(calls)]  # on host
+    case.swap.reclaim(wait=True)
+    times = []
+    for _ in range(reps + 1):
+        def alternate():
+            nonlocal others
+            outs, pages = [], []
+            for i in range(calls):
+                outs.append(case.swap.swap_out(case.pages[i * k:(i + 1) * k], case.stream))
+                pages += case.swap.swap_in(others[i], case.stream)
+            outs[-1].event.synchronize()
+            case.stream.synchronize()
+            others, case.pages = outs, pages
+        times.append(wall_s(alternate))
+        case.swap.reclaim(wait=True)
+    return 2 * k * calls * case.pool.config.page_bytes / statistics.median(times[1:]) / 1e9
+
+
+def num_sustained_calls(shape: str, n: int) -> int:
+    page_bytes = PoolConfig(2, **SHAPES[shape], dtype="float16", device="cpu").page_bytes
+    return max(4, -(-SUSTAINED_BYTES // (n * page_bytes)))
+
+
+def sustained_gbps(shape: str, n: int, reps: int = 3) -> tuple[int, float, float]:
+    """(K, out GB/s, in GB/s) of K back-to-back calls of n scattered pages each (different pages;
+    K from num_sustained_calls). Out: host clock from before the first swap_out until the last
+    ticket's event completed (the out stream runs the calls in order). In: K back-to-back swap_in
+    of those tickets, until the compute stream, which waits on every in copy, completed. Median of
+    ``reps`` after one warm-up; every page checked bit for bit."""
+    calls = num_sustained_calls(shape, n)
+    case = SwapCase(shape, calls * n)
+    sets = [case.pages[i * n:(i + 1) * n] for i in range(calls)]
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        tickets = [case.swap.swap_out(pages, case.stream) for pages in sets]
+        tickets[-1].event.synchronize()
+        t_out = time.perf_counter() - t0
+        case.swap.reclaim(wait=True)
+        t0 = time.perf_counter()
+        sets = [case.swap.swap_in(t, case.stream) for t in tickets]
+        case.stream.synchronize()
+        times.append((t_out, time.perf_counter() - t0))
+        case.swap.reclaim(wait=True)
+    case.pages = [p for pages in sets for p in pages]
+    case.check()
+    return calls, *(case.nbytes / statistics.median(col) / 1e9 for col in zip(*times[1:]))
+
+
 def kernel_slowdown(case: SwapCase, path: str, iters: int = 40) -> tuple[float, float, bool]:
     """(kernel ms alone, kernel ms beside a swap-out, whether the swap was still running at the end)
     for a bandwidth-bound add over 3 x 256 MiB on the compute stream."""
@@ -225,6 +285,19 @@ def test_duplex(benchmark):
     benchmark.extra_info["GBps"] = benchmark.pedantic(lambda: duplex_gbps("llama-3.2-1b", 2048, 3), rounds=1)
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_duplex_alternating(benchmark, shape):
+    """duplex_gbps split into 8 + 8 calls issued alternately."""
+    benchmark.extra_info["GBps"] = benchmark.pedantic(lambda: duplex_alternating_gbps(shape, 2048, 3), rounds=1)
+
+
+@pytest.mark.parametrize("shape, n", SUSTAINED)
+def test_sustained(benchmark, shape, n):
+    """K back-to-back swap_out calls, then K back-to-back swap_in calls (sustained_gbps)."""
+    calls, out, in_ = benchmark.pedantic(lambda: sustained_gbps(shape, n), rounds=1)
+    benchmark.extra_info.update(calls=calls, out_GBps=out, in_GBps=in_)
+
+
 def test_kernel_beside_swap_out(benchmark, cases):
     alone, beside, overlapped = benchmark.pedantic(
         lambda: kernel_slowdown(cases("llama-3.2-1b", 4096), "auto"), rounds=1)
@@ -254,8 +327,12 @@ def main(path: str | None) -> None:
                     out["extra"][f"kernel beside swap-out ({p})"] = dict(
                         alone_ms=alone, beside_ms=beside, slowdown=beside / alone - 1, overlapped=ov)
             del case
+            if (shape, n) in SUSTAINED:
+                calls, o, i = sustained_gbps(shape, n)
+                rows.append((shape, n, f"auto x {calls} back-to-back", o, i, None, None))
     for shape in SHAPES:
         out["extra"][f"duplex {shape} n=2048"] = duplex_gbps(shape, 2048, 3)
+        out["extra"][f"duplex {shape} n=2048 as 8 + 8 alternating calls"] = duplex_alternating_gbps(shape, 2048, 3)
     out["rows"] = [dict(zip(("shape", "n", "path", "out_GBps", "in_GBps", "dev_out_GBps", "dev_in_GBps"), r))
                    for r in rows]
     if path:
@@ -263,12 +340,14 @@ def main(path: str | None) -> None:
             json.dump(out, f, indent=1)
     print(f"\n{out['device']}  {out['date']}")
     print("GB/s end to end (host clock) | on the device (copy-stream events); % of the pinned ceiling")
-    print(f"{'shape':14} {'n':>5} {'path':18} {'out':>6} {'in':>6} {'out%':>5} {'in%':>5} |"
+    print("(back-to-back rows: n pages per call, host clock over all calls; no device column)")
+    print(f"{'shape':14} {'n':>5} {'path':24} {'out':>6} {'in':>6} {'out%':>5} {'in%':>5} |"
           f" {'dev out':>7} {'dev in':>6} {'out%':>5} {'in%':>5}")
     for s, n, p, o, i, do, di in rows:
-        pct = [100 * x * 1e9 / c for x, c in ((o, d2h), (i, h2d), (do, d2h), (di, h2d))]
-        print(f"{s:14} {n!s:>5} {p:18} {o:6.1f} {i:6.1f} {pct[0]:4.0f}% {pct[1]:4.0f}% |"
-              f" {do:7.1f} {di:6.1f} {pct[2]:4.0f}% {pct[3]:4.0f}%")
+        pct = [100 * x * 1e9 / c for x, c in ((o, d2h), (i, h2d))]
+        dev = "" if do is None else (f" {do:7.1f} {di:6.1f} {100 * do * 1e9 / d2h:4.0f}%"
+                                     f" {100 * di * 1e9 / h2d:4.0f}%")
+        print(f"{s:14} {n!s:>5} {p:24} {o:6.1f} {i:6.1f} {pct[0]:4.0f}% {pct[1]:4.0f}% |{dev}")
     for k, v in out["extra"].items():
         print(f"{k}: {v if isinstance(v, dict) else f'{v:.1f} GB/s'}")
 

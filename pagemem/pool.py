@@ -2,7 +2,7 @@
 
 Every page is in exactly one of three states:
 
-    clean free  refcount 0, no cached contents      -> in ``_free`` (an LRU-ordered OrderedDict)
+    clean free  refcount 0, no cached contents      -> in ``_free`` (a deque, least recently freed first)
     evictable   refcount 0, contents still cached   -> in the eviction policy
     used        refcount >= 1                        -> owned by that many page tables
 
@@ -13,7 +13,9 @@ evicts a cached page only when none is left, so cached prefixes live as long as 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter, OrderedDict
+from collections import Counter, deque
+from itertools import repeat, starmap
+from operator import itemgetter
 from typing import Hashable, Iterable, NamedTuple, Sequence
 
 import numpy as np
@@ -56,9 +58,10 @@ class PagePool:
         # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
         self.kv = self.xp.zeros((config.num_pages, *config.page_shape), dtype=config.np_dtype)
         self._refcount = [0] * config.num_pages
-        # Why an OrderedDict: it is a C doubly linked list keyed by page id, so pop-front,
-        # append and removal from the middle are all O(1) without a Python node per page.
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, config.num_pages))
+        # Why a deque: pop-front and append are O(1) C calls, and a batch moves in one C loop
+        # (extend, starmap(popleft)). A clean page never leaves from the middle of the queue
+        # (evictable pages live in the policy), so no keyed removal is needed.
+        self._free: deque[int] = deque(range(1, config.num_pages))
         self.policy = make_policy(eviction)
         self._key_of: dict[int, Hashable] = {}   # page_id -> prefix-cache key (used or evictable)
         self._page_of: dict[Hashable, int] = {}  # prefix-cache key -> page_id
@@ -103,14 +106,18 @@ class PagePool:
                 f"asked for {num_pages} pages, {len(free)} free and {len(self.policy)} evictable "
                 f"of {self.num_pages - 1}"
             )
+        rc = self._refcount
+        if num_pages == 1 and free:
+            p = free.popleft()
+            rc[p] = 1
+            return [p]
         if num_pages <= len(free):
-            pages = [free.popitem(last=False)[0] for _ in range(num_pages)]
+            pages = list(starmap(free.popleft, repeat((), num_pages)))
         else:
             # Victims first: if a (user-written) policy raises, no clean page has been taken yet.
             victims = [self._evict_one() for _ in range(num_pages - len(free))]
             pages = list(free) + victims
             free.clear()
-        rc = self._refcount
         for p in pages:
             rc[p] = 1
         return pages
@@ -119,6 +126,9 @@ class PagePool:
         """Drop one reference to each page. A page reaching refcount 0 joins the back of the
         free queue (clean) or the eviction policy (cached, with ``priority``), in the order
         given: free a sequence's pages in reverse so its tail is reused or evicted first."""
+        if type(page_ids) is list and type(priority) is int and page_ids and self._are_private(page_ids):
+            self._release_private(page_ids, priority)  # the common case, checked in C-level passes
+            return
         rc = self._refcount
         self._check_ids(page_ids, "page_ids")
         if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, np.integer)):
@@ -138,7 +148,31 @@ class PagePool:
                 if p in cached:
                     self.policy.add(p, priority)
                 else:
-                    free[p] = None
+                    free.append(p)
+
+    def _free_held(self, page_ids: list[int], priority: int = 0) -> None:
+        """free() of a caller's own list of distinct valid int ids, checked when it took them
+        (HostSwap's in-flight pages): only the refcounts are checked again; anything unusual
+        goes through free(), which raises the precise error."""
+        if type(priority) is int and self._at_refcount_one(page_ids):
+            self._release_private(page_ids, priority)
+        else:
+            self.free(page_ids, priority)
+
+    def _release_private(self, page_ids: list[int], priority: int) -> None:
+        """free() of distinct valid pages at refcount 1, already checked; C loops where none is cached."""
+        rc, cached = self._refcount, self._key_of
+        if not cached or cached.keys().isdisjoint(page_ids):
+            for p in page_ids:
+                rc[p] = 0
+            self._free.extend(page_ids)
+            return
+        for p in page_ids:  # some are cached: each joins its queue, in the order given
+            rc[p] = 0
+            if p in cached:
+                self.policy.add(p, priority)
+            else:
+                self._free.append(p)
 
     def share(self, page_ids: Sequence[int]) -> None:
         """Add one reference to each page, which must be in use (e.g. a forked sequence)."""
@@ -193,7 +227,7 @@ class PagePool:
         del self._page_of[key]
         if self._refcount[page_id] == 0:
             self.policy.remove(page_id)
-            self._free[page_id] = None
+            self._free.append(page_id)
         getattr(self.policy, "forget", lambda p: None)(page_id)
 
     def _evict_one(self) -> int:
@@ -217,6 +251,25 @@ class PagePool:
             self.kv[dst] = self.kv[src]
 
     # ---- checks ----------------------------------------------------------------------------------
+    def _are_private(self, page_ids: Sequence[int]) -> bool:
+        """Whether ``page_ids`` (not empty) are distinct valid page ids held by one reference each,
+        as Python ints. Checked in C-level passes (~60 ns a page); False sends a caller to its
+        general path, which raises the precise error or handles shared pages."""
+        n = len(page_ids)
+        if n == 1:
+            p = page_ids[0]
+            return type(p) is int and 0 < p < self.num_pages and self._refcount[p] == 1
+        try:
+            return (list(map(type, page_ids)).count(int) == n and min(page_ids) > 0
+                    and self._at_refcount_one(page_ids) and len(set(page_ids)) == n)
+        except IndexError:  # a page id >= num_pages
+            return False
+
+    def _at_refcount_one(self, page_ids: Sequence[int]) -> bool:
+        """Whether each of ``page_ids`` (not empty, ints >= 0) has refcount 1."""
+        rc = self._refcount
+        return (itemgetter(*page_ids)(rc) if len(page_ids) > 1 else (rc[page_ids[0]],)).count(1) == len(page_ids)
+
     def _check_ids(self, page_ids: Iterable[int], name: str) -> None:
         n = self.num_pages
         for p in page_ids:

@@ -28,7 +28,8 @@ mirrors it: copy to staging, then scatter). Why gather below 8 MiB per run: meas
 (bench/RESULTS.md, 2026-11-26), 4096 scattered pages moved at 89%/87% of the pinned ceiling (out/in)
 as one copy per 1 MiB page and 21%/18% per 32 KiB page, against 96%/93% and 84%/87% gathered; the
 gather is one device pass (~3 TB/s, a few % of a PCIe transfer). Long runs (a contiguous sequence)
-skip it. Copies never block the host: the ids go up through pinned memory.
+skip it. Copies never block the host: the ids go up through pinned memory. Each call is planned on
+the host before its first CUDA call, then enqueued in one burst (``pagemem._swap_copy``).
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pagemem._swap_copy import D2H, H2D, CopyEngine, plan_copies
+from pagemem._swap_copy import merge_runs  # noqa: F401  (re-exported: callers import it from here)
 from pagemem.pool import OutOfPages, PagePool
 
-_D2H, _H2D = 2, 1  # cudaMemcpyKind
 PATHS = ("auto", "runs", "gather")
 
 
@@ -64,6 +66,7 @@ class SwapTicket:
     event: Any = None
     state: str = "out"
     owner: Any = field(default=None, repr=False)
+    slot_array: Any = field(default=None, repr=False)  # host_slots as a read-only [n] int64 array
 
     @property
     def num_pages(self) -> int:
@@ -84,23 +87,9 @@ class _Pending:
     nbytes: int
     seconds: float = 0.0           # CPU copies: measured with perf_counter
     page_ids: list[int] = field(default_factory=list)    # device refs to drop (swap-out)
-    host_slots: list[int] = field(default_factory=list)  # host slots to free (swap-in, discard)
+    host_slots: Any = ()           # [n] int64 host slots to free (swap-in, discard)
     priority: int = 0
     keep: tuple = ()               # buffers the copies read (pinned index arrays) until done
-
-
-def merge_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(src_start, dst_start, length) runs where both ``src`` and ``dst`` advance by one."""
-    s, d = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
-    if len(s) == 0:
-        return []
-    cut = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
-    starts, ends = np.concatenate(([0], cut)), np.concatenate((cut, [len(s)]))
-    return list(zip(s[starts].tolist(), d[starts].tolist(), (ends - starts).tolist()))
-
-
-def _num_runs(src: np.ndarray, dst: np.ndarray) -> int:
-    return 1 + int(np.count_nonzero((np.diff(src) != 1) | (np.diff(dst) != 1)))
 
 
 class HostSwap:
@@ -133,12 +122,12 @@ class HostSwap:
             self._mem = cp.cuda.alloc_pinned_memory(self.num_host_pages * self.page_bytes)
             raw = np.frombuffer(self._mem, dtype=np.uint8, count=self.num_host_pages * self.page_bytes)
             self.host = raw.view(pool.config.np_dtype).reshape(shape)
-            self.out_stream = cp.cuda.Stream(non_blocking=True)
-            self.in_stream = cp.cuda.Stream(non_blocking=True)
             word = next(w for w in (8, 4, 2, 1) if self.page_bytes % w == 0)
             # [num_pages, page_bytes // word] unsigned ints: moves bits, never values
-            self._kv_words = pool.kv.reshape(pool.num_pages, -1).view(f"u{word}")
-            self._staging: dict[int, Any] = {}  # cudaMemcpyKind -> staging buffer
+            kv_words = pool.kv.reshape(pool.num_pages, -1).view(f"u{word}")
+            self._engines = {kind: CopyEngine(kind, kv_words, self.host.ctypes.data, self.page_bytes,
+                                              self.staging_pages) for kind in (D2H, H2D)}
+            self.out_stream, self.in_stream = self._engines[D2H].stream, self._engines[H2D].stream
         else:
             self.host = np.zeros(shape, dtype=pool.config.np_dtype)
         self._host_free = np.ones(self.num_host_pages, dtype=bool)
@@ -152,7 +141,7 @@ class HostSwap:
     # ---- queries -----------------------------------------------------------------------------
     @property
     def num_free_host_pages(self) -> int:
-        return int(self._host_free.sum())
+        return int(np.count_nonzero(self._host_free))
 
     def can_swap_out(self, num_pages: int) -> bool:
         """Whether swap_out of ``num_pages`` pages fits in the host pages free now (after a reclaim)."""
@@ -170,8 +159,8 @@ class HostSwap:
         """'runs' when the mean merged run is at least ``min_run_bytes``, else 'gather'."""
         if self.path != "auto":
             return self.path
-        num_runs = _num_runs(np.asarray(device_ids), np.asarray(host_slots))
-        return "runs" if len(device_ids) * self.page_bytes >= num_runs * self.min_run_bytes else "gather"
+        plan = plan_copies(device_ids, host_slots, "auto", self.page_bytes, self.min_run_bytes, self.staging_pages)
+        return plan.path
 
     # ---- swap out / in -----------------------------------------------------------------------
     def swap_out(self, page_ids: Sequence[int], stream=None, priority: int = 0) -> SwapTicket:
@@ -180,7 +169,7 @@ class HostSwap:
         after the copy completes. Raises ValueError (free, shared or repeated page),
         OutOfHostPages (host full, after reclaiming completed copies); either way the pages and
         host slots asked for are untouched."""
-        page_ids, ids = self._check_pages(page_ids)
+        page_ids = self._check_pages(page_ids)
         self.reclaim()
         n = len(page_ids)
         if n > self.num_free_host_pages:
@@ -188,13 +177,14 @@ class HostSwap:
                                  f"{self.num_host_pages} host pages free")
         slots = np.flatnonzero(self._host_free)[:n]  # [n] int64, lowest first: host runs stay long
         self._host_free[slots] = False
-        ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self)
+        slots.flags.writeable = False
+        ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self, slot_array=slots)
         pend = _Pending(None, None, "out", ticket.nbytes, page_ids=page_ids, priority=priority)
         if self.cuda:
-            self._enqueue(ids, slots, _D2H, stream, (), pend)
+            self._enqueue(page_ids, slots, D2H, stream, (), pend)
         else:
             t0 = time.perf_counter()
-            self.host[slots] = self.pool.kv[ids]
+            self.host[slots] = self.pool.kv[page_ids]
             pend.seconds = time.perf_counter() - t0
         ticket.event = pend.event
         self._live.add(ticket)
@@ -214,14 +204,13 @@ class HostSwap:
         if not self.pool.can_allocate(n):
             raise OutOfPages(f"swap_in of {n} pages, {self.pool.num_free_pages} free")
         page_ids = self.pool.allocate(n)
-        pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.host_slots)
+        pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.slot_array)
         if self.cuda:
             after = () if ticket.is_done() else (ticket.event,)
-            ids, slots = np.asarray(page_ids, dtype=np.int64), np.asarray(ticket.host_slots, dtype=np.int64)
-            self._enqueue(ids, slots, _H2D, stream, after, pend)
+            self._enqueue(page_ids, ticket.slot_array, H2D, stream, after, pend)
         else:
             t0 = time.perf_counter()
-            self.pool.kv[page_ids] = self.host[ticket.host_slots]
+            self.pool.kv[page_ids] = self.host[ticket.slot_array]
             pend.seconds = time.perf_counter() - t0
         ticket.state = "in"
         self._live.discard(ticket)
@@ -236,7 +225,7 @@ class HostSwap:
         self._check_ticket(ticket, "discard")
         ticket.state = "discarded"
         self._live.discard(ticket)
-        self._pending.append(_Pending(ticket.event, None, "discard", 0, host_slots=ticket.host_slots))
+        self._pending.append(_Pending(ticket.event, None, "discard", 0, host_slots=ticket.slot_array))
         self.reclaim()
 
     def reclaim(self, wait: bool = False) -> int:
@@ -264,8 +253,8 @@ class HostSwap:
     # ---- internals ---------------------------------------------------------------------------
     def _finish(self, p: _Pending) -> None:
         if p.page_ids:
-            self.pool.free(p.page_ids[::-1], p.priority)
-        if p.host_slots:
+            self.pool._free_held(p.page_ids[::-1], p.priority)
+        if len(p.host_slots):
             self._host_free[p.host_slots] = True
         if p.direction in ("out", "in"):
             seconds = p.seconds
@@ -277,12 +266,16 @@ class HostSwap:
                 old, new = self._bandwidth[p.direction], p.nbytes / seconds
                 self._bandwidth[p.direction] = new if old is None else 0.5 * old + 0.5 * new
 
-    def _check_pages(self, page_ids: Sequence[int]) -> tuple[list[int], np.ndarray]:
-        """Validated ids as a list and as [n] int64. Vectorized: thousands of pages in ~0.2 ms."""
+    def _check_pages(self, page_ids: Sequence[int]) -> list[int]:
+        """Validated ids as a new list of ints. The common case (distinct valid ints at refcount 1)
+        costs a few C-level passes (~60 ns a page); anything else gets the checks below, which name
+        the first problem."""
         if isinstance(page_ids, (str, bytes)) or not isinstance(page_ids, Sequence):
             raise TypeError(f"page_ids must be a sequence of ints, got {type(page_ids).__name__}")
         if len(page_ids) == 0:
             raise ValueError("page_ids is empty")
+        if self.pool._are_private(page_ids):
+            return list(page_ids)
         ids = np.array(page_ids)
         if ids.dtype.kind not in "iu" or ids.ndim != 1 or ids.min() < 1 or ids.max() >= self.pool.num_pages:
             self.pool._check_ids(page_ids, "page_ids")  # raises, naming the offending id
@@ -301,7 +294,7 @@ class HostSwap:
                 raise ValueError(f"page_ids: page {p} is free; only pages in use can be swapped out")
             raise ValueError(f"page_ids: page {p} is shared (refcount {rc}); swapping it would "
                              f"free no memory: keep shared pages resident")
-        return page_ids, ids
+        return page_ids
 
     def _check_ticket(self, ticket: SwapTicket, what: str) -> None:
         if not isinstance(ticket, SwapTicket):
@@ -311,69 +304,23 @@ class HostSwap:
         if ticket.state != "out":
             raise ValueError(f"{what}: ticket was already used (state {ticket.state!r})")
 
-    def _enqueue(self, ids: np.ndarray, slots: np.ndarray, kind: int, stream, after, pend: _Pending) -> None:
-        """Queue one direction's copies on its stream after ``stream``'s work and ``after`` events;
-        record pend's (start, event) timing events. Nothing here blocks the host."""
+    def _enqueue(self, page_ids: Sequence[int], slots: Sequence[int], kind: int, stream, after,
+                 pend: _Pending) -> None:
+        """Plan the copies on the host, then queue them in one burst on ``kind``'s copy stream after
+        ``stream``'s work and the ``after`` events; set pend's (start, event) timing events and what
+        it keeps alive. Nothing here blocks the host."""
         import cupy as cp
+        plan = plan_copies(page_ids, slots, self.path, self.page_bytes, self.min_run_bytes, self.staging_pages)
+        self.last_path = plan.path
         compute = stream if stream is not None else cp.cuda.get_current_stream()
-        copy = self.out_stream if kind == _D2H else self.in_stream
-        ready = cp.cuda.Event(disable_timing=True)
-        ready.record(compute)  # D2H: reads after the last kernel that wrote; H2D: writes after the last reader
-        copy.wait_event(ready)
-        for ev in after:
-            copy.wait_event(ev)
-        pend.start = cp.cuda.Event()
-        pend.start.record(copy)
-        self.last_path = self.choose_path(ids, slots)
-        if self.last_path == "runs":
-            self._copy_runs(ids, slots, kind, copy)
-        else:
-            pend.keep = self._copy_gathered(ids, slots, kind, copy)
-        pend.event = cp.cuda.Event()
-        pend.event.record(copy)
-        if kind == _H2D:
-            compute.wait_event(pend.event)
-
-    def _copy_runs(self, ids: np.ndarray, slots: np.ndarray, kind: int, copy) -> None:
-        import cupy as cp
-        pb, dptr, hptr = self.page_bytes, self.pool.kv.data.ptr, self.host.ctypes.data
-        for d, h, n in merge_runs(ids, slots):
-            dst, src = (hptr + h * pb, dptr + d * pb) if kind == _D2H else (dptr + d * pb, hptr + h * pb)
-            cp.cuda.runtime.memcpyAsync(dst, src, n * pb, kind, copy.ptr)
-
-    def _copy_gathered(self, ids: np.ndarray, slots: np.ndarray, kind: int, copy) -> tuple:
-        """Chunks of ``staging_pages``: D2H gathers kv[ids] into staging then copies each host run;
-        H2D copies host runs into staging then scatters. Same stream: chunk k+1 reuses staging safely.
-        The ids go up once through pinned memory (a pageable upload would block the host until the
-        stream drains). Returns what must live until the copy completes."""
-        import cupy as cp
-        pb, hptr, m = self.page_bytes, self.host.ctypes.data, self.staging_pages
-        pinned = cp.cuda.alloc_pinned_memory(ids.nbytes)
-        np.frombuffer(pinned, dtype=np.int64, count=len(ids))[:] = ids
-        with copy:
-            stage = self._staging.get(kind)
-            if stage is None:  # [staging_pages, page words], allocated once per direction on its stream
-                stage = self._staging[kind] = cp.empty((m, self._kv_words.shape[1]), self._kv_words.dtype)
-            idx = cp.empty(len(ids), dtype=cp.int64)  # [n], from this stream's memory pool
-            cp.cuda.runtime.memcpyAsync(idx.data.ptr, pinned.ptr, ids.nbytes, _H2D, copy.ptr)
-            for i in range(0, len(ids), m):
-                k = min(m, len(ids) - i)
-                if kind == _D2H:
-                    cp.take(self._kv_words, idx[i:i + k], axis=0, out=stage[:k])
-                for j, h, n in merge_runs(np.arange(k), slots[i:i + k]):
-                    sp, hp = stage.data.ptr + j * pb, hptr + h * pb
-                    dst, src = (hp, sp) if kind == _D2H else (sp, hp)
-                    cp.cuda.runtime.memcpyAsync(dst, src, n * pb, kind, copy.ptr)
-                if kind == _H2D:
-                    self._kv_words[idx[i:i + k]] = stage[:k]
-        return pinned, idx
+        pend.start, pend.event, pend.keep = self._engines[kind].enqueue(plan, compute, after)
 
     # ---- checks ------------------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise RuntimeError, with the counts, if host slots leak or overlap, or a device page
         held by an in-flight swap-out is not referenced in the pool."""
         held = [s for t in self._live for s in t.host_slots]
-        held += [s for p in self._pending if p.direction != "out" for s in p.host_slots]
+        held += [s for p in self._pending if p.direction != "out" for s in p.host_slots.tolist()]
         free = set(np.flatnonzero(self._host_free).tolist())
         problems = []
         counts = Counter(held)

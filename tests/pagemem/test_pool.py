@@ -175,7 +175,7 @@ def test_copy_page_copies_every_layer():
 def test_check_integrity_detects_corruption():
     pool = make_pool()
     a = pool.allocate(2)
-    pool._free[a[0]] = None                # used and free at once
+    pool._free.append(a[0])                # used and free at once
     with pytest.raises(RuntimeError, match="two states"):
         pool.check_integrity()
     pool = make_pool()
@@ -194,3 +194,158 @@ def test_bfloat16_pool_on_cpu():
     pool = make_pool(dtype="bfloat16")
     assert pool.kv.dtype.name == "bfloat16"
     assert pool.config.page_bytes == 2 * 2 * 4 * 2 * 8 * 2
+
+
+# ---- batches: many pages per call ----------------------------------------------------------------
+def test_batch_allocate_and_free_keep_queue_order():
+    """allocate(n) pops the front of the free queue; free appends in the order given."""
+    pool = make_pool(num_pages=33)               # usable 1..32
+    assert pool.allocate(10) == list(range(1, 11))
+    order = [7, 2, 9, 1, 10, 3, 8, 4, 6, 5]
+    pool.free(order)                             # queue: 11..32 7 2 9 1 10 3 8 4 6 5
+    assert list(pool._free) == list(range(11, 33)) + order
+    assert pool.allocate(25) == list(range(11, 33)) + [7, 2, 9]
+    pool.check_integrity()
+
+
+def test_batch_free_sends_cached_pages_to_the_policy_in_order():
+    """In one free, cached pages join the policy (with the priority) and clean ones the free
+    queue, each in the order given; allocate then takes clean pages before any victim."""
+    pool = make_pool(num_pages=9, eviction="priority")
+    pool.allocate(8)                             # 1..8; queue empty
+    for p in (2, 5, 7):
+        assert pool.cache_page(p, f"k{p}")
+    pool.free([8, 7, 6, 5], priority=1)          # queue: 8 6        level 1: 7 5
+    pool.free([4, 3, 2, 1], priority=0)          # queue: 8 6 4 3 1  level 0: 2
+    assert list(pool._free) == [8, 6, 4, 3, 1]
+    assert pool.allocate(8) == [8, 6, 4, 3, 1, 2, 7, 5]   # clean, then level 0, then level 1 oldest first
+    assert pool.num_evictions == 3 and pool.lookup("k7") is None
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("ids, exc, match", [
+    ([1, 2, 3, 1], ValueError, "double free"),   # a repeat, every page at refcount 1
+    ([1, 2, NULL_PAGE], ValueError, "NULL_PAGE"),
+    ([1, 2, 8], ValueError, "outside"),
+    ([1, 2, -3], ValueError, "outside"),         # would index refcounts from the end
+    ([1, 2, 5], ValueError, "double free"),      # 5 was never allocated
+    ([1, 2, 3.0], TypeError, "ints"),
+    ([1, True, 3], TypeError, "ints"),
+    ([1, 2, "3"], TypeError, "ints"),
+])
+def test_bad_batch_free_changes_nothing(ids, exc, match):
+    """A batch with one bad id anywhere raises the precise error and changes nothing."""
+    pool = make_pool()
+    pool.allocate(4)
+    before = snapshot(pool)
+    with pytest.raises(exc, match=match):
+        pool.free(ids)
+    assert_unchanged(pool, before)
+
+
+@pytest.mark.parametrize("priority", [True, 1.5, "1"])
+def test_batch_free_with_bad_priority_changes_nothing(priority):
+    pool = make_pool()
+    pages = pool.allocate(4)
+    before = snapshot(pool)
+    with pytest.raises(TypeError, match="priority"):
+        pool.free(pages, priority)
+    assert_unchanged(pool, before)
+
+
+def test_batch_free_of_shared_pages_drops_one_reference_each():
+    """Shared pages in a batch lose one reference per mention; a page joins the queue once, at 0."""
+    pool = make_pool()
+    a, b, c = pool.allocate(3)                   # queue: 4 5 6 7
+    pool.share([a, b])
+    pool.free([c, b, a])                         # a, b still used once; c freed
+    assert [pool.refcount(p) for p in (a, b, c)] == [1, 1, 0]
+    pool.share([b])
+    pool.free([b, a, b])                         # b: 2 -> 1, a: 1 -> 0 joins, b: 1 -> 0 joins (once)
+    assert list(pool._free) == [4, 5, 6, 7, c, a, b]
+    pool.check_integrity()
+
+
+@pytest.mark.parametrize("wrap", [tuple, np.array, lambda ids: [np.int64(p) for p in ids]],
+                         ids=["tuple", "ndarray", "numpy-ints"])
+def test_free_of_tuples_and_numpy_ints_matches_lists(wrap):
+    """Tuples and NumPy ints take the general path to the same queue, holding Python ints."""
+    pools = make_pool(), make_pool()
+    for pool, ids in zip(pools, ([3, 1, 2], wrap([3, 1, 2]))):
+        pool.allocate(4)
+        pool.free(ids)
+        pool.check_integrity()
+    assert list(pools[1]._free) == list(pools[0]._free) == [5, 6, 7, 3, 1, 2]
+    assert all(type(p) is int for p in pools[1]._free)
+
+
+class ModelPool:
+    """The pool's rules in plain lists, LRU eviction: the spec the batch paths must match."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.rc, self.free_q, self.lru, self.cached = [0] * num_pages, list(range(1, num_pages)), [], set()
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free_q) + len(self.lru):
+            raise OutOfPages
+        pages, self.free_q = self.free_q[:n], self.free_q[n:]
+        victims, self.lru = self.lru[:n - len(pages)], self.lru[n - len(pages):]
+        self.cached -= set(victims)
+        for p in pages + victims:
+            self.rc[p] = 1
+        return pages + victims
+
+    def free(self, ids) -> None:
+        if any(type(p) is not int or not 0 < p < len(self.rc) for p in ids):
+            raise ValueError if all(type(p) is int for p in ids) else TypeError
+        if any(self.rc[p] < ids.count(p) for p in ids):
+            raise ValueError
+        for p in ids:
+            self.rc[p] -= 1
+            if self.rc[p] == 0:
+                (self.lru if p in self.cached else self.free_q).append(p)
+
+
+def test_random_batches_match_the_model():
+    """Thousands of random allocate / share / cache / free calls of many pages, some invalid
+    (repeats, free pages, NULL_PAGE, out of range, floats): same pages, queue orders and errors."""
+    rng = np.random.default_rng(12)
+    pool, model = make_pool(num_pages=40), ModelPool(40)
+    for step in range(3000):
+        used = [p for p in range(1, 40) if model.rc[p] > 0]
+        op = rng.integers(4)
+        if op == 0:
+            n = int(rng.integers(1, 12))
+            try:
+                expected = model.allocate(n)
+            except OutOfPages:
+                with pytest.raises(OutOfPages):
+                    pool.allocate(n)
+                continue
+            assert pool.allocate(n) == expected
+        elif op == 1 and used:
+            ids = rng.choice(used, size=min(len(used), int(rng.integers(1, 4))), replace=False).tolist()
+            pool.share(ids)
+            for p in ids:
+                model.rc[p] += 1
+        elif op == 2 and used:
+            p = int(rng.choice(used))
+            if pool.cache_page(p, ("key", step)):
+                model.cached.add(p)
+        elif op == 3 and used:
+            ids = rng.permutation(used)[:int(rng.integers(1, 10))].tolist()
+            if rng.random() < 0.3:               # corrupt the batch: a repeat or a bad id
+                ids.insert(int(rng.integers(len(ids) + 1)),
+                           [ids[0], 0, 40, -1, 2.0, int(rng.integers(1, 40))][int(rng.integers(6))])
+            try:
+                model.free(ids)
+            except (TypeError, ValueError) as e:
+                before = snapshot(pool)
+                with pytest.raises(type(e)):
+                    pool.free(ids)
+                assert_unchanged(pool, before)
+                continue
+            pool.free(ids)
+        assert pool._refcount == model.rc and list(pool._free) == model.free_q
+        assert list(pool.policy._order) == model.lru
+    pool.check_integrity()

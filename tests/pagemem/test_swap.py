@@ -111,6 +111,12 @@ def test_sized_by_bytes():
     ([5], ValueError, "is free"),
     ([1, 2.0], TypeError, "ints"),
     ("12", TypeError, "sequence"),
+    ([1, 2, 3, 1], ValueError, "more than once"),   # a repeat among valid pages at refcount 1
+    ([1, 2, 0], ValueError, "NULL_PAGE"),
+    ([1, 2, -1], ValueError, "not a valid page"),
+    ([1, 2, 8], ValueError, "not a valid page"),
+    ([1, 2, 5], ValueError, "is free"),
+    ([[1, 2]], TypeError, "ints"),
 ])
 def test_swap_out_bad_pages_change_nothing(bad, exc, match):
     pool, swap = make()
@@ -202,6 +208,8 @@ def random_cycles(device: str, steps: int, seed: int, path: str = "auto", make_f
             swap.reclaim(wait=bool(rng.integers(2)))
             if pool.can_allocate(ticket.num_pages):
                 new = swap.swap_in(ticket)
+                for p, d in zip(new, data):         # each swap-in, checked at once: later steps overwrite pages
+                    assert_bits(pool, p, d)
                 resident.update(zip(new, data))
             else:
                 swap.discard(ticket)
@@ -349,3 +357,58 @@ def test_check_integrity_reports_leaked_and_doubled_host_slots():
     swap._host_free[3] = False                            # a slot neither free nor held: leaked
     with pytest.raises(RuntimeError, match=r"free 1 \+ held 2 != 4 host pages"):
         swap.check_integrity()
+
+
+def test_reclaim_frees_swapped_pages_in_reverse_order():
+    """The ticket's pages go back to the free queue tail first, so a sequence's tail is reused first."""
+    pool, swap = make()
+    pool.allocate(3)                       # 1 2 3; queue: 4 5 6 7
+    ticket = swap.swap_out([2, 3, 1])      # CPU copies complete at once: reclaimed in the call
+    assert list(pool._free) == [4, 5, 6, 7, 1, 3, 2]
+    assert ticket.host_slots == [0, 1, 2] and ticket.slot_array.tolist() == [0, 1, 2]
+    check(pool, swap)
+
+
+@pytest.mark.parametrize("wrap", [tuple, lambda ids: [np.int64(p) for p in ids]], ids=["tuple", "numpy-ints"])
+def test_swap_out_accepts_tuples_and_numpy_ints(wrap):
+    """Tuples and NumPy ints swap like lists; the pool gets Python ints back."""
+    pool, swap = make()
+    pages = pool.allocate(3)
+    swap.swap_in(swap.swap_out(wrap(pages)))
+    assert list(pool._free)[-3:] == pages[::-1] and all(type(p) is int for p in pool._free)
+    check(pool, swap)
+
+
+def test_swap_out_keeps_its_own_copy_of_the_page_ids():
+    """A caller reusing its list after swap_out does not change which pages the ticket frees."""
+    pool = PagePool(PoolConfig(8, 4, 2, 2, 8, "float16", "cpu"))
+    swap = InFlightSwap(pool, 4)
+    a, b, c, d = pool.allocate(4)
+    ids = [a, b]
+    swap.swap_out(ids)
+    ids[:] = [c, d]
+    swap.reclaim(wait=True)
+    assert [pool.refcount(p) for p in (a, b, c, d)] == [0, 0, 1, 1]
+    check(pool, swap)
+
+
+def test_reclaim_of_pages_freed_behind_the_tickets_back_raises_and_changes_nothing():
+    """A caller that frees pages it handed to a ticket gets the pool's double-free error at reclaim."""
+    pool = PagePool(PoolConfig(8, 4, 2, 2, 8, "float16", "cpu"))
+    swap = InFlightSwap(pool, 4)
+    pages = pool.allocate(2)
+    swap.swap_out(pages)
+    pool.free([pages[1]])                  # misuse: the ticket owns this reference
+    free_before = list(pool._free)
+    with pytest.raises(ValueError, match="double free"):
+        swap.reclaim(wait=True)
+    assert list(pool._free) == free_before and pool.refcount(pages[0]) == 1
+
+
+def test_choose_path_is_the_mean_run_rule():
+    """choose_path: "runs" when merged runs average min_run_bytes, else "gather"; a fixed path wins."""
+    pool, swap = make(num_pages=17, num_host_pages=12, min_run_bytes=4 * 512)   # 512-byte pages
+    assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "runs"      # one run of 2048 bytes
+    assert swap.choose_path([1, 2, 3, 9], [0, 1, 2, 3]) == "gather"    # runs of 1536 and 512 bytes
+    swap.path = "runs"
+    assert swap.choose_path([1, 9], [0, 1]) == "runs"

@@ -1,0 +1,233 @@
+"""HostSwap's CUDA copy paths on the CPU: plans checked by simulating them in NumPy, and CopyEngine
+run against a stand-in for CuPy whose copies are memmoves on NumPy memory and whose calls are logged."""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from pagemem import HostSwap, PagePool, PoolConfig
+from pagemem._swap_copy import D2H, H2D, CopyEngine, merge_runs, plan_copies
+from test_swap import random_cycles
+
+WORDS = 6  # uint32 words per page in these tests: 24-byte pages
+
+
+def simulate(plan, kv: np.ndarray, host: np.ndarray, kind: int) -> None:
+    """Carry out ``plan`` with NumPy copies, chunk by chunk through a staging buffer, as the CUDA path does."""
+    if plan.path == "runs":
+        for d, h, k in plan.runs:
+            if kind == D2H:
+                host[h:h + k] = kv[d:d + k]
+            else:
+                kv[d:d + k] = host[h:h + k]
+        return
+    m = plan.staging_pages
+    stage = np.full((m, kv.shape[1]), 0xDEAD, dtype=kv.dtype)
+    for c, c0 in enumerate(range(0, len(plan.ids), m)):
+        chunk = plan.ids[c0:c0 + m]
+        if kind == D2H:
+            stage[:len(chunk)] = kv[chunk]
+        for i, h, k in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]:
+            assert c0 <= i and i + k <= c0 + len(chunk), "a run crosses a chunk edge"
+            if kind == D2H:
+                host[h:h + k] = stage[i - c0:i - c0 + k]
+            else:
+                stage[i - c0:i - c0 + k] = host[h:h + k]
+        if kind == H2D:
+            kv[chunk] = stage[:len(chunk)]
+
+
+def scattered_case(rng, n: int, num_pages: int = 64, num_host: int = 48, contiguous_slots: bool = False):
+    ids = rng.permutation(np.arange(1, num_pages))[:n]
+    slots = np.arange(3, 3 + n) if contiguous_slots else rng.permutation(num_host)[:n]
+    kv = rng.integers(0, 1 << 32, size=(num_pages, WORDS), dtype=np.uint32)
+    return ids, slots, kv, np.zeros((num_host, WORDS), dtype=np.uint32)
+
+
+@pytest.mark.parametrize("path", ["runs", "gather"])
+@pytest.mark.parametrize("staging_pages", [1, 3, 64])
+def test_plan_round_trip_matches_fancy_indexing(path, staging_pages):
+    """Any plan, run out then in (to other pages), moves exactly host[slots] = kv[ids] and back."""
+    rng = np.random.default_rng(staging_pages)
+    for n in (1, 2, 7, 30):
+        ids, slots, kv, host = scattered_case(rng, n, contiguous_slots=n == 30)
+        plan = plan_copies(ids.tolist(), slots, path, 24, 1 << 20, staging_pages)
+        assert plan.path == path
+        simulate(plan, kv, host, D2H)
+        np.testing.assert_array_equal(host[slots], kv[ids])
+        new_ids = np.setdiff1d(np.arange(1, 64), ids)[:n]
+        simulate(plan_copies(new_ids, slots.tolist(), path, 24, 1 << 20, staging_pages), kv, host, H2D)
+        np.testing.assert_array_equal(kv[new_ids], kv[ids])
+
+
+def test_plan_bounds_partition_the_runs_by_chunk():
+    """Gathered runs stop at staging chunk edges and at host gaps; bounds split them by chunk."""
+    # slots 0..9 are one host run, cut by staging chunks of 4: positions [0,4) [4,8) [8,10)
+    plan = plan_copies([5, 9, 2, 7, 1, 3, 8, 6, 4, 10], range(10), "gather", 24, 1, 4)
+    assert plan.runs == [(0, 0, 4), (4, 4, 4), (8, 8, 2)]
+    assert plan.bounds == [0, 1, 2, 3]
+    # a host gap splits chunk 0; chunk 1 is one run
+    plan = plan_copies([5, 9, 2, 7, 1, 3], [0, 1, 5, 6, 7, 8], "gather", 24, 1, 4)
+    assert plan.runs == [(0, 0, 2), (2, 5, 2), (4, 7, 2)]
+    assert plan.bounds == [0, 2, 3]
+
+
+@pytest.mark.parametrize("ids, expected", [
+    (list(range(1, 9)), "runs"),                     # 1 run of 8 pages: 192 bytes >= 100
+    ([1, 3, 5, 7], "gather"),                        # 4 runs of 1 page: 24 bytes each
+    ([1, 2, 3, 4, 9, 10, 11, 12], "gather"),         # 2 runs of 96 bytes
+    ([1, 2, 3, 4, 5, 9, 10, 11, 12, 13], "runs"),    # 2 runs of 120 bytes
+])
+def test_auto_path_compares_the_mean_run_with_min_run_bytes(ids, expected):
+    """"auto" copies runs directly when they average min_run_bytes; the runs are merge_runs'."""
+    assert plan_copies(ids, range(len(ids)), "auto", 24, 100, 64).path == expected
+    runs = plan_copies(ids, range(len(ids)), "runs", 24, 100, 64).runs
+    assert runs == merge_runs(ids, range(len(ids)))
+
+
+# ---- CopyEngine against a stand-in for CuPy ------------------------------------------------------
+class DevArray(np.ndarray):
+    """NumPy memory standing in for a CuPy array: ``.data.ptr`` is its address."""
+
+    @property
+    def data(self):
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+
+class Pinned(bytearray):
+    @property
+    def ptr(self) -> int:
+        return ctypes.addressof(ctypes.c_char.from_buffer(self))
+
+
+class FakeCupy:
+    """Just the CuPy calls CopyEngine makes. Copies run at once (a single-stream simulation, so
+    program order is stream order); ``log`` names every call in order."""
+
+    int64 = np.int64
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        fake, ptrs = self, itertools.count(1000)
+
+        class Stream:
+            def __init__(self, non_blocking=False):
+                self.ptr = next(ptrs)
+
+            def wait_event(self, event):
+                fake.log.append(f"wait {self.ptr}")
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        class Event:
+            done = True  # copies run at once
+
+            def __init__(self, disable_timing=False):
+                fake.log.append("new event")
+
+            def record(self, stream=None):
+                fake.log.append("record")
+
+            def synchronize(self):
+                pass
+
+        def memcpy(dst, src, nbytes, kind, stream):
+            fake.log.append(f"memcpy {kind}")
+            ctypes.memmove(dst, src, nbytes)
+
+        def pinned(nbytes):
+            fake.log.append("pinned")
+            return Pinned(nbytes)
+        self.cuda = SimpleNamespace(Stream=Stream, Event=Event, alloc_pinned_memory=pinned,
+                                    runtime=SimpleNamespace(memcpyAsync=memcpy),
+                                    get_current_stream=Stream, get_elapsed_time=lambda start, end: 1.0)
+
+    def empty(self, shape, dtype):
+        self.log.append("empty")
+        return np.full(shape, 0xDEAD, dtype=dtype).view(DevArray)
+
+    def take(self, a, indices, axis, out):
+        self.log.append("take")
+        np.take(a, indices, axis=axis, out=out)
+
+
+PREP = ("pinned", "empty", "new event")
+
+
+def assert_one_burst(log: list[str]) -> None:
+    """Every allocation and event creation comes before the first CUDA call of the burst."""
+    first = log.index("record")
+    assert not [c for c in log[first:] if c in PREP], log
+
+
+@pytest.mark.parametrize("path", ["runs", "gather"])
+def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
+    """Scattered pages out and back (staging of 3 pages: several chunks), bit-exact; each call
+    allocates and creates events before its first CUDA call; the id buffer grows, then is reused."""
+    rng = np.random.default_rng(4)
+    cp = FakeCupy()
+    kv = rng.integers(0, 1 << 32, size=(64, WORDS), dtype=np.uint32).view(DevArray)
+    host = np.zeros((48, WORDS), dtype=np.uint32)
+    out = CopyEngine(D2H, kv, host.ctypes.data, 4 * WORDS, 3, cp=cp)
+    in_ = CopyEngine(H2D, kv, host.ctypes.data, 4 * WORDS, 3, cp=cp)
+    compute = cp.cuda.Stream()
+    for n in (5, 11, 2):
+        ids, slots = rng.permutation(np.arange(1, 64))[:n], rng.permutation(48)[:n]
+        expected = np.asarray(kv[ids]).copy()
+        idx_before = out._idx
+        cp.log.clear()
+        _, _, keep = out.enqueue(plan_copies(ids, slots, path, 4 * WORDS, 1, 3), compute)
+        assert_one_burst(cp.log)
+        assert any(isinstance(k, Pinned) for k in keep) == (path == "gather")
+        if path == "gather" and n == 2:
+            assert out._idx is idx_before                   # big enough: reused
+        if path == "gather" and n == 11:
+            assert any(k is idx_before for k in keep)       # outgrown: kept until this call completes
+        np.testing.assert_array_equal(host[slots], expected)
+        new_ids = np.setdiff1d(np.arange(1, 64), ids)[rng.permutation(63 - n)[:n]]
+        cp.log.clear()
+        in_.enqueue(plan_copies(new_ids, slots, path, 4 * WORDS, 1, 3), compute)
+        assert_one_burst(cp.log)
+        assert cp.log[-1] == f"wait {compute.ptr}"          # the compute stream waits on the swap-in
+        np.testing.assert_array_equal(np.asarray(kv[new_ids]), expected)
+
+
+def test_copy_engine_call_order():
+    """A gathered swap-in: buffers and events first; then the copy stream waits on the compute
+    stream and the ticket's event, the timed copies run, and the compute stream waits on them."""
+    cp = FakeCupy()
+    kv = np.zeros((8, WORDS), dtype=np.uint32).view(DevArray)
+    host = np.zeros((8, WORDS), dtype=np.uint32)
+    engine = CopyEngine(H2D, kv, host.ctypes.data, 4 * WORDS, 4, cp=cp)
+    compute, ticket_event = cp.cuda.Stream(), cp.cuda.Event()
+    cp.log.clear()
+    engine.enqueue(plan_copies([3, 1], [0, 1], "gather", 4 * WORDS, 1, 4), compute, (ticket_event,))
+    own = f"wait {engine.stream.ptr}"
+    assert cp.log == ["pinned", "empty", "empty", "new event", "new event",     # host side
+                      "record", own, own,                  # ready on compute; waits: ready, ticket
+                      "record", "memcpy 1", "memcpy 1",    # start; ids upload; one host run
+                      "record", f"wait {compute.ptr}"]     # end; compute waits on it
+
+
+@pytest.mark.parametrize("path", ["auto", "runs", "gather"])
+def test_host_swap_cuda_branch_against_the_stand_in(path, monkeypatch):
+    """HostSwap's CUDA branch (pinned host pages, CopyEngines, plans) wired end to end, with
+    ``cupy`` resolving to the stand-in for this test: random cycles come back bit-exact."""
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
+
+    def make_cuda(num_pages, num_host_pages, device, path, staging_bytes):
+        pool = PagePool(PoolConfig(num_pages, 4, 2, 2, 8, "float16", "cpu"))
+        pool.kv, pool.device = pool.kv.view(DevArray), "cuda"   # this pool's pages pose as device memory
+        swap = HostSwap(pool, num_host_pages, path=path, staging_bytes=staging_bytes)
+        assert swap.cuda and isinstance(swap._mem, Pinned)
+        return pool, swap
+    random_cycles("cpu", steps=1000, seed=3, path=path, make_fn=make_cuda)
