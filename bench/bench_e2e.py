@@ -95,7 +95,7 @@ def engine(checkpoint):
               max_num_seqs=256, max_num_batched_tokens=8192, preemption="swap", admit_batch=32)
     from models import SamplingParams
     llm.generate([[1] * 40, [2] * 300], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # compile
-    llm.capture_graphs(1024 + 512)          # start-up capture of every decode shape, as vLLM does
+    llm.warmup(1024 + 512)          # start-up: compile prefill kernels, capture every decode graph
     return llm
 
 

@@ -32,7 +32,7 @@ def main() -> None:
     warm = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 2
     llm.generate([[1] * 40, [2] * 300], warm)
     t0 = time.perf_counter()
-    llm.capture_graphs(1024 + 512)
+    llm.warmup(1024 + 512)           # compile prefill kernels, capture decode graphs
     print(f"start-up graph capture {time.perf_counter() - t0:.1f} s")
     prompts, out_lens = workload(n)
     params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in out_lens]

@@ -23,7 +23,9 @@ from kernels.prefill_kernels import (REG_WORDS, make_gather_kv_kernel, make_gath
 SCORE_BYTES = 1 << 30      # score block per chunk of sequences
 THREADS = 256
 SOFTMAX_THREADS = 128
-MAX_REGS_THREADS = 256     # rows up to 256 * REG_WORDS words (8192 fp16 keys) take the one-read softmax
+# (threads, uint64 words per thread) of the one-read softmax, smallest first: rows of up to
+# 256 * REG_WORDS words (8192 fp16 keys) stay in registers.
+SOFTMAX_CLASSES = ((128, 1), (128, 2), (128, 4), (128, REG_WORDS), (256, REG_WORDS))
 
 
 def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
@@ -98,14 +100,23 @@ def _words_ok(x) -> bool:
 
 
 def _softmax_plan(row_bytes: int, threads: int | None) -> tuple[int, int] | None:
-    """(threads, words per thread) of the one-read softmax for score rows of ``row_bytes``, about
-    four uint64 words per thread; None when a row does not fit in registers (three passes)."""
+    """(threads, words per thread) of the one-read softmax for score rows of ``row_bytes``: the
+    first of SOFTMAX_CLASSES that holds the row (few variants: each compiles once); None when a
+    row does not fit in registers (three passes). ``threads`` forces the block size (tests)."""
     words = row_bytes // 8
-    if row_bytes % 8 or words > MAX_REGS_THREADS * REG_WORDS:
+    if row_bytes % 8:
         return None
-    nt = threads or min(MAX_REGS_THREADS, max(32, 1 << (-(-words // 4) - 1).bit_length()))
-    wpt = -(-words // nt)
-    return (nt, wpt) if wpt <= REG_WORDS else None
+    if threads:
+        wpt = -(-words // threads)
+        return (threads, wpt) if wpt <= REG_WORDS else None
+    return next(((nt, wpt) for nt, wpt in SOFTMAX_CLASSES if words <= nt * wpt), None)
+
+
+def prefill_key_classes(itemsize: int) -> list[int]:
+    """The longest score row (keys, page-padded context) of each one-read softmax variant for a
+    cache of ``itemsize`` bytes: an engine's start-up warm-up compiles each by running one
+    prompt of that length."""
+    return [nt * wpt * 8 // itemsize for nt, wpt in SOFTMAX_CLASSES]
 
 
 def _array_module(x):

@@ -115,6 +115,18 @@ class LLM:
         self._live: dict[Request, _Live] = {}
         self._next_id = 0
 
+    def warmup(self, max_context_len: int) -> None:
+        """Start-up work before serving, as vLLM does: compile the prefill kernels of every score-row
+        size up to ``max_context_len`` (one throwaway prompt each, two tokens generated) and
+        capture the decode CUDA graphs, so no request pays for a compile. No-op on the CPU."""
+        if self.model.device != "cuda":
+            return
+        from kernels.prefill import prefill_key_classes
+        limit = min(max_context_len, self.model.config.max_position_embeddings - 2)
+        lens = sorted({min(n, limit) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
+        self.generate([[0] * n for n in lens], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        self.capture_graphs(max_context_len)
+
     def capture_graphs(self, max_context_len: int) -> None:
         """Capture the decode CUDA graphs for contexts up to ``max_context_len`` now (start-up),
         instead of on first use. No-op on the CPU or with cuda_graph=False."""

@@ -118,3 +118,10 @@ def test_summary_reports_each_run_alone(tiny, prompts):
     assert second["pages_swapped_out"] == first["pages_swapped_out"]      # same work, not cumulative
     assert second["preemptions_swap"] == first["preemptions_swap"]
     assert 0 < first["peak_pages_used"] <= 16 and 0 <= first["mean_fragmentation"] < 1
+
+
+def test_warmup_is_a_no_op_on_the_cpu():
+    from models.engine import LLM
+    llm = LLM("random:tiny", device="cpu", num_pages=64, swap_space=0)
+    llm.warmup(128)
+    assert llm.stats.steps == [] and llm.pool.stats().num_used == 0

@@ -48,6 +48,16 @@ def test_greedy_tokens_identical(setup, kw):
         assert llm.swap.num_pages_out > 0
 
 
+def test_warmup_compiles_then_serves_the_same_tokens(setup):
+    """warmup() runs throwaway prompts and captures the decode graphs; the pool is whole again
+    and the next generate() gives the reference tokens."""
+    model, prompts, reference = setup
+    llm = LLM(model, num_pages=1024, swap_space=0, max_num_batched_tokens=256)
+    llm.warmup(200)
+    assert llm.graphs.num_captures > 0 and llm.pool.stats().num_used == 0
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == reference
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("w_layout", ["C", "F"])
 def test_capturable_gemm_matches_cupy(dtype, w_layout):
