@@ -25,6 +25,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 NUM_REQUESTS = int(os.environ.get("PAGEMEM_E2E_REQUESTS", 1000))
+# The engine's settings in this benchmark (bench/profile_engine.py uses them too). max_num_seqs and
+# the token budget are vLLM's defaults for LLM() on a GPU of 70 GiB or more (get_batch_defaults in
+# vllm/engine/arg_utils.py: 1024 sequences, 16384 tokens); PAGEMEM_E2E_SEQS overrides the first.
+ENGINE = dict(dtype="float16", num_pages=80_000, swap_space=4.0, preemption="swap", admit_batch=32,
+              max_num_seqs=int(os.environ.get("PAGEMEM_E2E_SEQS", 1024)), max_num_batched_tokens=16384)
 PRESET = "llama-3.2-1b"
 RESULTS: dict[str, float] = {}
 
@@ -91,8 +96,7 @@ def _hf_batch(hf, prompts: list[list[int]], out_lens: list[int]) -> int:
 def engine(checkpoint):
     from models.engine import LLM
     path, _ = checkpoint
-    llm = LLM(str(path), dtype="float16", device="cuda", num_pages=40_000, swap_space=4.0,
-              max_num_seqs=256, max_num_batched_tokens=8192, preemption="swap", admit_batch=32)
+    llm = LLM(str(path), device="cuda", **ENGINE)
     from models import SamplingParams
     llm.generate([[1] * 40, [2] * 300], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # compile
     llm.warmup(1024 + 512)          # start-up: compile prefill kernels, capture every decode graph

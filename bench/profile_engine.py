@@ -1,7 +1,8 @@
 """Where an engine run spends its time: the summary's step split plus a cProfile of the host side.
 
     python bench/profile_engine.py [num_requests] [model] [max_num_batched_tokens] [admit_batch] [profile]
-    (defaults: 300, random:llama-3.2-1b, 8192, 32, 1)
+                                   [max_num_seqs]
+    (defaults: 300, random:llama-3.2-1b, 8192, 32, 1, bench_e2e's ENGINE["max_num_seqs"])
 
 Requests come from bench_e2e's seeded workload. Host functions are profiled with cProfile; GPU
 time shows up in the calls that wait for it (sampling copies the tokens to the host).
@@ -13,7 +14,7 @@ import pstats
 import sys
 import time
 
-from bench.bench_e2e import workload
+from bench.bench_e2e import ENGINE, workload
 from models import SamplingParams
 from models.engine import LLM
 from models.summary import format_summary, summarize
@@ -26,8 +27,8 @@ def main() -> None:
     admit = int(sys.argv[4]) if len(sys.argv) > 4 else 32
     profile = (sys.argv[5] if len(sys.argv) > 5 else "1") == "1"
     t0 = time.perf_counter()
-    llm = LLM(model, dtype="float16", num_pages=40_000, swap_space=4.0, max_num_seqs=256,
-              max_num_batched_tokens=budget, preemption="swap", admit_batch=admit)
+    seqs = int(sys.argv[6]) if len(sys.argv) > 6 else ENGINE["max_num_seqs"]
+    llm = LLM(model, **{**ENGINE, "max_num_batched_tokens": budget, "admit_batch": admit, "max_num_seqs": seqs})
     print(f"load {time.perf_counter() - t0:.1f} s")
     warm = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)] * 2
     llm.generate([[1] * 40, [2] * 300], warm)

@@ -26,7 +26,8 @@ from models.cublas_graph import CapturableGemm
 from pagemem import PagedBatch, PagePool, SeqPages, slot
 from pagemem.page_table import fill_page_tables
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896,
+                 1024)
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
