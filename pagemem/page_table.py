@@ -113,6 +113,19 @@ class SeqPages:
         self.page_table += new_pages
         self.num_tokens += num_new_tokens
 
+    def try_grow(self, num_new_tokens: int, stream=None) -> bool:
+        """grow() when the pool has the pages it needs, else False with nothing changed. Decoding
+        into a private partial last page, the common case, allocates nothing and checks nothing
+        else (a scheduler calls this for every running sequence every step)."""
+        if (type(num_new_tokens) is int and num_new_tokens == 1 and self.num_tokens % self.pool.page_size
+                and self.pool._refcount[self.page_table[-1]] == 1):
+            self.num_tokens += 1
+            return True
+        if not self.pool.can_allocate(self.num_pages_needed(num_new_tokens)):
+            return False
+        self.grow(num_new_tokens, stream)
+        return True
+
     def slots(self, start: int, stop: int) -> np.ndarray:
         """Slots of tokens [start, stop): [stop - start] int32."""
         t = np.arange(start, stop, dtype=np.int64)

@@ -157,14 +157,13 @@ class Scheduler:
         while queue and budget > 0:
             req = queue.pop()
             n = min(req.num_tokens - req.num_computed, budget)
-            while not req.pages.can_append(n):
+            while not req.pages.try_grow(n, self.stream):   # grows when the pages are there
                 victim = queue.pop(0) if queue else req         # least important, latest arrived
                 preempted.append((victim, self._preempt(victim)))
                 if victim is req:
                     break
             if req.status is not Status.RUNNING:
                 continue
-            req.pages.grow(n, self.stream)
             out.append(req)
             lens.append(n)
             budget -= n

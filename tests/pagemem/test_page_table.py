@@ -157,3 +157,20 @@ def test_pack_batch_counts_leading_decode_rows():
     assert pack_batch(seqs, [1, 1, 5, 1]).num_decode_seqs == 2
     assert pack_batch(seqs, [1, 1, 1, 1]).num_decode_seqs == 4
     assert pack_batch(seqs, [2, 1, 1, 1]).num_decode_seqs == 0
+
+
+def test_try_grow_grows_or_changes_nothing():
+    """try_grow: a decode token into a private partial page allocates nothing; a new page comes
+    from the pool; a shared partial page is copied first; a full pool returns False untouched."""
+    pool = make_pool(num_pages=4)                    # pages 1..3
+    seq = SeqPages(pool)
+    assert seq.try_grow(3) and seq.page_table == [1] and seq.num_tokens == 3
+    assert seq.try_grow(1) and seq.page_table == [1] and seq.num_tokens == 4      # fills page 1
+    assert seq.try_grow(1) and seq.page_table == [1, 2] and seq.num_tokens == 5   # page 2
+    child = seq.fork()                                                             # page 2 shared
+    assert child.try_grow(1) and child.page_table == [1, 3] and pool.refcount(2) == 1
+    assert not seq.try_grow(4)                       # needs a page: none left
+    assert seq.page_table == [1, 2] and seq.num_tokens == 5
+    write_tokens(pool, np.array([8]), [7.0])         # slot 8 = page 2, offset 0
+    assert seq.try_grow(1) and seq.num_tokens == 6 and read_tokens(seq)[4] == 7.0
+    pool.check_integrity()
