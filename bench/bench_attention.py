@@ -95,7 +95,8 @@ def decode_variants(case: Case, sweep: bool = False):
                 "v2 1 tok uncapped": tuned(tokens_per_group=1, max_registers=None),
                 "v2 2 tok capped": tuned(tokens_per_group=2),
                 "v2 32 lanes": tuned(lanes=32),
-                "v2 256 threads": tuned(threads=256), "v2 no split": tuned(num_partitions=1),
+                "v2 128 threads": tuned(threads=128), "v2 256 threads": tuned(threads=256),
+                "v2 no split": tuned(num_partitions=1),
                 "v2 split x4": tuned(num_partitions=4)}
     if sweep:
         for lanes in (16, 32):

@@ -15,6 +15,10 @@ from kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lan
                                      make_decode_reduce_kernel, make_paged_decode_kernel)
 
 THREADS = 128
+# Split-K launches (few sequences, long contexts) use 256 threads: H100, bench_attention.py,
+# 2026-11-26 15:41 UTC, head_dim 128: 8x8192 162.9 vs 184.6 us, 1x32768 110.5 vs 132.2 us; without
+# a split 128 stays (256x512: 251.4 vs 280.2 us; 64x2048 244.2 vs 238.7, within noise).
+THREADS_SPLIT = 256
 MIN_SPLIT_SPAN = 512       # contexts up to this many tokens never split
 MIN_PART_TOKENS = 256      # smallest partition worth a block
 # Grid order: a sequence's KV heads in neighbouring blocks (see the kernel's docstring). H100,
@@ -47,7 +51,7 @@ def _dummy(xp):
 
 def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, stream,
                       window: int, dims: AttnDims, num_partitions: int | None = None,
-                      threads: int = THREADS, lanes: int | None = None,
+                      threads: int | None = None, lanes: int | None = None,
                       tokens_per_group: int = TOKENS_PER_GROUP, max_registers: int | None = MAX_REGISTERS,
                       heads_major: bool | None = None):
     """Enqueue decode attention; ``out`` [num_seqs, num_q_heads, head_dim] is written, returned.
@@ -68,6 +72,7 @@ def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: flo
         parts, part_tokens = split_rule(num_blocks, span, dims.page_size, num_sms())
     else:
         parts, part_tokens = num_partitions, -(-span // num_partitions)
+    threads = threads or (THREADS_SPLIT if parts > 1 else THREADS)
     out_kind = dtype_kind(out.dtype, "out")
     if heads_major is None:
         heads_major = HEADS_MAJOR and dims.num_seqs <= MAX_GRID_Y
