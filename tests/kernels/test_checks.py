@@ -72,3 +72,15 @@ def test_store_kv_rejects(rng):
         kernels.store_kv(k, k, p.k, p.v, slots[:1])
     with pytest.raises(ValueError, match="slot_mapping: page ids \\[0\\]"):
         kernels.store_kv(k, k, p.k, p.v, np.array([1, 6], np.int32))   # slot 1 is in NULL_PAGE
+
+
+def test_split_rule_fills_one_wave():
+    """Few long sequences split until the grid fits the SMs once (2 resident blocks of 256
+    threads each on 132 SMs: 264 slots); a full grid or a short span never splits."""
+    from kernels.decode import split_rule
+    assert split_rule(64, 8192, 16, 132) == (4, 2048)       # 8 seqs x 8 KV heads -> 256 blocks
+    assert split_rule(8, 32768, 16, 132) == (33, 1008)      # 1 seq -> 264 blocks
+    assert split_rule(8, 32768, 16, 132, resident=4) == (64, 512)  # 66 wanted; whole 512-token parts
+    assert split_rule(512, 8192, 16, 132) == (1, 8192)      # enough blocks already
+    assert split_rule(200, 8192, 16, 132) == (1, 8192)      # splitting would need a second wave
+    assert split_rule(8, 512, 16, 132) == (1, 512)          # short contexts never split
