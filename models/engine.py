@@ -122,8 +122,9 @@ class LLM:
         if self.model.device != "cuda":
             return
         from kernels.prefill import prefill_key_classes
-        limit = min(max_context_len, self.model.config.max_position_embeddings - 2)
-        lens = sorted({min(n, limit) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
+        pool_tokens = (self.pool.num_pages - 1) * self.pool.page_size
+        limit = min(max_context_len, self.model.config.max_position_embeddings, pool_tokens) - 2
+        lens = sorted({max(1, min(n, limit)) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
         self.generate([[0] * n for n in lens], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
         self.capture_graphs(max_context_len)
 
