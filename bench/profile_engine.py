@@ -2,7 +2,7 @@
 
     python bench/profile_engine.py [num_requests] [model] [max_num_batched_tokens] [admit_batch] [profile]
                                    [max_num_seqs]
-    (defaults: 300, random:llama-3.2-1b, 8192, 32, 1, bench_e2e's ENGINE["max_num_seqs"])
+    (defaults: 300, random:llama-3.2-1b, then bench_e2e's ENGINE: 16384, 32, profile on, 1024)
 
 Requests come from bench_e2e's seeded workload. Host functions are profiled with cProfile; GPU
 time shows up in the calls that wait for it (sampling copies the tokens to the host).
@@ -23,8 +23,8 @@ from models.summary import format_summary, summarize
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     model = sys.argv[2] if len(sys.argv) > 2 else "random:llama-3.2-1b"
-    budget = int(sys.argv[3]) if len(sys.argv) > 3 else 8192
-    admit = int(sys.argv[4]) if len(sys.argv) > 4 else 32
+    budget = int(sys.argv[3]) if len(sys.argv) > 3 else ENGINE["max_num_batched_tokens"]
+    admit = int(sys.argv[4]) if len(sys.argv) > 4 else ENGINE["admit_batch"]
     profile = (sys.argv[5] if len(sys.argv) > 5 else "1") == "1"
     t0 = time.perf_counter()
     seqs = int(sys.argv[6]) if len(sys.argv) > 6 else ENGINE["max_num_seqs"]

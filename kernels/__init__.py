@@ -1,4 +1,6 @@
-"""kernels: paged-attention kernels as pure functions over arrays and a stream.
+"""kernels: paged attention and the fused per-token ops of a layer, as functions over arrays and a
+stream. They write only their outputs and the arrays they name as written: the cache (store_kv),
+``out``, ``residual`` (rms_norm) and ``x`` (apply_rope, in place).
 
 NumPy arrays run the vectorized CPU path (kernels/cpu.py); CuPy arrays run Numba CUDA kernels
 enqueued on ``stream`` (a CuPy stream; default CuPy's current stream) without synchronizing.

@@ -163,6 +163,8 @@ def make_block_reduce(threads: int, is_max: bool):
     returned to every thread. ``sm``: shared float32 [threads] (the simulator's tree uses all of
     it, the device only [threads // 32]). Call in block-uniform flow: it has barriers."""
     NT = threads
+    if NT < 1 or NT & (NT - 1):
+        raise ValueError(f"block_reduce: threads must be a power of two, got {threads}")
     if SIM or NT < 32:
         @cuda.jit(device=True)
         def block_reduce(v, sm, tid):

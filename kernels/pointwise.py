@@ -118,6 +118,8 @@ def make_silu_mul_kernel(kind: int):
 
 # ---- launchers (arguments already checked by kernels/__init__.py) -----------------------------
 def rms_norm_cuda(x, weight, eps: float, residual, out, kind: int, stream, threads: int = NORM_THREADS):
+    if x.shape[0] == 0:
+        return out
     bits = bits_dtype(kind)
     kernel = make_rms_norm_kernel(x.shape[1], kind, threads, residual is not None)
     res = as_device(residual if residual is not None else x, bits)

@@ -125,7 +125,10 @@ class LLM:
         pool_tokens = (self.pool.num_pages - 1) * self.pool.page_size
         limit = min(max_context_len, self.model.config.max_position_embeddings, pool_tokens) - 2
         lens = sorted({max(1, min(n, limit)) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
-        self.generate([[0] * n for n in lens], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        next_id = self._next_id
+        for n in lens:   # one at a time: together they would share prefill calls, hence variants
+            self.generate([[0] * n], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        self._next_id = next_id   # request ids and default sampling seeds as if no warm-up ran
         self.capture_graphs(max_context_len)
 
     def capture_graphs(self, max_context_len: int) -> None:

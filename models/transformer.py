@@ -8,8 +8,11 @@ nkv K/V heads, d head_dim, I MLP width, V vocabulary.
 
 Every step's state comes in as arguments: the weights, the new tokens and their positions, the
 PagedBatch saying where each sequence's K/V lives, and the pool holding it. Each layer writes the
-new tokens' K/V into the pool (``kernels.store_kv``), then attends over the pages
-(``kernels.paged_decode`` when every sequence brings one token, else ``kernels.paged_prefill``).
+new tokens' K/V into the pool (``kernels.store_kv``), then attends over the pages: decode rows (one
+new token each, packed first) through ``kernels.paged_decode``, prefill rows through
+``kernels.paged_prefill`` in groups of similar length (``prefill_groups``). RMSNorm with its residual
+add, RoPE and SwiGLU are one kernel each (``kernels.rms_norm``, ``apply_rope``, ``silu_mul``); the
+residual stream is the forward's own array (the embedding gather) and is updated in place.
 Math runs in the weights' dtype (float32 on the CPU, float16 on a GPU). Norm statistics, RoPE
 angles, GELU and the attention softmax run in float32; logits are returned as float32 (on a GPU
 the LM head's GEMM accumulates in float32 and its output is rounded to float16 first: an fp32

@@ -85,7 +85,7 @@ def test_store_kv_kernel(rng):
 @pytest.mark.parametrize("softmax_regs", [True, False])
 def test_prefill_kernels(rng, dtype, window, softmax_regs):
     """Gather, softmax and scatter kernels around the GEMMs equal the reference prefill, with the
-    one-read softmax (rows in registers) and with the three-pass one."""
+    one-read softmax (rows in registers, several words per thread) and with the three-pass one."""
     from kernels.prefill import paged_prefill_cuda
     p = make_paged(rng, [5, 9], dtype=dtype)
     qsl = query_start_loc([2, 9])
@@ -93,7 +93,10 @@ def test_prefill_kernels(rng, dtype, window, softmax_regs):
     out = np.full(q.shape, np.nan, dtype)
     dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, 2)
     paged_prefill_cuda(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, out, None, window or 0, dims, 9,
-                       threads=32, softmax_threads=8, softmax_regs=softmax_regs)
+                       threads=32, softmax_threads=2, softmax_regs=softmax_regs)
+    from kernels.prefill import _softmax_plan
+    plan = _softmax_plan(p.page_tables.shape[1] * 4 * np.dtype(dtype).itemsize, 2)
+    assert plan is not None and plan[1] > 1          # the one-read kernel, more than one word a thread
     ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, window)
     # Scores and probabilities are rounded to the cache dtype between the GEMMs: twice the
     # decode tolerance.

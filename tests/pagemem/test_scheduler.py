@@ -149,6 +149,21 @@ def test_chunked_prefill_respects_token_budget():
     assert chunks == [8, 8, 8, 8, 7, 1]
 
 
+def test_rows_come_decode_first_then_prefill_by_context_length():
+    """A step mixing a decode row with new prompts of 9, 3 and 6 tokens packs the decode row
+    first, then the prompts shortest context first (what prefill grouping relies on)."""
+    pool = PagePool(PoolConfig(32, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    sched = Scheduler(pool, max_num_batched_tokens=64, watermark=0.0)
+    sched.add("a", list(range(1, 6)), 4)
+    step = sched.schedule()
+    sched.update(step, toy_forward(pool, step))              # "a" now decodes
+    for rid, n in (("b", 9), ("c", 3), ("d", 6)):
+        sched.add(rid, list(range(1, n + 1)), 2)
+    step = sched.schedule()
+    assert [r.request_id for r in step.requests] == ["a", "c", "d", "b"]
+    assert step.query_lens == [1, 3, 6, 9]
+
+
 def test_lowest_priority_latest_arrival_is_preempted_first():
     prompts = [list(range(1, 8)) for _ in range(3)]
     outs, sched, _ = run(prompts, 8, num_pages=7, priorities=[0, 5, 0])
