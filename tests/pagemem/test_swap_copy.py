@@ -135,7 +135,7 @@ class FakeCupy:
                 fake.log.append("new event")
 
             def record(self, stream=None):
-                fake.log.append("record")
+                fake.log.append("record" if stream is None else f"record {stream.ptr}")
 
             def synchronize(self):
                 pass
@@ -165,7 +165,7 @@ PREP = ("pinned", "empty", "new event")
 
 def assert_one_burst(log: list[str]) -> None:
     """Every allocation and event creation comes before the first CUDA call of the burst."""
-    first = log.index("record")
+    first = next(i for i, c in enumerate(log) if c.startswith("record"))
     assert not [c for c in log[first:] if c in PREP], log
 
 
@@ -211,11 +211,11 @@ def test_copy_engine_call_order():
     compute, ticket_event = cp.cuda.Stream(), cp.cuda.Event()
     cp.log.clear()
     engine.enqueue(plan_copies([3, 1], [0, 1], "gather", 4 * WORDS, 1, 4), compute, (ticket_event,))
-    own = f"wait {engine.stream.ptr}"
+    own, c = engine.stream.ptr, compute.ptr
     assert cp.log == ["pinned", "empty", "empty", "new event", "new event",     # host side
-                      "record", own, own,                  # ready on compute; waits: ready, ticket
-                      "record", "memcpy 1", "memcpy 1",    # start; ids upload; one host run
-                      "record", f"wait {compute.ptr}"]     # end; compute waits on it
+                      f"record {c}", f"wait {own}", f"wait {own}",   # ready on compute; waits: ready, ticket
+                      f"record {own}", "memcpy 1", "memcpy 1",       # start; ids upload; one host run
+                      f"record {own}", f"wait {c}"]                  # end; compute waits on it
 
 
 @pytest.mark.parametrize("path", ["auto", "runs", "gather"])
