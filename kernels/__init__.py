@@ -128,7 +128,7 @@ def silu_mul(gate_up, out=None, stream=None):
         raise ValueError(f"gate_up: width must be even (gate then up), got {gate_up.shape[1]}")
     shape = (gate_up.shape[0], gate_up.shape[1] // 2)
     if out is None:
-        out = np.empty(shape, gate_up.dtype) if not on_gpu else _cupy().empty(shape, gate_up.dtype)
+        out = _empty(shape, gate_up.dtype, on_gpu)
     elif tuple(out.shape) != shape or out.dtype != gate_up.dtype:
         raise ValueError(f"out: expected shape {shape} and dtype {gate_up.dtype}, got {tuple(out.shape)} {out.dtype}")
     if not on_gpu:
@@ -145,14 +145,12 @@ def _check_rows(x, name: str, ndim: int) -> int:
     return kind
 
 
-def _cupy():
-    import cupy
-    return cupy
-
-
 def _empty_like(q):
-    import numpy as np
-    if isinstance(q, np.ndarray):
-        return np.empty(q.shape, q.dtype)
+    return _empty(q.shape, q.dtype, not isinstance(q, np.ndarray))
+
+
+def _empty(shape, dtype, on_gpu: bool):
+    if not on_gpu:
+        return np.empty(shape, dtype)
     import cupy
-    return cupy.empty(q.shape, q.dtype)
+    return cupy.empty(shape, dtype)

@@ -99,22 +99,8 @@ def make_prefill_softmax_kernel(group: int, kind: int, threads: int):
     """
     G, NT = group, threads
     load, store = load_scalar[kind], store_scalar[kind]
+    block_max, block_sum = make_block_reduce(NT, True), make_block_reduce(NT, False)
     NEG_INF = float32(-math.inf)
-
-    @cuda.jit(device=True)
-    def block_reduce(v, sm, tid, is_max):
-        """Max (is_max) or sum of v over the block, returned to every thread."""
-        sm[tid] = v
-        cuda.syncthreads()  # all partials written
-        stride = NT // 2
-        while stride > 0:
-            if tid < stride:
-                sm[tid] = max(sm[tid], sm[tid + stride]) if is_max else sm[tid] + sm[tid + stride]
-            cuda.syncthreads()  # this level done before the next reads it
-            stride //= 2
-        total = sm[0]
-        cuda.syncthreads()  # everyone has read sm[0] before sm is reused
-        return total
 
     @cuda.jit
     def prefill_softmax_kernel(scores, query_start_loc, context_lens, window):
@@ -133,11 +119,11 @@ def make_prefill_softmax_kernel(group: int, kind: int, threads: int):
         m = NEG_INF
         for j in range(lo + tid, pos + 1, NT):  # pass 1: row max
             m = max(m, load(scores[s, hk, r, j]))
-        mx = block_reduce(m, sm, tid, True)
+        mx = block_max(m, sm, tid)
         l = float32(0)
         for j in range(lo + tid, pos + 1, NT):  # pass 2: sum of exponentials
             l += math.exp(load(scores[s, hk, r, j]) - mx)
-        inv = float32(1) / block_reduce(l, sm, tid, False)
+        inv = float32(1) / block_sum(l, sm, tid)
         for j in range(tid, scores.shape[3], NT):  # pass 3: probabilities, zero outside [lo, pos]
             p = float32(0)
             if lo <= j <= pos:
