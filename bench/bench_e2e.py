@@ -104,8 +104,12 @@ def engine(checkpoint):
 
 
 @pytest.mark.benchmark(group="e2e")
-def test_pagemem_engine(benchmark, engine):
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_pagemem_engine(benchmark, engine, async_scheduling):
+    """The engine as configured (async scheduling: greedy ids stay on the device and the next
+    step is queued before they reach the host), then the same engine taking the ids in every step."""
     from models import SamplingParams
+    engine.async_scheduling = async_scheduling
     prompts, out_lens = workload()
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     t0 = time.perf_counter()
@@ -118,7 +122,8 @@ def test_pagemem_engine(benchmark, engine):
     benchmark.extra_info.update(requested_tokens=tokens, tokens_per_s=tps, device=device_name(),
                                 hf_best_tokens_per_s=hf_best, speedup=tps / hf_best if hf_best else None,
                                 preemptions=dict(engine.scheduler.num_preemptions))
-    print(f"\npagemem {tps:.0f} tok/s; HF best {hf_best or 0:.0f} tok/s; "
+    engine.async_scheduling = True
+    print(f"\npagemem ({'async' if async_scheduling else 'sync'}) {tps:.0f} tok/s; HF best {hf_best or 0:.0f} tok/s; "
           f"speedup {tps / hf_best if hf_best else float('nan'):.1f}x; {dict(engine.scheduler.num_preemptions)}")
 
 

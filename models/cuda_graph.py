@@ -30,6 +30,19 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
                  1024)
 
 
+_FEED = None
+
+
+def _feed_kernel(cp):
+    """token_ids[i] = ids[src[i]] where src[i] >= 0: a decode row's token sampled by the step
+    before, still on the device."""
+    global _FEED
+    if _FEED is None:
+        _FEED = cp.ElementwiseKernel("int32 src, raw T ids", "int32 tok",
+                                     "if (src >= 0) tok = (int)ids[src];", "pagemem_feed_tokens")
+    return _FEED
+
+
 def _bucket(n: int, buckets: Sequence[int]) -> int:
     return next(b for b in buckets if b >= n)
 
@@ -45,6 +58,7 @@ class DecodeGraphs:
         self.mempool = cp.cuda.MemoryPool()
         self.graphs: dict[tuple[int, int], object] = {}
         self.static: dict[tuple[int, int], tuple] = {}   # key -> (pinned host inputs, device inputs)
+        self.uploaded: dict[tuple[int, int], object] = {}  # key -> event after its last input copy
         with cp.cuda.using_allocator(self.mempool.malloc):
             self.logits = cp.empty((max_num_seqs, model.config.vocab_size), dtype=cp.float32)  # [B, V]
         self.gemm = CapturableGemm(stream)     # CuPy's own matmul cannot be captured
@@ -56,17 +70,33 @@ class DecodeGraphs:
         return (self.disabled is None and 0 < len(seqs) <= self.max_seqs
                 and all(q == 1 for q in query_lens))
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages]):
+    def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages], feed=None):
         """Logits [num_seqs, V] float32 (a view into the static buffer, valid until the next run),
-        or None if capturing failed (the caller runs the step eagerly)."""
+        or None if capturing failed (the caller runs the step eagerly).
+
+        ``feed``: (rows, src, ids) for rows whose token id is still on the device: row
+        ``rows[k]`` reads ``ids[src[k]]`` (a device array) instead of ``tokens[rows[k]]``."""
         n = len(seqs)
         max_pages = max(len(s.page_table) for s in seqs)
         key = (_bucket(n, self.buckets), self._page_bucket(max_pages))
         if key not in self.graphs and not self._try_capture(key):
             return None
         host, dev = self.static[key]
+        uploaded = self.uploaded.get(key)
+        if uploaded is not None:
+            uploaded.synchronize()     # the last copy out of this pinned buffer has left it
         self._fill(host, key, tokens, positions, seqs)
+        v = self._views(host, key)
+        v["token_src"][:] = -1
+        if feed is not None:
+            v["token_src"][feed[0]] = feed[1]
         dev.set(host, stream=self.stream)            # one host-to-device copy of every input
+        if uploaded is None:
+            uploaded = self.uploaded[key] = self.cp.cuda.Event(block=False, disable_timing=True)
+        uploaded.record(self.stream)
+        if feed is not None:
+            d = self._views(dev, key)
+            _feed_kernel(self.cp)(d["token_src"], feed[2], d["token_ids"])
         self.graphs[key].launch(stream=self.stream)
         self.num_replays += 1
         return self.logits[:n]
@@ -101,7 +131,7 @@ class DecodeGraphs:
     def _layout(self, key: tuple[int, int]) -> list[tuple[str, int]]:
         b, p = key
         return [("page_tables", b * p), ("context_lens", b), ("query_start_loc", b + 1),
-                ("slot_mapping", b), ("token_ids", b), ("positions", b)]
+                ("slot_mapping", b), ("token_ids", b), ("positions", b), ("token_src", b)]
 
     def _views(self, buf, key: tuple[int, int]) -> dict:
         out, o = {}, 0

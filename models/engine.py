@@ -17,7 +17,7 @@ from models.model import Model, load_model
 from models.sampling import SamplingParams, make_rng, sample, stop_reason
 from pagemem import PagePool, PoolConfig, pack_batch
 from pagemem.prefix_cache import PrefixCache
-from pagemem.scheduler import Request, Scheduler
+from pagemem.scheduler import Request, Scheduler, Status
 from pagemem.swap import HostSwap
 
 CPU_POOL_BYTES = 1 << 30   # default pool size on the CPU, where free memory is not probed
@@ -88,7 +88,8 @@ class LLM:
                  page_size: int = 16, num_pages: int | None = None, gpu_memory_utilization: float = 0.9,
                  swap_space: float = 4.0, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  preemption: str = "recompute", eviction: str = "lru", enable_prefix_caching: bool = False,
-                 seed: int = 0, watermark: float = 0.01, cuda_graph: bool = True, admit_batch: int = 1) -> None:
+                 seed: int = 0, watermark: float = 0.01, cuda_graph: bool = True, admit_batch: int = 1,
+                 async_scheduling: bool = True) -> None:
         self.model = model if isinstance(model, Model) else load_model(model, dtype, device, seed)
         self.xp = self.model.xp
         if swap_space < 0:
@@ -111,6 +112,14 @@ class LLM:
                                    swap=self.swap, prefix_cache=self.prefix_cache, watermark=watermark,
                                    admit_batch=admit_batch, stream=self.stream)
         self.seed = seed
+        self.async_scheduling = bool(async_scheduling)
+        self._inflight: _InFlight | None = None
+        self._flip = 0
+        self._pinned = None
+        if self.stream is not None:      # two landing buffers for sampled ids: one per step in flight
+            import cupy as cp
+            self._pinned = [np.frombuffer(cp.cuda.alloc_pinned_memory(8 * max_num_seqs), dtype=np.int64)
+                            for _ in range(2)]
         self.stats = EngineStats()
         self._live: dict[Request, _Live] = {}
         self._next_id = 0
@@ -192,68 +201,142 @@ class LLM:
         reqs = [self._queue(text, ids, sp, 0) for (text, ids), sp in zip(encoded, plist)]
         self.stats = EngineStats(start_t=time.perf_counter(), counters_at_start=self.counters())
         bar = _progress(len(reqs), use_tqdm)
-        while self.scheduler.has_unfinished():
+        while self.has_unfinished():
             bar.update(self.step())
         bar.close()
         self.stats.end_t = time.perf_counter()
         return [self._output(r) for r in reqs]
 
     # ---- one step -----------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        """Requests queued, running or swapped, or a step whose tokens have not come back yet."""
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
     def step(self) -> int:
-        """Schedule, run the model once, sample, and retire finished requests. Returns how many finished."""
+        """Schedule and queue one model step, then take in the tokens of the step before it.
+        Returns how many requests finished.
+
+        With ``async_scheduling`` a greedy step's sampled ids stay on the device: the next step
+        is scheduled and queued while the GPU works, its decode rows read those ids on the
+        device, and the ids reach the host one step later. A request that stops on a sampled
+        id (EOS, a stop token) then runs one extra row whose token is dropped; one that reaches
+        max_tokens is retired before the next schedule. Anything else (sampling with a
+        temperature) is taken in before the next step, as without ``async_scheduling``.
+        """
         t0 = time.perf_counter()
-        step = self.scheduler.schedule()
-        if not step.requests:
+        finished = 0
+        prev = self._inflight
+        if prev is not None:     # ids in flight that are their request's last: no further step
+            for req in prev.sampled:
+                if req.status is Status.RUNNING and req.num_output_tokens >= req.max_tokens:
+                    self.scheduler.finish(req)
+        step = self.scheduler.schedule() if self.scheduler.has_unfinished() else None
+        if step is not None and not step.requests and prev is None:
             raise RuntimeError(f"no request could be scheduled: {self.pool.num_free_pages} free pages, "
                                f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.swapped)} swapped")
+        cur = self._launch(step, prev, t0) if step is not None and step.requests else None
+        if prev is not None:
+            finished += self._take_in(prev)
+        self._inflight = cur
+        if cur is not None and not cur.deferred:
+            finished += self._take_in(cur)
+            self._inflight = None
+        return finished
+
+    def _launch(self, step, prev: _InFlight | None, t0: float) -> _InFlight:
+        """Queue the step's forward and sampling on the engine's stream; report it to the
+        scheduler as advanced. Decode rows whose last token is still in flight read its id
+        from ``prev``'s device tokens."""
         tokens, positions = _inputs(step.requests, step.query_lens)
+        feed = _feed_rows(step.requests, prev)           # (token index, index into prev.tokens) or None
         seqs = [r.pages for r in step.requests]
+        rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
+        sampled = [step.requests[i] for i in rows]
         # Every device operation of the step (batch upload, forward, sampling) runs on one stream.
         with self.stream if self.stream is not None else contextlib.nullcontext():
-            logits = self._forward(tokens, positions, seqs, step.query_lens)      # [num_seqs, V]
-            rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
-            new = self._sample(logits, [step.requests[i] for i in rows], rows, len(step.requests))
-        self.scheduler.update(step, new)
-        now = time.perf_counter()
-        self._measure_prefill(step, now - t0)
-        self._record(now, now - t0, step)      # before retiring: the step's peak occupancy
-        return self._retire(new, now)
+            logits = self._forward(tokens, positions, seqs, step.query_lens, feed, prev)   # [num_seqs, V]
+            cur = _InFlight(step, sampled, t0)
+            self._sample(cur, logits, rows, len(step.requests))
+        self.scheduler.advance(step, sampled)
+        return cur
 
-    def _forward(self, tokens: np.ndarray, positions: np.ndarray, seqs, lens: list[int]):
+    def _forward(self, tokens: np.ndarray, positions: np.ndarray, seqs, lens: list[int], feed, prev):
         """Logits [num_seqs, V]. Decode rows (packed first) replay a CUDA graph when one is
         available; the rest, or everything without graphs, run the eager forward."""
         nd = next((i for i, q in enumerate(lens) if q != 1), len(lens))
         head = None
         if nd and self.graphs is not None and self.graphs.can_run(seqs[:nd], lens[:nd]):
-            head = self.graphs.run(tokens[:nd], positions[:nd], seqs[:nd])         # [nd, V] or None
+            head_feed = None
+            if feed is not None:
+                keep = feed[0] < nd
+                head_feed = (feed[0][keep], feed[1][keep], prev.tokens)
+            head = self.graphs.run(tokens[:nd], positions[:nd], seqs[:nd], head_feed)   # [nd, V] or None
         if head is None:
             nd = 0
         if nd == len(lens):
             return head
         batch = pack_batch(seqs[nd:], lens[nd:], self.xp)
-        tail = self.model.forward(tokens[nd:], positions[nd:], batch, self.pool)   # decode rows: 1 token each
+        tail_tokens = tokens[nd:]                     # decode rows come first: token i is row i
+        if feed is not None and (feed[0] >= nd).any():
+            keep = feed[0] >= nd
+            tail_tokens = self.xp.asarray(tail_tokens)
+            tail_tokens[self.xp.asarray(feed[0][keep] - nd)] = \
+                prev.tokens[self.xp.asarray(feed[1][keep])].astype(tail_tokens.dtype)
+        tail = self.model.forward(tail_tokens, positions[nd:], batch, self.pool)
         return tail if nd == 0 else self.xp.concatenate([head, tail])
 
-    def _sample(self, logits, reqs: list[Request], rows: list[int], num_rows: int) -> dict[Request, int]:
-        if not reqs:
-            return {}
+    def _sample(self, cur: _InFlight, logits, rows: list[int], num_rows: int) -> None:
+        """Greedy rows take an argmax left on the device, copied to the host without waiting
+        (``cur.deferred``); rows that sample with a temperature are drawn on the host now."""
+        if not rows:
+            cur.host = np.empty(0, dtype=np.int64)
+            return
         if len(rows) < num_rows:
             logits = logits[self.xp.asarray(rows)]
-        live = [self._live[r] for r in reqs]
-        tokens = sample(logits, [x.params for x in live], [x.rng for x in live])
-        return dict(zip(reqs, tokens.tolist()))
+        live = [self._live[r] for r in cur.sampled]
+        if not (self.async_scheduling and all(x.params.is_greedy for x in live)):
+            cur.host = sample(logits, [x.params for x in live], [x.rng for x in live])
+            return
+        cur.tokens = logits.argmax(axis=-1)                                  # [rows] on the device
+        cur.deferred = True
+        if self.stream is None:
+            cur.host = cur.tokens
+            return
+        import cupy as cp
+        self._flip ^= 1
+        buf = self._pinned[self._flip][:len(rows)]
+        cur.tokens.get(stream=self.stream, out=buf, blocking=False)
+        cur.host, cur.event = buf, cp.cuda.Event(block=False, disable_timing=True)
+        cur.event.record(self.stream)
 
-    def _retire(self, new: dict[Request, int], now: float) -> int:
-        finished = 0
-        for req, tok in new.items():
+    def _take_in(self, cur: _InFlight) -> int:
+        """The step's sampled ids are on the host (waits for its copy alone, not the device):
+        append them, retire requests that stop, record the step. Returns how many finished."""
+        if cur.event is not None:
+            cur.event.synchronize()
+        ids = cur.host.tolist()
+        now = time.perf_counter()
+        keep, finished = {}, 0
+        for req, tok in zip(cur.sampled, ids):
+            live = self._live[req]
+            if live.finish_reason:           # stopped on an earlier id while this row ran: drop it
+                req.num_pending -= 1
+                continue
+            keep[req] = tok
+        self.scheduler.resolve(keep)
+        for req, tok in keep.items():
             live = self._live[req]
             if live.first_token_t is None:
                 live.first_token_t = now
-            reason = stop_reason(live.params, tok, req.num_output_tokens, self.model.eos_token_ids)
+            num_out = len(req.token_ids) - req.num_prompt_tokens     # ids known so far, this one included
+            reason = stop_reason(live.params, tok, num_out, self.model.eos_token_ids)
             if reason is not None:
                 live.done_t, live.finish_reason = now, reason
-                self.scheduler.finish(req)
+                if req.status is not Status.FINISHED:
+                    self.scheduler.finish(req)
                 finished += 1
+        self._measure_prefill(cur.step, now - cur.t0)
+        self._record(now, now - cur.t0, cur.step)
         return finished
 
     def _measure_prefill(self, step, seconds: float) -> None:
@@ -289,13 +372,42 @@ class LLM:
                              req.num_preemptions, req.num_cached_tokens)
 
 
+@dataclass(slots=True, eq=False)
+class _InFlight:
+    """A queued step whose sampled ids may still be on the device."""
+
+    step: object                   # the ScheduledStep
+    sampled: list[Request]         # requests that sampled, in the order of ``tokens``
+    t0: float
+    tokens: object = None          # [len(sampled)] ids on the device (NumPy on the CPU)
+    host: np.ndarray | None = None  # where they land on the host
+    event: object = None           # recorded after the copy to ``host``
+    deferred: bool = False         # taken in after the next step is queued
+
+
+def _feed_rows(reqs: list[Request], prev: _InFlight | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """For rows whose token is still in flight (decode rows, packed first, so row i is token i):
+    (row indices, their indices into ``prev.tokens``), or None when there are none."""
+    if prev is None or not prev.deferred:
+        return None
+    at = {req: j for j, req in enumerate(prev.sampled)}
+    pairs = [(i, at[r]) for i, r in enumerate(reqs) if r.num_pending]
+    if not pairs:
+        return None
+    a = np.asarray(pairs, dtype=np.int64)
+    return a[:, 0].copy(), a[:, 1].copy()
+
+
 def _inputs(reqs: list[Request], lens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """This step's token ids and positions, [T] int32 each, sequence by sequence."""
+    """This step's token ids and positions, [T] int32 each, sequence by sequence. A token still
+    in flight (decode rows only) is left 0 here and fed on the device."""
     if len(lens) == sum(lens):                                  # decode only: one token each
         positions = np.fromiter((r.num_computed for r in reqs), dtype=np.int32, count=len(reqs))
-        tokens = np.fromiter((r.token_ids[r.num_computed] for r in reqs), dtype=np.int32, count=len(reqs))
+        tokens = np.fromiter((r.token_ids[r.num_computed] if not r.num_pending else 0 for r in reqs),
+                             dtype=np.int32, count=len(reqs))
         return tokens, positions
-    tokens = np.fromiter((t for r, n in zip(reqs, lens) for t in r.token_ids[r.num_computed:r.num_computed + n]),
+    tokens = np.fromiter((t for r, n in zip(reqs, lens)
+                          for t in (r.token_ids[r.num_computed:r.num_computed + n] if not r.num_pending else (0,))),
                          dtype=np.int32, count=sum(lens))
     positions = np.concatenate([np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
                                 for r, n in zip(reqs, lens)])

@@ -2,7 +2,11 @@
 
 It knows requests, pages and token counts, never a model. Each ``schedule()`` returns
 the requests to run this step and how many of their tokens to compute; the caller runs
-the model on them and reports back with ``update()``.
+the model on them and reports back with ``update()``, or in two halves: ``advance()`` as soon
+as the step is queued (its K/V count as cached; the rows that sample gain a pending token of
+unknown id) and ``resolve()`` when the sampled ids reach the host. Between the two the next
+step may already be scheduled: a request with a pending token decodes it (its id is fed on the
+device), while admission and resume wait for the ids, since they need every token.
 
 One step, in order:
 
@@ -55,15 +59,17 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0        # prompt tokens served by the prefix cache
     num_registered_pages: int = 0     # leading full pages already offered to the prefix cache
+    num_pending: int = 0              # sampled tokens the caller has not reported yet (advance/resolve)
     preempted_by: dict = field(default_factory=lambda: {"swap": 0, "recompute": 0})
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens so far, counting sampled ones not reported yet (whose ids are still unknown)."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
 
     def _order(self) -> tuple[int, int]:
         """Sort key: most important first."""
@@ -182,20 +188,53 @@ class Scheduler:
     def update(self, step: ScheduledStep, new_tokens: dict[Request, int]) -> None:
         """Record that ``step`` ran: its K/V are cached; append each sampled token.
         ``new_tokens`` maps a request whose chunk reached its last token to the sampled id."""
+        self.advance(step, new_tokens)
+        self.resolve(new_tokens)
+
+    def advance(self, step: ScheduledStep, sampled) -> None:
+        """``step`` is queued: its K/V count as cached, and each request in ``sampled`` (those
+        whose chunk reached their last token) gains one pending token, reported by ``resolve``."""
+        for req in step.requests:
+            if req.status is not Status.RUNNING:
+                raise ValueError(f"request {req.request_id!r} is {req.status.value}, not running")
         for req in step.requests:
             req.num_computed = req.pages.num_tokens
-            if self.prefix_cache is not None:
-                self.prefix_cache.register(req.pages.page_table, req.token_ids[:req.num_computed],
-                                           start=req.num_registered_pages)
-                req.num_registered_pages = req.num_computed // self.pool.page_size
-            if req in new_tokens:
-                req.token_ids.append(new_tokens[req])
+            self._register(req)
+        for req in sampled:
+            req.num_pending += 1
+
+    def resolve(self, new_tokens: dict[Request, int]) -> None:
+        """Append the sampled ids of pending tokens, in order; finished requests take them too."""
+        for req in new_tokens:
+            if req.num_pending < 1:
+                raise ValueError(f"request {req.request_id!r} has no pending token")
+        for req, tok in new_tokens.items():
+            req.num_pending -= 1
+            req.token_ids.append(tok)
+            if req.pages is not None:
+                self._register(req)
+
+    def _register(self, req: Request) -> None:
+        """Offer the request's newly full pages, of known and computed tokens, to the prefix cache."""
+        known = min(req.num_computed, len(req.token_ids))
+        if self.prefix_cache is not None and known // self.pool.page_size > req.num_registered_pages:
+            self.prefix_cache.register(req.pages.page_table, req.token_ids[:known],
+                                       start=req.num_registered_pages)
+            req.num_registered_pages = known // self.pool.page_size
 
     def finish(self, req: Request) -> None:
-        """Release a request's pages (tail first) and drop it from the running set."""
-        self.running.remove(req)
-        req.pages.free(req.priority)
-        req.pages = None
+        """Retire a request wherever it is: a running one releases its pages (tail first), a
+        swapped one its host copy; a waiting one just leaves the queue."""
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+            req.pages.free(req.priority)
+            req.pages = None
+        elif req.status is Status.SWAPPED:
+            self.swapped.remove(req)
+            self.preemptor.discard(req.preempted)
+            req.preempted = None
+        elif req.status is Status.WAITING:
+            self.waiting.remove(req)
         req.status = Status.FINISHED
 
     # ---- preemption --------------------------------------------------------------------------------
@@ -237,6 +276,8 @@ class Scheduler:
         self.swapped.sort(key=Request._order)
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.swapped[0]
+            if req.num_pending:      # its ids are not known yet; next step
+                break
             n = min(req.num_tokens - req.num_computed, budget)
             total = len(req.preempted.swapped_at) + self._pages_to_grow(req.num_computed, n)
             if not self.pool.can_allocate(total + self._watermark()):
@@ -259,6 +300,8 @@ class Scheduler:
         self.waiting.sort(key=Request._order)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:      # prefill needs every token id; next step
+                break
             # Decide with peek (no side effects); reviving an evictable hit consumes a free page.
             hits = self.prefix_cache.peek(req.token_ids) if self.prefix_cache is not None else []
             computed = len(hits) * self.pool.page_size

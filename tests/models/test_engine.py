@@ -125,3 +125,49 @@ def test_warmup_is_a_no_op_on_the_cpu():
     llm = LLM("random:tiny", device="cpu", num_pages=64, swap_space=0)
     llm.warmup(128)
     assert llm.stats.steps == [] and llm.pool.stats().num_used == 0
+
+
+@pytest.mark.parametrize("kw", [dict(num_pages=512, swap_space=0),
+                                dict(num_pages=17, page_size=16, preemption="swap", swap_space=0.01,
+                                     max_num_batched_tokens=64),
+                                dict(num_pages=17, page_size=16, preemption="recompute", swap_space=0,
+                                     max_num_batched_tokens=64)],
+                         ids=["big-pool", "swap", "recompute"])
+def test_async_scheduling_stops_like_the_simple_loop(tiny, prompts, reference, kw):
+    """Requests that end on a stop token (one sampled while the next step was already queued)
+    end exactly where the simple loop ends them, with async scheduling on and off."""
+    counts = {}
+    for out in reference:
+        for t in set(out[3:20]):
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)                      # a token several requests reach mid-way
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop_token_ids=(stop,))
+    want = generate(tiny, prompts, params)
+    assert any(len(w) < 24 for w in want) and any(len(w) == 24 for w in want)
+    for flag in (True, False):
+        llm = LLM(tiny, async_scheduling=flag, **kw)
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == want
+        assert [o.finish_reason for o in outs] == ["stop" if len(w) < 24 else "length" for w in want]
+        assert not llm.has_unfinished()
+        llm.pool.check_integrity()
+        assert llm.pool.stats().num_used == 0
+        assert all(r.num_pending == 0 for r in llm.scheduler.running)
+
+
+def test_async_scheduling_keeps_one_greedy_step_in_flight(tiny):
+    llm = LLM(tiny, num_pages=64, swap_space=0)
+    llm.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    llm.step()                                                     # prefill queued, its id in flight
+    assert llm._inflight is not None and llm._inflight.deferred
+    (req,) = llm.scheduler.running
+    assert req.num_pending == 1 and len(req.token_ids) == 3
+    llm.step()                                                     # decode queued, prefill's id in
+    assert len(req.token_ids) == 4 and req.num_pending == 1
+    while llm.has_unfinished():
+        llm.step()
+    assert req.num_output_tokens == 3 and req.num_pending == 0
+    sync = LLM(tiny, num_pages=64, swap_space=0)
+    sync.add_request([1, 2, 3], SamplingParams(temperature=0.7, max_tokens=3, seed=1))
+    sync.step()                                                    # sampling with a temperature: no lag
+    assert sync._inflight is None and len(sync.scheduler.running[0].token_ids) == 4

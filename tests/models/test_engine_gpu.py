@@ -32,11 +32,12 @@ def test_simple_loop_matches_eager_engine(setup):
 
 @pytest.mark.parametrize("kw", [
     dict(num_pages=1024, swap_space=0),                                       # CUDA graphs
+    dict(num_pages=1024, swap_space=0, async_scheduling=False),               # ids synced each step
     dict(num_pages=24, preemption="swap", swap_space=0.05),                   # ~4x oversubscribed
     dict(num_pages=24, preemption="recompute", swap_space=0),
     dict(num_pages=24, preemption="auto", swap_space=0.05),
     dict(num_pages=64, preemption="swap", swap_space=0.05, enable_prefix_caching=True),
-], ids=["graphs", "swap", "recompute", "auto", "swap+prefix"])
+], ids=["graphs", "graphs-sync", "swap", "recompute", "auto", "swap+prefix"])
 def test_greedy_tokens_identical(setup, kw):
     model, prompts, reference = setup
     llm = LLM(model, max_num_batched_tokens=256, **kw)
@@ -75,3 +76,24 @@ def test_capturable_gemm_matches_cupy(dtype, w_layout):
     stream.synchronize()
     tol = 2e-2 if dtype == "float16" else 1e-4      # fp16 output rounding over 96-term sums
     cp.testing.assert_allclose(y.astype(cp.float32), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kw", [dict(num_pages=1024, swap_space=0),
+                                dict(num_pages=24, preemption="swap", swap_space=0.05)], ids=["graphs", "swap"])
+def test_stop_tokens_with_ids_fed_on_the_device(setup, kw):
+    """Requests ending on a stop token sampled while the next step was already queued (its ids
+    fed to the graph on the device) end where the simple loop ends them; their pages come back."""
+    model, prompts, reference = setup
+    counts = {}
+    for out in reference:
+        for t in set(out[3:30]):
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop_token_ids=(stop,))
+    want = generate(model, prompts, params)
+    assert any(len(w) < 40 for w in want)
+    llm = LLM(model, max_num_batched_tokens=256, **kw)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want
+    assert llm.graphs.num_replays > 0 and not llm.has_unfinished()
+    llm.pool.check_integrity()
+    assert llm.pool.stats().num_used == 0

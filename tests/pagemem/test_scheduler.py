@@ -303,3 +303,145 @@ def test_admit_batch_admits_in_batches_and_completes():
         [e[:5 + i] for i, e in enumerate(expected(prompts, 14))]
     later = [n for n in admitted_per_step[1:] if n]   # admissions while others run
     assert later and all(n >= 3 for n in later[:-1])   # in threes; the last may be the remainder
+
+
+# ---- advance / resolve: the next step scheduled before this one's tokens are known ------------
+STOP = 0       # the lagged driver's stop token: a request ends on it (after max_tokens otherwise)
+
+
+def expected_with_stop(prompts, max_tokens):
+    outs = []
+    for p in prompts:
+        t = list(p)
+        while len(t) - len(p) < max_tokens:
+            t.append(next_token(t))
+            if t[-1] % 7 == STOP:
+                break
+        outs.append(t[len(p):])
+    return outs
+
+
+def run_lagged(prompts, max_tokens, num_pages, preemption="recompute", prefix=False, max_batched=16):
+    """Drive the scheduler one step ahead, as an engine with asynchronous sampling does: each
+    step is scheduled and advanced while the previous step's ids are still unknown to it; the
+    driver feeds them to the toy model itself and reports them one step late with resolve().
+    A request whose id is a stop token has already run one more row, whose id is dropped."""
+    pool = PagePool(PoolConfig(num_pages, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    swap = HostSwap(pool, 64) if preemption != "recompute" else None
+    cache = PrefixCache(pool) if prefix else None
+    sched = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=max_batched, preemption=preemption,
+                      swap=swap, prefix_cache=cache, watermark=0.0)
+    if preemption == "auto":
+        sched.preemptor.set_prefill_rate(1e6)
+    reqs = [sched.add(i, p, max_tokens) for i, p in enumerate(prompts)]
+    prev: dict = {}                       # the previous step's sampled ids, not yet resolved
+    stopped: set = set()
+    lag_seen = 0
+    for _ in range(10_000):
+        for r in prev:                    # its in-flight id is its last: retire before scheduling
+            if r.status is Status.RUNNING and r.num_output_tokens >= max_tokens:
+                sched.finish(r)
+        if not sched.has_unfinished() and not prev:
+            break
+        cur: dict = {}
+        step = sched.schedule() if sched.has_unfinished() else None
+        if step is not None and step.requests:
+            assert all(q == 1 for r, q in zip(step.requests, step.query_lens) if r.num_pending)
+            lag_seen += sum(1 for r in step.requests if r.num_pending)
+            k, _ = pool.layer_kv(0)
+            for r, n in zip(step.requests, step.query_lens):
+                new = r.token_ids[r.num_computed:r.num_computed + n] if not r.num_pending else [prev[r]]
+                s = r.pages.slots(r.pages.num_tokens - n, r.pages.num_tokens)
+                k[s // PAGE_SIZE, s % PAGE_SIZE, 0, 0] = new
+            for r in step.requests:
+                if r.pages.num_tokens == r.num_tokens:
+                    s = r.pages.slots(0, r.num_tokens)
+                    cur[r] = next_token(k[s // PAGE_SIZE, s % PAGE_SIZE, 0, 0].astype(np.int64))
+            sched.advance(step, list(cur))
+        else:
+            assert prev, "nothing scheduled and nothing in flight: deadlock"
+        keep = {r: t for r, t in prev.items() if r not in stopped}
+        for r in prev:
+            if r in stopped:
+                r.num_pending -= 1        # the extra row's id: dropped
+        sched.resolve(keep)
+        for r, t in keep.items():
+            if t % 7 == STOP:
+                stopped.add(r)
+                if r.status is not Status.FINISHED:
+                    sched.finish(r)
+            elif r.num_output_tokens - r.num_pending >= max_tokens and r.status is not Status.FINISHED:
+                sched.finish(r)
+        prev = cur
+        pool.check_integrity()
+        if swap is not None:
+            swap.check_integrity()
+    assert all(r.status is Status.FINISHED and r.num_pending == 0 for r in reqs)
+    if swap is not None:
+        swap.reclaim(wait=True)
+    if cache is None:
+        assert pool.num_free_pages == pool.num_pages - 1, "pages leaked"
+    return [r.token_ids[r.num_prompt_tokens:] for r in reqs], sched, lag_seen
+
+
+@pytest.mark.parametrize("mode,prefix", [("recompute", False), ("swap", False), ("auto", False),
+                                         ("recompute", True), ("swap", True)])
+def test_lagged_driver_gives_identical_outputs(mode, prefix):
+    """About 4x oversubscribed, stop tokens included: every id, preemption and prefix hit comes
+    out as with the synchronous rule, though each step was scheduled a step early."""
+    shared = [5, 9, 14, 3, 8, 1, 2, 6]
+    prompts = [(shared if i % 2 else []) + p for i, p in enumerate(prompts_for(6, n=8))]
+    outs, sched, lag_seen = run_lagged(prompts, 14, num_pages=12, preemption=mode, prefix=prefix)
+    want = expected_with_stop(prompts, 14)
+    assert outs == want
+    assert any(len(o) < 14 for o in want) and any(len(o) == 14 for o in want)   # both ways of stopping
+    assert lag_seen > 0 and sum(sched.num_preemptions.values()) > 0
+
+
+def test_pending_tokens_count_and_wait_for_admission():
+    """A request with a pending id counts it in num_tokens and decodes it next step; preempted by
+    recompute meanwhile, it is not admitted again until the id is resolved."""
+    pool = PagePool(PoolConfig(16, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    sched = Scheduler(pool, max_num_batched_tokens=64, watermark=0.0)
+    a = sched.add("a", [1, 2, 3], 5)
+    st = sched.schedule()
+    sched.advance(st, [a])
+    assert (a.num_tokens, a.num_computed, len(a.token_ids), a.num_pending) == (4, 3, 3, 1)
+    st = sched.schedule()
+    assert st.requests == [a] and st.query_lens == [1] and a.pages.num_tokens == 4
+    sched.advance(st, [a])                             # two ids in flight now
+    assert a.num_tokens == 5 and a.num_output_tokens == 2
+    sched._preempt(a)                                  # recompute: back to waiting, pages freed
+    assert a.status is Status.WAITING
+    assert not sched.schedule().requests               # its ids are not known: it waits
+    sched.resolve({a: 40})
+    assert not sched.schedule().requests
+    sched.resolve({a: 41})
+    st = sched.schedule()
+    assert st.requests == [a] and st.query_lens == [5] and a.token_ids == [1, 2, 3, 40, 41]
+    with pytest.raises(ValueError, match="no pending token"):
+        sched.resolve({a: 1})
+    sched.advance(st, [])
+    sched.finish(a)
+    with pytest.raises(ValueError, match="not running"):
+        sched.advance(st, [])
+    assert pool.num_free_pages == pool.num_pages - 1
+
+
+def test_finish_retires_waiting_and_swapped_requests():
+    pool = PagePool(PoolConfig(16, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    swap = HostSwap(pool, 16)
+    sched = Scheduler(pool, max_num_batched_tokens=64, preemption="swap", swap=swap, watermark=0.0)
+    a, b = sched.add("a", [1] * 9, 4), sched.add("b", [2] * 5, 4)
+    st = sched.schedule()
+    sched.update(st, toy_forward(pool, st))
+    sched._preempt(a)
+    assert a.status is Status.SWAPPED and swap.num_free_host_pages < 16
+    sched.finish(a)
+    sched.finish(b)
+    c = sched.add("c", [3], 1)
+    sched.finish(c)
+    assert not sched.has_unfinished() and all(r.status is Status.FINISHED for r in (a, b, c))
+    swap.reclaim(wait=True)
+    swap.check_integrity()
+    assert swap.num_free_host_pages == 16 and pool.num_free_pages == pool.num_pages - 1
