@@ -4,12 +4,16 @@
                                    [max_num_seqs]
     (defaults: 300, random:llama-3.2-1b, then bench_e2e's ENGINE: 16384, 32, profile on, 1024)
 
+PAGEMEM_SYNC=1 turns async scheduling off (the sampled ids reach the host every step); with
+PAGEMEM_BOTH=1 the same engine serves the workload twice, async then sync, and prints both.
+
 Requests come from bench_e2e's seeded workload. Host functions are profiled with cProfile; GPU
 time shows up in the calls that wait for it (sampling copies the tokens to the host).
 """
 from __future__ import annotations
 
 import cProfile
+import os
 import pstats
 import sys
 import time
@@ -37,12 +41,20 @@ def main() -> None:
     print(f"start-up graph capture {time.perf_counter() - t0:.1f} s")
     prompts, out_lens = workload(n)
     params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in out_lens]
+    modes = [True, False] if os.environ.get("PAGEMEM_BOTH") == "1" else [os.environ.get("PAGEMEM_SYNC") != "1"]
     prof = cProfile.Profile()
-    if profile:
-        prof.enable()
-    outs = llm.generate(prompts, params)
-    prof.disable()
-    print(format_summary(summarize(llm, outs)))
+    for mode in modes:
+        llm.async_scheduling = mode
+        prof = cProfile.Profile()
+        if profile:
+            prof.enable()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - t0
+        prof.disable()
+        tokens = sum(len(o.token_ids) for o in outs)
+        print(f"async_scheduling={mode}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.0f} tok/s")
+        print(format_summary(summarize(llm, outs)))
     if llm.graphs is not None:
         g = llm.graphs
         print(f"graphs: {g.num_captures} captures in {g.capture_s:.2f} s, {g.num_replays} replays, "
