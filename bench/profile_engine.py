@@ -4,6 +4,8 @@
                                    [max_num_seqs]
     (defaults: 300, random:llama-3.2-1b, then bench_e2e's ENGINE: 16384, 32, profile on, 1024)
 
+PAGEMEM_TRACE=1 times each step's parts on the host (schedule, queue the step, wait for the ids
+of the step before) and prints their means for decode-only steps and steps with prefill.
 PAGEMEM_SYNC=1 turns async scheduling off (the sampled ids reach the host every step); with
 PAGEMEM_BOTH=1 the same engine serves the workload twice, async then sync, and prints both.
 
@@ -22,6 +24,38 @@ from bench.bench_e2e import ENGINE, workload
 from models import SamplingParams
 from models.engine import LLM
 from models.summary import format_summary, summarize
+
+
+def trace(llm) -> dict:
+    """Wrap the engine's step parts with host timers; returns the per-part lists it fills."""
+    parts: dict = {"schedule": [], "launch": [], "take_in": [], "kind": []}
+    sched, launch, take_in = llm.scheduler.schedule, llm._launch, llm._take_in
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            parts[name].append(time.perf_counter() - t0)
+            return out
+        return run
+
+    def launch_kind(step, *a):
+        parts["kind"].append("decode" if step.num_tokens == len(step.requests) else "prefill")
+        return timed("launch", launch)(step, *a)
+    llm.scheduler.schedule, llm._launch, llm._take_in = timed("schedule", sched), launch_kind, timed("take_in", take_in)
+    return parts
+
+
+def report(parts: dict) -> None:
+    kinds = parts["kind"]
+    for kind in ("decode", "prefill"):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if not idx:
+            continue
+        # take_in[i] is the wait for step i's ids, done right after step i+1 was queued
+        cells = [f"{name} {1e3 * sum(parts[name][i] for i in idx if i < len(parts[name])) / len(idx):.2f} ms"
+                 for name in ("schedule", "launch", "take_in")]
+        print(f"trace {kind:7s} x{len(idx)}: mean " + ", ".join(cells))
 
 
 def main() -> None:
@@ -46,6 +80,7 @@ def main() -> None:
     for mode in modes:
         llm.async_scheduling = mode
         prof = cProfile.Profile()
+        parts = trace(llm) if os.environ.get("PAGEMEM_TRACE") == "1" else None
         if profile:
             prof.enable()
         t0 = time.perf_counter()
@@ -54,6 +89,9 @@ def main() -> None:
         prof.disable()
         tokens = sum(len(o.token_ids) for o in outs)
         print(f"async_scheduling={mode}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.0f} tok/s")
+        if parts is not None:
+            report(parts)
+            del llm.scheduler.schedule, llm._launch, llm._take_in
         print(format_summary(summarize(llm, outs)))
     if llm.graphs is not None:
         g = llm.graphs

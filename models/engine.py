@@ -44,7 +44,7 @@ class StepRecord:
     """The pool after one step, for plots and summaries."""
 
     t: float
-    seconds: float           # wall time of the step, schedule to retire
+    seconds: float           # wall time since the previous step's ids came in (or since it began)
     num_seqs: int
     num_tokens: int
     num_used: int
@@ -114,6 +114,7 @@ class LLM:
         self.seed = seed
         self.async_scheduling = bool(async_scheduling)
         self._inflight: _InFlight | None = None
+        self._last_take_in = 0.0
         self._flip = 0
         self._pinned = None
         if self.stream is not None:      # two landing buffers for sampled ids: one per step in flight
@@ -335,8 +336,12 @@ class LLM:
                 if req.status is not Status.FINISHED:
                     self.scheduler.finish(req)
                 finished += 1
-        self._measure_prefill(cur.step, now - cur.t0)
-        self._record(now, now - cur.t0, cur.step)
+        # The step's share of wall time: since the previous step's ids came in (or since this step
+        # began, after an idle gap), so that steps in flight together are not counted twice.
+        seconds = now - max(self._last_take_in, cur.t0)
+        self._last_take_in = now
+        self._measure_prefill(cur.step, seconds)
+        self._record(now, seconds, cur.step)
         return finished
 
     def _measure_prefill(self, step, seconds: float) -> None:
