@@ -15,6 +15,7 @@ time shows up in the calls that wait for it (sampling copies the tokens to the h
 from __future__ import annotations
 
 import cProfile
+import functools
 import os
 import pstats
 import sys
@@ -26,12 +27,23 @@ from models.engine import LLM
 from models.summary import format_summary, summarize
 
 
+class _ModelShim:
+    def __init__(self, inner, forward) -> None:
+        self.inner, self.forward = inner, forward
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 def trace(llm) -> dict:
     """Wrap the engine's step parts with host timers; returns the per-part lists it fills."""
-    parts: dict = {"schedule": [], "launch": [], "take_in": [], "kind": []}
+    import models.engine as eng
+    parts: dict = {"schedule": [], "launch": [], "take_in": [], "kind": [], "pack": [], "forward": [], "graph": [],
+                   "sample": []}
     sched, launch, take_in = llm.scheduler.schedule, llm._launch, llm._take_in
 
     def timed(name, fn):
+        @functools.wraps(fn)
         def run(*a, **kw):
             t0 = time.perf_counter()
             out = fn(*a, **kw)
@@ -43,6 +55,12 @@ def trace(llm) -> dict:
         parts["kind"].append("decode" if step.num_tokens == len(step.requests) else "prefill")
         return timed("launch", launch)(step, *a)
     llm.scheduler.schedule, llm._launch, llm._take_in = timed("schedule", sched), launch_kind, timed("take_in", take_in)
+    eng.pack_batch = timed("pack", eng.pack_batch)
+    forward = timed("forward", llm.model.forward)
+    llm.model = _ModelShim(llm.model, forward)
+    llm._sample = timed("sample", llm._sample)
+    if llm.graphs is not None:
+        llm.graphs.run = timed("graph", llm.graphs.run)
     return parts
 
 
@@ -56,6 +74,10 @@ def report(parts: dict) -> None:
         cells = [f"{name} {1e3 * sum(parts[name][i] for i in idx if i < len(parts[name])) / len(idx):.2f} ms"
                  for name in ("schedule", "launch", "take_in")]
         print(f"trace {kind:7s} x{len(idx)}: mean " + ", ".join(cells))
+    for name in ("pack", "forward", "graph", "sample"):
+        if parts[name]:
+            print(f"trace {name}: {len(parts[name])} calls, mean {1e3 * sum(parts[name]) / len(parts[name]):.2f} ms, "
+                  f"max {1e3 * max(parts[name]):.2f} ms")
 
 
 def main() -> None:
@@ -91,7 +113,12 @@ def main() -> None:
         print(f"async_scheduling={mode}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.0f} tok/s")
         if parts is not None:
             report(parts)
-            del llm.scheduler.schedule, llm._launch, llm._take_in
+            import models.engine as eng
+            del llm.scheduler.schedule, llm._launch, llm._take_in, llm._sample
+            llm.model = llm.model.inner
+            eng.pack_batch = eng.pack_batch.__wrapped__ if hasattr(eng.pack_batch, "__wrapped__") else eng.pack_batch
+            if llm.graphs is not None:
+                del llm.graphs.run
         print(format_summary(summarize(llm, outs)))
     if llm.graphs is not None:
         g = llm.graphs
