@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eviction", choices=["lru", "fifo", "priority"], default="lru")
     run.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                      help="default: on for --dataset prefix-repetition")
+    run.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                     help="queue the next step before the sampled ids reach the host (default: on)")
     run.add_argument("--num-prompts", type=_positive(int), default=128)
     run.add_argument("--input-len", type=_positive(int), default=96)
     run.add_argument("--output-len", type=_positive(int), default=64)
@@ -96,7 +98,7 @@ def run(args) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization or 0.9, swap_space=args.swap_space,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               preemption=args.preemption, eviction=args.eviction, enable_prefix_caching=prefix, seed=args.seed,
-              admit_batch=args.admit_batch)
+              admit_batch=args.admit_batch, async_scheduling=args.async_scheduling)
     prompts, out_lens = make_workload(args, llm.model.config.vocab_size, reserved=8)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.warmup(max(map(len, prompts)) + max(out_lens))   # GPU: compile and capture before the clock starts

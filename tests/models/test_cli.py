@@ -34,6 +34,19 @@ def test_json_holds_every_summary_figure_and_plot_is_written(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_no_async_scheduling_gives_the_same_tokens_and_swaps(tmp_path):
+    """--no-async-scheduling reaches the engine; the default run still completes and swaps with it
+    (token identity between the two modes is checked in tests/models/test_engine.py)."""
+    runs = {}
+    for flag in ("--async-scheduling", "--no-async-scheduling"):
+        path = tmp_path / f"{flag}.json"
+        assert main(["run", "--num-prompts", "24", "--json", str(path), "--no-progress", flag]) == 0
+        runs[flag] = json.loads(path.read_text())
+    a, b = runs["--async-scheduling"], runs["--no-async-scheduling"]
+    assert a["config"]["async_scheduling"] is True and b["config"]["async_scheduling"] is False
+    assert a["output_tokens"] == b["output_tokens"] and a["pages_swapped_out"] > 0 and b["pages_swapped_out"] > 0
+
+
 def test_prefix_repetition_dataset_hits_the_cache(tmp_path):
     path = tmp_path / "s.json"
     # A 64-token budget prefills the first prompt over two steps, so later prompts find its pages.
