@@ -96,6 +96,32 @@ def test_prefill(rng, dtype, window):
     np.testing.assert_allclose(out, ref, rtol=0, atol=PREFILL_ATOL[np.dtype(dtype)])
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=str)
+@pytest.mark.parametrize("context_len", [500, 1000, 2000, 4000, 8000, 9000])
+@pytest.mark.parametrize("softmax_regs", [True, False], ids=["one-read", "three-pass"])
+def test_prefill_every_softmax_class(rng, dtype, context_len, softmax_regs):
+    """Score rows of every one-read class (up to 8192 fp16 / 4096 fp32 keys), rows past them
+    (the three-pass kernel the launcher falls back to), and the three-pass kernel forced."""
+    from kernels._checks import check_attention
+    from kernels.prefill import _softmax_plan, paged_prefill_cuda
+    ctx, qlens = [context_len, context_len // 3], [8, 5]
+    p = make_paged(rng, ctx, num_kv_heads=2, head_dim=64, page_size=16, dtype=dtype)
+    qsl = query_start_loc(qlens)
+    q = queries(rng, int(qsl[-1]), 8, 64, dtype)
+    g = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens, qsl)
+    import cupy as cp
+    out = cp.full(q.shape, cp.nan, dtype)
+    dims = check_attention(*g[:5], out, 2)
+    paged_prefill_cuda(*g, 0.125, out, None, 0, dims, max(qlens), softmax_regs=softmax_regs)
+    ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.125, None)
+    if softmax_regs:
+        row_bytes = p.page_tables.shape[1] * 16 * np.dtype(dtype).itemsize
+        assert (_softmax_plan(row_bytes, None) is None) == (row_bytes > 8192 * 2)
+    got = out.get().astype(np.float32)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=PREFILL_ATOL[np.dtype(dtype)])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_store_kv(rng, dtype):
     """store_kv writes exactly the given slots, bit for bit, on a strided layer view."""
