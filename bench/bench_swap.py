@@ -141,9 +141,10 @@ def v0_gbps(case: SwapCase, reps: int) -> tuple[float, float]:
     return out, in_, out, in_   # host-timed; the stream is drained, so wall is device time too
 
 
-def duplex_gbps(shape: str, n: int, reps: int) -> float:
+def duplex_gbps(shape: str, n: int, reps: int, path: str = "auto") -> float:
     """Swap-out of one set and swap-in of another at the same time; GB/s of both together."""
     case = SwapCase(shape, n, pool_factor=3, host_factor=2)
+    case.swap.path = path
     other = case.swap.swap_out(case.pool.allocate(n), case.stream)   # a second set already on host
     case.swap.reclaim(wait=True)
     times = []
@@ -318,11 +319,11 @@ def main(path: str | None) -> None:
         for n in SIZES:
             case = SwapCase(shape, n)
             reps = 5 if n <= 256 else 3
-            for p in ("auto", "runs", "gather"):
+            for p in ("auto", "runs", "gather", "direct"):
                 rows.append((shape, n, p, *round_trip_gbps(case, p, reps)))
             rows.append((shape, n, "v0 per page/layer", *v0_gbps(case, 1 if n > 256 else 3)))
             if n == 4096 and shape == "llama-3.2-1b":
-                for p in ("auto", "gather"):
+                for p in ("auto", "gather", "direct"):
                     alone, beside, ov = kernel_slowdown(case, p)
                     out["extra"][f"kernel beside swap-out ({p})"] = dict(
                         alone_ms=alone, beside_ms=beside, slowdown=beside / alone - 1, overlapped=ov)
@@ -332,6 +333,7 @@ def main(path: str | None) -> None:
                 rows.append((shape, n, f"auto x {calls} back-to-back", o, i, None, None))
     for shape in SHAPES:
         out["extra"][f"duplex {shape} n=2048"] = duplex_gbps(shape, 2048, 3)
+        out["extra"][f"duplex {shape} n=2048 gather"] = duplex_gbps(shape, 2048, 3, "gather")
         out["extra"][f"duplex {shape} n=2048 as 8 + 8 alternating calls"] = duplex_alternating_gbps(shape, 2048, 3)
     out["rows"] = [dict(zip(("shape", "n", "path", "out_GBps", "in_GBps", "dev_out_GBps", "dev_in_GBps"), r))
                    for r in rows]

@@ -5,7 +5,11 @@ A call is prepared on the host first (path choice, merged runs, byte addresses, 
 to pinned memory, buffers sized, events created), so that between recording the copy stream's
 ``start`` and ``end`` events the host issues CUDA calls back to back and the device timing holds
 copies, not Python. Nothing here synchronizes: cudaMemcpyAsync on explicit streams, event
-records and waits, and CuPy kernels (take, scatter) queued on the copy stream.
+records and waits, and kernels (take, scatter, the direct page copy) queued on the copy stream.
+
+The "direct" path is one kernel that moves scattered pages between the pool and pinned host
+memory itself: pinned memory is mapped into the device's address space (unified addressing), so
+the kernel's loads or stores cross PCIe with no staging buffer and no separate copy.
 
     plan_copies(ids, slots, ...)  NumPy only: which path, and the runs in page units (CPU-tested)
     CopyEngine.enqueue(plan, ...) CUDA only: one direction's copies on its own stream
@@ -50,6 +54,7 @@ class CopyPlan:
     """One swap call's copies in page units: no pointers, no CUDA.
 
     "runs":   ``runs`` = (device page, host slot, num_pages), one cudaMemcpyAsync each.
+    "direct": one kernel copies page ``ids[i]`` to or from host slot ``slots[i]`` for every i.
     "gather": positions go through a staging buffer of ``staging_pages`` pages, chunk by chunk
               (chunk c = positions [c * staging_pages, (c + 1) * staging_pages)). ``runs`` =
               (position, host slot, num_pages), never crossing a chunk; chunk c owns
@@ -62,14 +67,24 @@ class CopyPlan:
     runs: list[tuple[int, int, int]]
     bounds: list[int]                    # gather: [num_chunks + 1] indexes into runs; runs: []
     staging_pages: int
+    slots: np.ndarray | None = None      # direct: [n] int64 host slots, in swap order
+
+
+def direct_ok(page_bytes: int) -> bool:
+    """Whether the direct kernel can move pages of ``page_bytes`` (whole 8-byte words)."""
+    return page_bytes % 8 == 0
 
 
 def plan_copies(ids: Sequence[int], slots: Sequence[int], path: str, page_bytes: int,
                 min_run_bytes: int, staging_pages: int) -> CopyPlan:
     """The plan for copying device pages ``ids`` to or from host ``slots`` (same length, >= 1).
     ``path="auto"``: "runs" when the mean merged run (both sides advancing by one) holds at least
-    ``min_run_bytes``, else "gather"."""
+    ``min_run_bytes``, else "direct" (pages of whole 8-byte words; else "gather")."""
     ids, slots = np.asarray(ids, dtype=np.int64), np.asarray(slots, dtype=np.int64)  # [n], [n]
+    if path == "direct" and not direct_ok(page_bytes):
+        raise ValueError(f"path 'direct' needs pages of whole 8-byte words, got {page_bytes} bytes")
+    if path == "direct":
+        return CopyPlan("direct", ids, [], [], staging_pages, slots)
     n, host_brk = len(ids), _breaks(slots)                     # [n + 1] the host side breaks runs
     if path != "gather":
         brk = _breaks(ids)
@@ -77,6 +92,8 @@ def plan_copies(ids: Sequence[int], slots: Sequence[int], path: str, page_bytes:
         num_runs = max(1, int(np.count_nonzero(brk)) - 1)
         if path == "runs" or n * page_bytes >= num_runs * min_run_bytes:
             return CopyPlan("runs", ids, _runs(ids, slots, brk), [], staging_pages)
+        if direct_ok(page_bytes):
+            return CopyPlan("direct", ids, [], [], staging_pages, slots)
     host_brk[staging_pages::staging_pages] = True              # chunk edges break runs too
     runs = _runs(None, slots, host_brk)
     if n <= staging_pages:
@@ -103,17 +120,22 @@ class CopyEngine:
         # Reused per call: a wait on an event waits for the record made before the wait was queued.
         self.ready = cp.cuda.Event(disable_timing=True)
         self._stage = None   # [staging_pages, page words], at the first gathered call
-        self._idx = None     # [capacity] int64 device page ids, grown on demand
+        self._idx = None     # [capacity] int64 device page ids (direct: source then destination rows)
+        self._direct = None  # {vector bytes: kernel}, at the first direct call
+        self._sms = None
 
     def enqueue(self, plan: CopyPlan, compute, after: Sequence = ()) -> tuple[Any, Any, tuple]:
         """Queue ``plan``'s copies on this stream after the work queued on ``compute`` so far and
         the ``after`` events; an H2D makes ``compute`` wait on them. Returns (start, end, keep):
         timing events around the copies and what must live until ``end`` completes."""
         cp = self.cp
+        direct = None
         if plan.path == "runs":
             dptr, pb = self.kv_words.data.ptr, self.page_bytes
             pairs = [(dptr + d * pb, self.host_ptr + h * pb, k * pb) for d, h, k in plan.runs]
             chunks, keep, upload = [(None, None, self._oriented(pairs))], (), None
+        elif plan.path == "direct":
+            chunks, (direct, keep, upload) = [], self._prepare_direct(plan)
         else:
             chunks, keep, upload = self._prepare_gather(plan)
         start, end = cp.cuda.Event(), cp.cuda.Event()
@@ -127,6 +149,8 @@ class CopyEngine:
         if upload is not None:
             memcpy(*upload, H2D, sp)
         with self.stream:
+            if direct is not None:
+                direct[0](*direct[1:])
             for idx, stage, calls in chunks:
                 if idx is not None and kind == D2H:
                     cp.take(kv, idx, axis=0, out=stage)
@@ -143,6 +167,45 @@ class CopyEngine:
         """(device address, host address, nbytes) -> memcpyAsync's (dst, src, nbytes) for this direction."""
         return pairs if self.kind == H2D else [(h, d, b) for d, h, b in pairs]
 
+    def _prepare_direct(self, plan: CopyPlan) -> tuple[tuple, tuple, tuple]:
+        """Host side of a direct call: the kernel launch as (function, grid, block, args), what
+        to keep alive, and the upload of [source rows | destination rows] through pinned memory.
+        The grid covers at most two blocks an SM, looping over the words, so that a swap-out and
+        a swap-in running at once both find room on the device."""
+        cp = self.cp
+        n = len(plan.ids)
+        pinned = cp.cuda.alloc_pinned_memory(16 * n)
+        rows = np.frombuffer(pinned, dtype=np.int64, count=2 * n)
+        src, dst = (plan.ids, plan.slots) if self.kind == D2H else (plan.slots, plan.ids)
+        rows[:n], rows[n:] = src, dst
+        keep: tuple = (pinned,)
+        keep += self._grow_idx(2 * n)
+        if self._direct is None:
+            self._direct = _direct_kernels(cp)
+        vec = 16 if self.page_bytes % 16 == 0 else 8
+        words = self.page_bytes // vec
+        kv, host = self.kv_words.data.ptr, self.host_ptr
+        src_ptr, dst_ptr = (kv, host) if self.kind == D2H else (host, kv)
+        blocks = max(1, min(-(-n * words // DIRECT_THREADS), DIRECT_BLOCKS_PER_SM * self._num_sms()))
+        args = (np.uint64(src_ptr), np.uint64(dst_ptr), self._idx, np.int64(n), np.int64(words))
+        return (self._direct[vec], (blocks,), (DIRECT_THREADS,), args), keep, (self._idx.data.ptr, pinned.ptr, 16 * n)
+
+    def _num_sms(self) -> int:
+        if self._sms is None:
+            self._sms = int(self.cp.cuda.Device().attributes["MultiProcessorCount"])
+        return self._sms
+
+    def _grow_idx(self, n: int) -> tuple:
+        """Make the device id buffer hold ``n`` int64; returns the outgrown buffer to keep alive
+        (queued kernels may still read it), or ()."""
+        capacity = 0 if self._idx is None else len(self._idx)
+        if capacity >= n:
+            return ()
+        old = () if self._idx is None else (self._idx,)
+        with self.stream:  # allocations from this stream's memory pool: reused in stream order
+            self._idx = self.cp.empty(max(n, 2 * capacity), self.cp.int64)
+        return old
+
     def _prepare_gather(self, plan: CopyPlan) -> tuple[list, tuple, tuple]:
         """Host side of a gathered call: chunks as (ids view, staging view, memcpy args), what to
         keep alive, and the page-id upload's (dst, src, nbytes). The ids go up through pinned
@@ -154,13 +217,10 @@ class CopyEngine:
         pinned = cp.cuda.alloc_pinned_memory(8 * n)
         np.frombuffer(pinned, dtype=np.int64, count=n)[:] = plan.ids
         keep: tuple = (pinned,)
-        capacity = 0 if self._idx is None else len(self._idx)
         with self.stream:  # allocations from this stream's memory pool: reused in stream order
             if self._stage is None:
                 self._stage = cp.empty((m, self.kv_words.shape[1]), self.kv_words.dtype)
-            if capacity < n:
-                keep += () if self._idx is None else (self._idx,)  # queued kernels may still read it
-                self._idx = cp.empty(max(n, 2 * capacity), cp.int64)
+        keep += self._grow_idx(n)
         sptr, hptr, runs, bounds = self._stage.data.ptr, self.host_ptr, plan.runs, plan.bounds
         chunks = []
         for c, c0 in enumerate(range(0, n, m)):   # chunk c: positions [c0, c0 + k)
@@ -168,3 +228,33 @@ class CopyEngine:
             pairs = [(sptr + (i - c0) * pb, hptr + h * pb, r * pb) for i, h, r in runs[bounds[c]:bounds[c + 1]]]
             chunks.append((self._idx[c0:c0 + k], self._stage[:k], self._oriented(pairs)))
         return chunks, keep, (self._idx.data.ptr, pinned.ptr, 8 * n)
+
+
+DIRECT_THREADS = 256
+DIRECT_BLOCKS_PER_SM = 2
+_DIRECT_SRC = r"""
+template <typename T>
+__device__ void copy_pages(const T* __restrict__ src, T* __restrict__ dst, const long long* __restrict__ rows,
+                           long long n, long long words) {
+    // Page rows[r] of src -> page rows[n + r] of dst, ``words`` T each; one T per thread per pass.
+    const long long total = n * words, stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const long long r = i / words, w = i - r * words;
+        dst[rows[n + r] * words + w] = src[rows[r] * words + w];
+    }
+}
+extern "C" __global__ void pagemem_copy_pages_16(const ulonglong2* src, ulonglong2* dst, const long long* rows,
+                                                 long long n, long long words) {
+    copy_pages(src, dst, rows, n, words);
+}
+extern "C" __global__ void pagemem_copy_pages_8(const unsigned long long* src, unsigned long long* dst,
+                                                const long long* rows, long long n, long long words) {
+    copy_pages(src, dst, rows, n, words);
+}
+"""
+
+
+def _direct_kernels(cp) -> dict:
+    """{vector bytes: the page-copy kernel moving that many bytes per thread and pass}."""
+    module = cp.RawModule(code=_DIRECT_SRC, options=("-std=c++17",))
+    return {16: module.get_function("pagemem_copy_pages_16"), 8: module.get_function("pagemem_copy_pages_8")}

@@ -235,14 +235,14 @@ def test_random_cycles_bit_exact_cpu(path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["runs", "gather"])
+@pytest.mark.parametrize("path", ["runs", "gather", "direct"])
 def test_random_cycles_bit_exact_gpu(path):
     """The same on real copy streams, for both copy paths."""
     random_cycles("cuda", steps=600, seed=11, path=path)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["runs", "gather"])
+@pytest.mark.parametrize("path", ["runs", "gather", "direct"])
 def test_swap_out_after_kernel_reads_new_values(path):
     """A swap-out issued right after a kernel on the compute stream copies what the kernel wrote."""
     import cupy as cp
@@ -406,9 +406,11 @@ def test_reclaim_of_pages_freed_behind_the_tickets_back_raises_and_changes_nothi
 
 
 def test_choose_path_is_the_mean_run_rule():
-    """choose_path: "runs" when merged runs average min_run_bytes, else "gather"; a fixed path wins."""
+    """choose_path: "runs" when merged runs average min_run_bytes, else "direct"; a fixed path wins."""
     pool, swap = make(num_pages=17, num_host_pages=12, min_run_bytes=4 * 512)   # 512-byte pages
     assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "runs"      # one run of 2048 bytes
-    assert swap.choose_path([1, 2, 3, 9], [0, 1, 2, 3]) == "gather"    # runs of 1536 and 512 bytes
+    assert swap.choose_path([1, 2, 3, 9], [0, 1, 2, 3]) == "direct"    # runs of 1536 and 512 bytes
+    swap.path = "gather"
+    assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "gather"
     swap.path = "runs"
     assert swap.choose_path([1, 9], [0, 1]) == "runs"

@@ -79,12 +79,13 @@ def test_plan_bounds_partition_the_runs_by_chunk():
 
 @pytest.mark.parametrize("ids, expected", [
     (list(range(1, 9)), "runs"),                     # 1 run of 8 pages: 192 bytes >= 100
-    ([1, 3, 5, 7], "gather"),                        # 4 runs of 1 page: 24 bytes each
-    ([1, 2, 3, 4, 9, 10, 11, 12], "gather"),         # 2 runs of 96 bytes
+    ([1, 3, 5, 7], "direct"),                        # 4 runs of 1 page: 24 bytes each
+    ([1, 2, 3, 4, 9, 10, 11, 12], "direct"),         # 2 runs of 96 bytes
     ([1, 2, 3, 4, 5, 9, 10, 11, 12, 13], "runs"),    # 2 runs of 120 bytes
 ])
 def test_auto_path_compares_the_mean_run_with_min_run_bytes(ids, expected):
-    """"auto" copies runs directly when they average min_run_bytes; the runs are merge_runs'."""
+    """"auto" copies runs when they average min_run_bytes, else pages go through the direct kernel;
+    the runs are merge_runs'."""
     assert plan_copies(ids, range(len(ids)), "auto", 24, 100, 64).path == expected
     runs = plan_copies(ids, range(len(ids)), "runs", 24, 100, 64).runs
     assert runs == merge_runs(ids, range(len(ids)))
@@ -147,9 +148,29 @@ class FakeCupy:
         def pinned(nbytes):
             fake.log.append("pinned")
             return Pinned(nbytes)
-        self.cuda = SimpleNamespace(Stream=Stream, Event=Event, alloc_pinned_memory=pinned,
+        class Device:
+            attributes = {"MultiProcessorCount": 2}
+        self.cuda = SimpleNamespace(Stream=Stream, Event=Event, alloc_pinned_memory=pinned, Device=Device,
                                     runtime=SimpleNamespace(memcpyAsync=memcpy),
                                     get_current_stream=Stream, get_elapsed_time=lambda start, end: 1.0)
+        self.launches: list[tuple] = []
+
+    def RawModule(self, code, options=()):  # noqa: N802 -- CuPy's name
+        """The direct page-copy kernels, run as memmoves of whole pages (rows read from the id buffer)."""
+        fake = self
+        assert "pagemem_copy_pages_16" in code and "pagemem_copy_pages_8" in code
+
+        def kernel(vec):
+            def run(grid, block, args):
+                src, dst, rows, n, words = args
+                fake.log.append(f"kernel {vec}")
+                fake.launches.append((grid, block, int(n), int(words)))
+                page = int(words) * vec
+                r = np.asarray(rows)[:2 * int(n)]
+                for s_row, d_row in zip(r[:int(n)].tolist(), r[int(n):].tolist()):
+                    ctypes.memmove(int(dst) + d_row * page, int(src) + s_row * page, page)
+            return run
+        return SimpleNamespace(get_function=lambda name: kernel(16 if name.endswith("16") else 8))
 
     def empty(self, shape, dtype):
         self.log.append("empty")
@@ -169,7 +190,7 @@ def assert_one_burst(log: list[str]) -> None:
     assert not [c for c in log[first:] if c in PREP], log
 
 
-@pytest.mark.parametrize("path", ["runs", "gather"])
+@pytest.mark.parametrize("path", ["runs", "gather", "direct"])
 def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
     """Scattered pages out and back (staging of 3 pages: several chunks), bit-exact; each call
     allocates and creates events before its first CUDA call; the id buffer grows, then is reused."""
@@ -187,11 +208,12 @@ def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
         cp.log.clear()
         _, _, keep = out.enqueue(plan_copies(ids, slots, path, 4 * WORDS, 1, 3), compute)
         assert_one_burst(cp.log)
-        assert any(isinstance(k, Pinned) for k in keep) == (path == "gather")
-        if path == "gather" and n == 2:
+        assert any(isinstance(k, Pinned) for k in keep) == (path != "runs")
+        if path != "runs" and n == 2:
             assert out._idx is idx_before                   # big enough: reused
-        if path == "gather" and n == 11:
+        if path != "runs" and n == 11:
             assert any(k is idx_before for k in keep)       # outgrown: kept until this call completes
+        assert ("kernel 8" in cp.log) == (path == "direct")  # 24-byte pages: 8-byte words
         np.testing.assert_array_equal(host[slots], expected)
         new_ids = np.setdiff1d(np.arange(1, 64), ids)[rng.permutation(63 - n)[:n]]
         cp.log.clear()
@@ -218,7 +240,34 @@ def test_copy_engine_call_order():
                       f"record {own}", f"wait {c}"]                  # end; compute waits on it
 
 
-@pytest.mark.parametrize("path", ["auto", "runs", "gather"])
+def test_direct_call_order_and_grid():
+    """A direct swap-out: pinned rows and events first; then the wait on the compute stream, the
+    rows upload and one kernel between the timing events. 16-byte pages use 16-byte words, and
+    the grid stops at two blocks an SM (the stand-in device has 2 SMs)."""
+    cp = FakeCupy()
+    kv = np.arange(8 * 4, dtype=np.uint32).reshape(8, 4).view(DevArray)     # 16-byte pages
+    host = np.zeros((8, 4), dtype=np.uint32)
+    engine = CopyEngine(D2H, kv, host.ctypes.data, 16, 4, cp=cp)
+    compute = cp.cuda.Stream()
+    cp.log.clear()
+    engine.enqueue(plan_copies([5, 2, 7], [1, 0, 6], "direct", 16, 1, 4), compute)
+    own, c = engine.stream.ptr, compute.ptr
+    assert cp.log == ["pinned", "empty", "new event", "new event",
+                      f"record {c}", f"wait {own}", f"record {own}", "memcpy 1", "kernel 16", f"record {own}"]
+    np.testing.assert_array_equal(host[[1, 0, 6]], np.asarray(kv)[[5, 2, 7]])
+    assert cp.launches[-1] == ((1,), (256,), 3, 1)
+    engine.enqueue(plan_copies(list(range(1, 8)) * 300, list(range(7)) * 300, "direct", 16, 1, 4), compute)
+    assert cp.launches[-1][0] == (4,)                               # 2100 words: capped at 2 x 2 SMs
+
+
+def test_direct_path_needs_whole_words_and_auto_prefers_it():
+    assert plan_copies([1, 3, 5], [0, 1, 2], "auto", 24, 100, 64).path == "direct"
+    assert plan_copies([1, 3, 5], [0, 1, 2], "auto", 12, 100, 64).path == "gather"   # 12-byte pages
+    with pytest.raises(ValueError, match="8-byte words"):
+        plan_copies([1, 3], [0, 1], "direct", 12, 100, 64)
+
+
+@pytest.mark.parametrize("path", ["auto", "runs", "gather", "direct"])
 def test_host_swap_cuda_branch_against_the_stand_in(path, monkeypatch):
     """HostSwap's CUDA branch (pinned host pages, CopyEngines, plans) wired end to end, with
     ``cupy`` resolving to the stand-in for this test: random cycles come back bit-exact."""
