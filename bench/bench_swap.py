@@ -333,7 +333,7 @@ def main(path: str | None) -> None:
                 rows.append((shape, n, f"auto x {calls} back-to-back", o, i, None, None))
     for shape in SHAPES:
         out["extra"][f"duplex {shape} n=2048"] = duplex_gbps(shape, 2048, 3)
-        out["extra"][f"duplex {shape} n=2048 gather"] = duplex_gbps(shape, 2048, 3, "gather")
+        out["extra"][f"duplex {shape} n=2048 direct"] = duplex_gbps(shape, 2048, 3, "direct")
         out["extra"][f"duplex {shape} n=2048 as 8 + 8 alternating calls"] = duplex_alternating_gbps(shape, 2048, 3)
     out["rows"] = [dict(zip(("shape", "n", "path", "out_GBps", "in_GBps", "dev_out_GBps", "dev_in_GBps"), r))
                    for r in rows]

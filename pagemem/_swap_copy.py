@@ -79,7 +79,7 @@ def plan_copies(ids: Sequence[int], slots: Sequence[int], path: str, page_bytes:
                 min_run_bytes: int, staging_pages: int) -> CopyPlan:
     """The plan for copying device pages ``ids`` to or from host ``slots`` (same length, >= 1).
     ``path="auto"``: "runs" when the mean merged run (both sides advancing by one) holds at least
-    ``min_run_bytes``, else "direct" (pages of whole 8-byte words; else "gather")."""
+    ``min_run_bytes``, else "gather". "direct" is chosen by name only (see HostSwap)."""
     ids, slots = np.asarray(ids, dtype=np.int64), np.asarray(slots, dtype=np.int64)  # [n], [n]
     if path == "direct" and not direct_ok(page_bytes):
         raise ValueError(f"path 'direct' needs pages of whole 8-byte words, got {page_bytes} bytes")
@@ -92,8 +92,6 @@ def plan_copies(ids: Sequence[int], slots: Sequence[int], path: str, page_bytes:
         num_runs = max(1, int(np.count_nonzero(brk)) - 1)
         if path == "runs" or n * page_bytes >= num_runs * min_run_bytes:
             return CopyPlan("runs", ids, _runs(ids, slots, brk), [], staging_pages)
-        if direct_ok(page_bytes):
-            return CopyPlan("direct", ids, [], [], staging_pages, slots)
     host_brk[staging_pages::staging_pages] = True              # chunk edges break runs too
     runs = _runs(None, slots, host_brk)
     if n <= staging_pages:
@@ -170,8 +168,8 @@ class CopyEngine:
     def _prepare_direct(self, plan: CopyPlan) -> tuple[tuple, tuple, tuple]:
         """Host side of a direct call: the kernel launch as (function, grid, block, args), what
         to keep alive, and the upload of [source rows | destination rows] through pinned memory.
-        The grid covers at most two blocks an SM, looping over the words, so that a swap-out and
-        a swap-in running at once both find room on the device."""
+        The grid is at most two blocks an SM, looping over the words (H100, 2026-11-27 00:03 UTC:
+        capped at 16, 32 or 64 blocks it moved less and slowed a kernel beside it more)."""
         cp = self.cp
         n = len(plan.ids)
         pinned = cp.cuda.alloc_pinned_memory(16 * n)

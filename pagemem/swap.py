@@ -22,17 +22,22 @@ copies to keep coherent; a preempted sequence keeps its shared pages resident in
 Copy paths (one rule, per call, ``path="auto"``): positions where both the device page id and
 the host slot advance by one are merged into runs, each one ``cudaMemcpyAsync`` (pages are
 contiguous in the page-major pool). When the mean run is at least ``min_run_bytes`` the runs are
-copied that way; otherwise one kernel moves every page straight between the pool and pinned host
-memory ("direct": pinned memory is mapped into the device's address space, so no staging buffer
-and no separate copy). "gather" (pages gathered on the device into a staging buffer of
-``staging_bytes``, then one copy per contiguous host run, chunk by chunk; swap-in mirrors it) stays
-available by name, and serves pages that are not whole 8-byte words. Why: measured on an H100
-(bench/RESULTS.md, 2026-11-26), one copy per page moves 4096 scattered 1 MiB pages at 89%/87% of
-the pinned ceiling (out/in) but 32 KiB pages at 21%/18%; gathered, 96%/93% and 84%/87%; the
-direct kernel moved 256 scattered 32 KiB pages at 96% (out) of the ceiling on the device where
-gather + copy reached 80%. Copies never block the host: the ids go up through pinned memory. Each
-call is planned on the host before its first CUDA call, then enqueued in one burst
-(``pagemem._swap_copy``).
+copied directly; otherwise pages are gathered on the device (``kv[page_ids]``) into a staging
+buffer of ``staging_bytes`` and sent in one copy per contiguous host run, chunk by chunk (swap-in
+mirrors it: copy to staging, then scatter). Why gather below 8 MiB per run: measured on an H100
+(bench/RESULTS.md, 2026-11-26), 4096 scattered pages moved at 89%/87% of the pinned ceiling (out/in)
+as one copy per 1 MiB page and 21%/18% per 32 KiB page, against 96%/93% and 84%/87% gathered; the
+gather is one device pass (~3 TB/s, a few % of a PCIe transfer). Long runs (a contiguous sequence)
+skip it. Copies never block the host: the ids go up through pinned memory. Each call is planned on
+the host before its first CUDA call, then enqueued in one burst (``pagemem._swap_copy``).
+
+``path="direct"`` (by name only) moves every page with one kernel straight between the pool and
+pinned host memory, which is mapped into the device's address space: no staging buffer, no
+separate copy, fewer calls. For 256 scattered 32 KiB pages it is the fastest end to end (H100,
+2026-11-27: 56%/64% of the ceiling against 42%/55% gathered), but its loads and stores cross PCIe
+from the SMs and disturb kernels on the compute stream (+12% on a bandwidth-bound kernel beside a
+4 GiB swap-out, against none for the copy engines), and a swap-out and a swap-in together move
+less than through the copy engines; so "auto" keeps the copy engines.
 """
 from __future__ import annotations
 

@@ -406,11 +406,11 @@ def test_reclaim_of_pages_freed_behind_the_tickets_back_raises_and_changes_nothi
 
 
 def test_choose_path_is_the_mean_run_rule():
-    """choose_path: "runs" when merged runs average min_run_bytes, else "direct"; a fixed path wins."""
+    """choose_path: "runs" when merged runs average min_run_bytes, else "gather"; a fixed path wins."""
     pool, swap = make(num_pages=17, num_host_pages=12, min_run_bytes=4 * 512)   # 512-byte pages
     assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "runs"      # one run of 2048 bytes
-    assert swap.choose_path([1, 2, 3, 9], [0, 1, 2, 3]) == "direct"    # runs of 1536 and 512 bytes
-    swap.path = "gather"
-    assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "gather"
+    assert swap.choose_path([1, 2, 3, 9], [0, 1, 2, 3]) == "gather"    # runs of 1536 and 512 bytes
+    swap.path = "direct"
+    assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "direct"
     swap.path = "runs"
     assert swap.choose_path([1, 9], [0, 1]) == "runs"

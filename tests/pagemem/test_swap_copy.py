@@ -79,13 +79,12 @@ def test_plan_bounds_partition_the_runs_by_chunk():
 
 @pytest.mark.parametrize("ids, expected", [
     (list(range(1, 9)), "runs"),                     # 1 run of 8 pages: 192 bytes >= 100
-    ([1, 3, 5, 7], "direct"),                        # 4 runs of 1 page: 24 bytes each
-    ([1, 2, 3, 4, 9, 10, 11, 12], "direct"),         # 2 runs of 96 bytes
+    ([1, 3, 5, 7], "gather"),                        # 4 runs of 1 page: 24 bytes each
+    ([1, 2, 3, 4, 9, 10, 11, 12], "gather"),         # 2 runs of 96 bytes
     ([1, 2, 3, 4, 5, 9, 10, 11, 12, 13], "runs"),    # 2 runs of 120 bytes
 ])
 def test_auto_path_compares_the_mean_run_with_min_run_bytes(ids, expected):
-    """"auto" copies runs when they average min_run_bytes, else pages go through the direct kernel;
-    the runs are merge_runs'."""
+    """"auto" copies runs directly when they average min_run_bytes; the runs are merge_runs'."""
     assert plan_copies(ids, range(len(ids)), "auto", 24, 100, 64).path == expected
     runs = plan_copies(ids, range(len(ids)), "runs", 24, 100, 64).runs
     assert runs == merge_runs(ids, range(len(ids)))
@@ -260,9 +259,9 @@ def test_direct_call_order_and_grid():
     assert cp.launches[-1][0] == (4,)                               # 2100 words: capped at 2 x 2 SMs
 
 
-def test_direct_path_needs_whole_words_and_auto_prefers_it():
-    assert plan_copies([1, 3, 5], [0, 1, 2], "auto", 24, 100, 64).path == "direct"
-    assert plan_copies([1, 3, 5], [0, 1, 2], "auto", 12, 100, 64).path == "gather"   # 12-byte pages
+def test_direct_path_is_by_name_and_needs_whole_words():
+    assert plan_copies([1, 3, 5], [0, 1, 2], "auto", 24, 100, 64).path == "gather"
+    assert plan_copies([1, 3, 5], [0, 1, 2], "direct", 24, 100, 64).path == "direct"
     with pytest.raises(ValueError, match="8-byte words"):
         plan_copies([1, 3], [0, 1], "direct", 12, 100, 64)
 
