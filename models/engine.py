@@ -90,6 +90,9 @@ class LLM:
                  preemption: str = "recompute", eviction: str = "lru", enable_prefix_caching: bool = False,
                  seed: int = 0, watermark: float = 0.01, cuda_graph: bool = True, admit_batch: int = 1,
                  async_scheduling: bool = True) -> None:
+        if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) \
+                or page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {page_size!r}")
         self.model = model if isinstance(model, Model) else load_model(model, dtype, device, seed)
         self.xp = self.model.xp
         if swap_space < 0:

@@ -88,6 +88,9 @@ def test_bad_requests(tiny):
         llm.generate([[1] * 4000], SamplingParams(max_tokens=200))
     with pytest.raises(ValueError, match="needs swap_space"):
         LLM(tiny, num_pages=8, preemption="swap", swap_space=0)
+    for bad in (3, 0, -4, 2.0):
+        with pytest.raises(ValueError, match="page_size must be a power of two"):
+            LLM(tiny, num_pages=8, page_size=bad, swap_space=0)
 
 
 def test_failed_generate_queues_nothing(tiny):
