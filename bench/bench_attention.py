@@ -147,17 +147,31 @@ def sdpa_prefill(case: Case, num_seqs: int, seq_len: int):
     return run, cp.asarray(run().transpose(1, 2).reshape(num_seqs * seq_len, HQ, D))
 
 
-def prefill_run(case: Case, seq_len: int):
+def prefill_run(case: Case, seq_len: int, path: str = "auto", warps: int | None = None):
+    """One paged_prefill of the case; path "auto" (the public function's choice: the fused
+    kernel here), "flash" with a block height of ``warps`` * 16 rows, or "gemm" (cuBLAS route)."""
     import cupy as cp
     from kernels import paged_prefill
+    from kernels._checks import check_attention
+    from kernels.prefill import paged_prefill_cuda
     out = cp.empty_like(case.q)
-    return lambda: paged_prefill(case.q, case.k, case.v, case.page_tables, case.context_lens,
-                                 case.query_start_loc, out=out, max_query_len=seq_len)
+    if path == "auto":
+        return lambda: paged_prefill(case.q, case.k, case.v, case.page_tables, case.context_lens,
+                                     case.query_start_loc, out=out, max_query_len=seq_len)
+    dims = check_attention(case.q, case.k, case.v, case.page_tables, case.context_lens, out,
+                           case.context_lens.shape[0])
+    scale = float(1 / np.sqrt(D))
+    return lambda: paged_prefill_cuda(case.q, case.k, case.v, case.page_tables, case.context_lens,
+                                      case.query_start_loc, scale, out, None, 0, dims, seq_len,
+                                      path=path, warps=warps)
+
+
+PREFILL_IMPLS = {"paged_prefill": ("auto", None), "flash 8 warps": ("flash", 8), "cuBLAS route": ("gemm", None)}
 
 
 @requires_cuda
 @pytest.mark.benchmark(group="prefill-attn")
-@pytest.mark.parametrize("impl", ["paged_prefill", "torch sdpa"])
+@pytest.mark.parametrize("impl", [*PREFILL_IMPLS, "torch sdpa"])
 def test_prefill(benchmark, impl):
     num_seqs, seq_len = PREFILL_SHAPE
     case = make_case(num_seqs, seq_len, num_new=seq_len)
@@ -165,7 +179,7 @@ def test_prefill(benchmark, impl):
         sdpa, want = sdpa_prefill(case, num_seqs, seq_len)
     except ImportError:
         pytest.skip("torch is not installed")
-    run = sdpa if impl == "torch sdpa" else prefill_run(case, seq_len)
+    run = sdpa if impl == "torch sdpa" else prefill_run(case, seq_len, *PREFILL_IMPLS[impl])
     if impl != "torch sdpa":
         check_close(impl, run(), want, tol=1e-2)
     benchmark.pedantic(gpu_timed(run), rounds=10, warmup_rounds=2)
@@ -286,12 +300,16 @@ def main() -> None:
     num_seqs, seq_len = PREFILL_SHAPE
     case = make_case(num_seqs, seq_len, num_new=seq_len)
     sdpa, want = sdpa_prefill(case, num_seqs, seq_len)
-    run = prefill_run(case, seq_len)
-    check_close("paged_prefill", run(), want, tol=1e-2)
-    base, ours = cuda_event_time_ms(sdpa, iters=10), cuda_event_time_ms(run, iters=10)
-    print(f"prefill {num_seqs}x{seq_len}: torch sdpa {base * 1e3:.0f} us, paged_prefill {ours * 1e3:.0f} us, "
-          f"ratio {base / ours:.2f}x of sdpa throughput")
-    print("prefill stages (ms):", profile_prefill(run))
+    flops = 4 * num_seqs * HQ * D * seq_len * (seq_len + 1) // 2   # causal QK^T and PV
+    base = cuda_event_time_ms(sdpa, iters=10)
+    print(f"prefill {num_seqs}x{seq_len}: torch sdpa {base * 1e3:.0f} us ({flops / base / 1e9:.0f} TFLOP/s)")
+    for name, (path, warps) in PREFILL_IMPLS.items():
+        run = prefill_run(case, seq_len, path, warps)
+        check_close(name, run(), want, tol=1e-2)
+        ours = cuda_event_time_ms(run, iters=10)
+        print(f"prefill {num_seqs}x{seq_len}: {name:>14} {ours * 1e3:6.0f} us ({flops / ours / 1e9:.0f} TFLOP/s), "
+              f"{base / ours:.2f}x of sdpa throughput", flush=True)
+    print("cuBLAS route stages (ms):", profile_prefill(prefill_run(case, seq_len, "gemm")))
 
 
 def _row(shape, name, run, nbytes, copy, base_ms):

@@ -13,6 +13,10 @@ enqueued on ``stream`` (a CuPy stream; default CuPy's current stream) without sy
     apply_rope      x [num_tokens, heads, head_dim] rotated in place by each token's position
     silu_mul        gate_up [num_tokens, 2 * inter] -> silu(gate) * up [num_tokens, inter]
 
+On the GPU, paged_prefill runs one fused tensor-core kernel (CUDA C++ through CuPy's NVRTC:
+kernels/prefill_flash.py) for fp16/bf16 caches with head_dim up to 128, and a gather + cuBLAS
+route otherwise; ``prefill_is_fused`` tells which.
+
 Caches are the per-layer views ``[num_pages, page_size, num_kv_heads, head_dim]`` (fp16, bf16 or
 fp32; strided over pages is fine), page_tables ``[num_seqs, max_pages]`` int32 padded with
 NULL_PAGE (0), context_lens ``[num_seqs]`` int32 >= 1 counting the new tokens. Math is float32.
@@ -24,7 +28,7 @@ import numpy as np
 from kernels import cpu as _cpu
 from kernels._checks import check_attention, check_int_array, check_same_device, check_window, default_scale
 
-__all__ = ["store_kv", "paged_decode", "paged_prefill", "rms_norm", "apply_rope", "silu_mul"]
+__all__ = ["store_kv", "paged_decode", "paged_prefill", "prefill_is_fused", "rms_norm", "apply_rope", "silu_mul"]
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, stream=None) -> None:
@@ -78,6 +82,16 @@ def paged_prefill(q, k_cache, v_cache, page_tables, context_lens, query_start_lo
     from kernels.prefill import paged_prefill_cuda
     return paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale,
                               out, stream, window, dims, int(max_query_len))
+
+
+def prefill_is_fused(q, k_cache) -> bool:
+    """Whether paged_prefill of this q over this cache runs the fused kernel (CUDA arrays, q of
+    the cache's fp16/bf16 dtype, a supported head_dim and device): its cost follows each
+    sequence's own tokens, so ragged batches need no grouping by length."""
+    if isinstance(q, np.ndarray) or np.dtype(q.dtype) != np.dtype(k_cache.dtype):
+        return False
+    from kernels.prefill_flash import config_supported
+    return config_supported(k_cache.dtype, k_cache.shape[3], q.device.id)
 
 
 def rms_norm(x, weight, eps: float, residual=None, out=None, stream=None):

@@ -30,14 +30,34 @@ SOFTMAX_CLASSES = ((128, 1), (128, 2), (128, 4), (128, REG_WORDS), (256, REG_WOR
 
 def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
                        out, stream, window: int, dims: AttnDims, max_query_len: int,
-                       threads: int = THREADS, softmax_threads: int | None = None, softmax_regs: bool = True):
+                       threads: int = THREADS, softmax_threads: int | None = None, softmax_regs: bool = True,
+                       path: str = "auto", warps: int | None = None):
     """Enqueue ragged causal attention of q's new tokens; writes and returns ``out``.
-    NumPy arrays run the same kernels under the simulator (tests, with fewer ``threads``).
-    ``softmax_regs=False`` forces the three-pass softmax (the fallback for rows too long for
-    registers); ``softmax_threads`` overrides either softmax's block size."""
+
+    ``path``: "flash" the fused tensor-core kernel (kernels/prefill_flash.py), "gemm" the
+    gather + cuBLAS route below, "auto" flash wherever it applies (16-bit caches, head_dim up to
+    128; measured 2026-11-27 in bench/RESULTS.md). NumPy arrays run the gemm route's kernels
+    under the simulator (tests, with fewer ``threads``). ``softmax_regs=False`` forces the
+    three-pass softmax (the fallback for rows too long for registers); ``softmax_threads``
+    overrides either softmax's block size; ``warps`` the flash kernel's (tests, tuning)."""
+    if path not in ("auto", "flash", "gemm"):
+        raise ValueError(f"path must be 'auto', 'flash' or 'gemm', got {path!r}")
     xp = _array_module(q)
     if xp is not np:
         stream = stream or xp.cuda.get_current_stream()
+        if path != "gemm":
+            from kernels import prefill_flash
+            w = warps or prefill_flash.WARPS
+            if prefill_flash.supports(q, k_cache, v_cache, out, dims, w):
+                with stream:
+                    return prefill_flash.paged_prefill_flash(q, k_cache, v_cache, page_tables, context_lens,
+                                                             query_start_loc, scale, out, window, dims,
+                                                             max_query_len, w)
+            if path == "flash":
+                raise ValueError("path='flash' needs fp16/bf16 q, caches and out of one dtype, head_dim in "
+                                 f"{prefill_flash.HEAD_DIMS}, 16-byte aligned rows and compute capability 8.0+")
+    elif path == "flash":
+        raise ValueError("path='flash' runs on CUDA arrays only")
     tm = page_tables.shape[1] * dims.page_size
     rows = max_query_len * dims.group
     itemsize = np.dtype(k_cache.dtype).itemsize

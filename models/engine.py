@@ -135,9 +135,12 @@ class LLM:
         if self.model.device != "cuda":
             return
         from kernels.prefill import prefill_key_classes
+        from kernels.prefill_flash import config_supported
         pool_tokens = (self.pool.num_pages - 1) * self.pool.page_size
         limit = min(max_context_len, self.model.config.max_position_embeddings, pool_tokens) - 2
         lens = sorted({max(1, min(n, limit)) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
+        if config_supported(self.pool.config.np_dtype, self.model.config.head_dim, self.model.xp.cuda.Device().id):
+            lens = [max(1, min(64, limit))]      # one fused prefill kernel serves every length
         next_id = self._next_id
         for n in lens:   # one at a time: together they would share prefill calls, hence variants
             self.generate([[0] * n], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))

@@ -129,9 +129,10 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
 def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch, scale: float,
                      window: int | None, groups: list[tuple[int, int]]) -> Array:
     """Decode rows (one new token each, packed first) through paged_decode, the rest through
-    paged_prefill in ``groups`` of rows (prefill_groups): the prefill kernel pads every sequence
-    of a call to its longest query and context, so decode rows never ride along with a long
-    prompt, and short prompts are not padded to long ones. q [T, nh, d] -> [T, nh, d]."""
+    paged_prefill: one call where it runs the fused kernel (whose work follows each sequence's
+    own length), else in ``groups`` of rows (prefill_groups): the cuBLAS route pads every
+    sequence of a call to its longest query and context, so short prompts are not padded to
+    long ones. Decode rows never ride along with a prompt. q [T, nh, d] -> [T, nh, d]."""
     nd, n = batch.num_decode_seqs, batch.num_seqs
     pt, ctx, qsl = batch.page_tables, batch.context_lens, batch.query_start_loc
     if nd == n:
@@ -140,7 +141,7 @@ def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch
     if nd:
         kernels.paged_decode(q[:nd], k_cache, v_cache, pt[:nd], ctx[:nd], scale=scale, out=out[:nd],
                              sliding_window=window)
-    if batch.host_query_lens is None:        # a PagedBatch built by hand: one call for every row
+    if batch.host_query_lens is None or kernels.prefill_is_fused(q, k_cache):   # one call for every row
         kernels.paged_prefill(q[nd:], k_cache, v_cache, pt[nd:], ctx[nd:], qsl[nd:] - nd, scale=scale,
                               out=out[nd:], sliding_window=window, max_query_len=batch.max_query_len or None)
         return out

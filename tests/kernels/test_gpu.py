@@ -83,7 +83,7 @@ def test_decode_tunings(rng, tuning, head_dim, page_size, num_partitions):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 100])
 def test_prefill(rng, dtype, window):
-    """Ragged prefill with cached prefixes equals the reference."""
+    """Ragged prefill with cached prefixes equals the reference (the path "auto" picks)."""
     ctx, qlens = [1, 17, 300, 1000], [1, 17, 50, 1000]
     p = make_paged(rng, ctx, num_kv_heads=2, head_dim=128, page_size=16, dtype=dtype)
     qsl = query_start_loc(qlens)
@@ -94,6 +94,78 @@ def test_prefill(rng, dtype, window):
     out = out.get().astype(np.float32)
     assert not np.isnan(out).any()
     np.testing.assert_allclose(out, ref, rtol=0, atol=PREFILL_ATOL[np.dtype(dtype)])
+
+
+def _flash(rng, dtype, ctx, qlens, num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=16, window=None,
+           warps=None, strided_q=False):
+    """The fused kernel (path='flash') on NaN-filled outputs against the reference; q optionally a
+    view into a wider [tokens, (q + k + v heads) * head_dim] projection, as a model produces it."""
+    import cupy as cp
+    from kernels._checks import check_attention
+    from kernels.prefill import paged_prefill_cuda
+    p = make_paged(rng, ctx, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
+                   pad_pages=3)
+    qsl = query_start_loc(qlens)
+    n = int(qsl[-1])
+    q = queries(rng, n, num_q_heads, head_dim, dtype)
+    gq, *g = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens, qsl)
+    if strided_q:
+        wide = cp.full((n, (num_q_heads + 2 * num_kv_heads) * head_dim), cp.nan, dtype)
+        wide[:, :num_q_heads * head_dim] = gq.reshape(n, -1)
+        gq = wide[:, :num_q_heads * head_dim].reshape(n, num_q_heads, head_dim)
+        assert not gq.flags.c_contiguous
+    out = cp.full(q.shape, cp.nan, dtype)
+    dims = check_attention(gq, *g[:4], out, len(ctx))
+    paged_prefill_cuda(gq, *g, 0.1, out, None, window or 0, dims, max(qlens), path="flash", warps=warps)
+    ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.1, window)
+    got = out.get().astype(np.float32)
+    assert not np.isnan(got).any(), "a row was not written, or padding / NULL_PAGE was read"
+    np.testing.assert_allclose(got, ref, rtol=0, atol=PREFILL_ATOL[np.dtype(dtype)])
+
+
+# context lengths and new tokens: single tokens, page edges, tile edges (64 rows, 64 keys),
+# chunked prefill (a cached prefix before the new tokens) and a long full prompt
+FLASH_CTX, FLASH_QLENS = [1, 15, 17, 64, 65, 300, 1000, 2000], [1, 15, 9, 64, 65, 50, 1000, 700]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128])
+def test_prefill_flash_head_dims(rng, dtype, head_dim):
+    """The fused tensor-core kernel for every head_dim it takes, fp16 and bf16 (GQA 4)."""
+    _flash(rng, dtype, FLASH_CTX, FLASH_QLENS, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (8, 1)])
+def test_prefill_flash_gqa_pages_window(rng, page_size, num_q_heads, num_kv_heads):
+    """GQA 1/4/8 and MQA at page sizes 8, 16, 32, with a sliding window, q a strided view."""
+    _flash(rng, np.float16, FLASH_CTX, FLASH_QLENS, num_q_heads, num_kv_heads, page_size=page_size,
+           window=100, strided_q=True)
+
+
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("window", [None, 1, 64, 1000])
+def test_prefill_flash_warps_and_windows(rng, warps, window):
+    """Both block heights (64 and 128 query rows) and windows from one key to wider than a tile."""
+    _flash(rng, DTYPES[1], FLASH_CTX, FLASH_QLENS, warps=warps, window=window)
+
+
+def test_prefill_flash_refuses_what_it_cannot_run(rng):
+    """path='flash' names what it needs; path='auto' takes the cuBLAS route for those calls."""
+    import cupy as cp
+    from kernels._checks import check_attention
+    from kernels.prefill import paged_prefill_cuda
+    for dtype, head_dim in ((np.float32, 128), (np.float16, 256)):
+        p = make_paged(rng, [40], head_dim=head_dim, page_size=16, dtype=dtype)
+        q = queries(rng, 40, 4, head_dim, dtype)
+        g = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens, query_start_loc([40]))
+        out = cp.empty_like(g[0])
+        dims = check_attention(*g[:5], out, 1)
+        with pytest.raises(ValueError, match="path='flash' needs"):
+            paged_prefill_cuda(*g, 0.1, out, None, 0, dims, 40, path="flash")
+        paged_prefill_cuda(*g, 0.1, out, None, 0, dims, 40, path="auto")
+        ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, query_start_loc([40]), 0.1)
+        np.testing.assert_allclose(out.get().astype(np.float32), ref, rtol=0, atol=PREFILL_ATOL[np.dtype(dtype)])
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=str)
@@ -112,7 +184,7 @@ def test_prefill_every_softmax_class(rng, dtype, context_len, softmax_regs):
     import cupy as cp
     out = cp.full(q.shape, cp.nan, dtype)
     dims = check_attention(*g[:5], out, 2)
-    paged_prefill_cuda(*g, 0.125, out, None, 0, dims, max(qlens), softmax_regs=softmax_regs)
+    paged_prefill_cuda(*g, 0.125, out, None, 0, dims, max(qlens), softmax_regs=softmax_regs, path="gemm")
     ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.125, None)
     if softmax_regs:
         row_bytes = p.page_tables.shape[1] * 16 * np.dtype(dtype).itemsize

@@ -1,0 +1,337 @@
+"""Paged prefill on tensor cores: one fused kernel (flash attention over a page table).
+
+The cuBLAS route of kernels/prefill.py writes every score to memory and reads it back twice; at
+thousands of new tokens that traffic, not the arithmetic, sets its time. This kernel keeps the
+scores in registers, as FlashAttention-2 does (Dao, 2023): a block owns ``16 * warps`` query rows
+of one query head, streams its sequence's K/V through shared memory ``BLOCK_N`` keys at a time
+(``cp.async``, two buffers: the next tile's pages load during this tile's math), and each warp
+runs ``mma.sync.m16n8k16`` on its 16 rows with an online softmax in registers. Keys come from the
+page table a 16-byte chunk at a time, so pages may sit anywhere in the pool.
+
+Numba exposes no tensor-core instructions, so this one kernel is CUDA C++ compiled by NVRTC
+through CuPy (as the swap's direct copy kernel is); fp16 and bf16 caches with head_dim a multiple
+of 16 up to 128 on compute capability 8.0 and newer take it, everything else keeps the cuBLAS
+route. It is GPU-only: the simulator runs C++ kernels not at all, so tests/kernels/test_gpu.py
+checks it against the NumPy reference on a GPU.
+
+    block (s, tile, head): query rows [tile * BM, tile * BM + BM) of sequence s, their positions
+    pos0 + row (pos0 = context_len - query_len); keys [kbeg, pos0 + last row] in tiles of BN;
+    heaviest tiles (the latest rows, most keys) are launched first.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from kernels._checks import AttnDims
+from kernels._device import BF16, F16
+
+BLOCK_N = 64
+WARPS = 4                      # BM = 64 query rows a block
+HEAD_DIMS = (64, 80, 96, 112, 128)
+MIN_CC = 80                    # mma.sync bf16 and cvt.rn.{b}f16x2.f32 need sm_80
+
+_SRC = r"""
+#define HD HEAD_DIM
+#define BM (16 * NWARPS)
+#define BN BLOCK_N
+#define DP (HD + 8)            /* padded smem row (halves): ldmatrix rows fall in distinct banks */
+#define NEG_INF __int_as_float(0xff800000)
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+    // src_bytes 0 fills the 16 bytes with zeros (padding keys, rows past the query)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_wait_one() { asm volatile("cp.async.wait_group 1;"); }
+__device__ __forceinline__ void ldsm4(u32 a, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+__device__ __forceinline__ void ldsm4_t(u32 a, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
+}
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." ELEM "." ELEM ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 pack2(float lo, float hi) {   // lo -> low half (the lower column)
+    u32 r;
+    asm("cvt.rn." ELEM "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_head,
+                      const u16* __restrict__ kc, const u16* __restrict__ vc,
+                      long long c_page, long long c_tok, long long c_head,
+                      const int* __restrict__ page_tables, long long pt_stride,
+                      const int* __restrict__ context_lens, const int* __restrict__ qsl,
+                      u16* __restrict__ out, long long o_tok, long long o_head,
+                      int group, int page_shift, float scale_log2, int window, int num_tiles) {
+    // q, out: [num_tokens, num_q_heads, HD], strides in elements; kc, vc: pages [.., P, Hkv, HD]
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sq = smem;                    // [BM][DP]
+    u16* sk = sq + BM * DP;            // [2][BN][DP]
+    u16* sv = sk + 2 * BN * DP;        // [2][BN][DP]
+    constexpr int CH = HD / 8;         // 16-byte chunks a row
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int s = blockIdx.x / num_tiles;
+    const int tile = num_tiles - 1 - (blockIdx.x - s * num_tiles);
+    const int h = blockIdx.y;
+    const int q0 = qsl[s];
+    const int qlen = qsl[s + 1] - q0;
+    const int m0 = tile * BM;
+    if (m0 >= qlen) return;
+    const int pos0 = context_lens[s] - qlen;          // position of query row 0
+    const int rows = min(BM, qlen - m0);
+    const int kend = pos0 + m0 + rows;                // keys [kbeg, kend)
+    int kbeg = window > 0 ? max(0, pos0 + m0 - window + 1) : 0;
+    kbeg &= ~(BN - 1);
+    const int kvh = h / group;
+    const int* pt = page_tables + s * pt_stride;
+    const int pmask = (1 << page_shift) - 1;
+
+    for (int i = tid; i < BM * CH; i += NWARPS * 32) {
+        const int r = i / CH, c = i - r * CH;
+        const u16* src = q;
+        int n = 0;
+        if (r < rows) {
+            src = q + (long long)(q0 + m0 + r) * q_tok + (long long)h * q_head + c * 8;
+            n = 16;
+        }
+        cp_async16(smem_u32(sq + r * DP + c * 8), src, n);
+    }
+    auto load_kv = [&](int buf, int k0) {
+        for (int i = tid; i < BN * CH; i += NWARPS * 32) {
+            const int r = i / CH, c = i - r * CH, key = k0 + r;
+            const u16* ks = kc;
+            const u16* vs = vc;
+            int n = 0;
+            if (key < kend) {
+                const long long off = (long long)pt[key >> page_shift] * c_page
+                    + (long long)(key & pmask) * c_tok + (long long)kvh * c_head + c * 8;
+                ks = kc + off;
+                vs = vc + off;
+                n = 16;
+            }
+            cp_async16(smem_u32(sk + (buf * BN + r) * DP + c * 8), ks, n);
+            cp_async16(smem_u32(sv + (buf * BN + r) * DP + c * 8), vs, n);
+        }
+    };
+    load_kv(0, kbeg);
+    cp_commit();                                      // group 0: the Q tile and the first K/V tile
+
+    const int g = lane >> 2, t = lane & 3;
+    const int wpos = pos0 + m0 + w * 16;              // position of the warp's first row
+    const int pos_lo = wpos + g, pos_hi = pos_lo + 8; // this thread's two rows
+    u32 qf[HD / 16][4];
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};
+    const int nkv = (kend - kbeg + BN - 1) / BN;
+
+    for (int it = 0; it < nkv; ++it) {
+        const int k0 = kbeg + it * BN, buf = it & 1;
+        if (it + 1 < nkv) load_kv(buf ^ 1, k0 + BN);
+        cp_commit();
+        cp_wait_one();                                // this tile (and Q) have landed
+        __syncthreads();
+        if (it == 0) {
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ++ks) {
+                const int r = w * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                const int c = ks * 16 + ((lane >> 4) << 3);
+                ldsm4(smem_u32(sq + r * DP + c), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
+            }
+        }
+        // Skip a tile none of the warp's rows may see (past the diagonal, or before the window).
+        const bool active = k0 <= wpos + 15 && (window == 0 || k0 + BN - 1 > wpos - window);
+        if (active) {
+            float sc[BN / 8][4];
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < HD / 16; ++ks) {
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    u32 b0, b1, b2, b3;
+                    const int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    const int dim = ks * 16 + (((lane >> 3) & 1) << 3);
+                    ldsm4(smem_u32(sk + (buf * BN + key) * DP + dim), b0, b1, b2, b3);
+                    mma16816(sc[2 * np], qf[ks], b0, b1);
+                    mma16816(sc[2 * np + 1], qf[ks], b2, b3);
+                }
+            }
+            if (k0 + BN - 1 > wpos || window > 0) {
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = k0 + nt * 8 + 2 * t + (e & 1);
+                        const int pos = e < 2 ? pos_lo : pos_hi;
+                        if (key > pos || (window > 0 && pos - key >= window)) sc[nt][e] = NEG_INF;
+                    }
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {             // online softmax of row g (r=0), g+8 (r=1)
+                float mx = NEG_INF;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float mnew = fmaxf(mrow[r], mx * scale_log2);
+                const float ms = mnew == NEG_INF ? 0.f : mnew;   // no key yet: keep p = alpha = 0
+                const float alpha = fast_exp2(mrow[r] - ms);
+                mrow[r] = mnew;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                        const float p = fast_exp2(fmaf(sc[nt][e], scale_log2, -ms));
+                        sc[nt][e] = p;
+                        sum += p;
+                    }
+                }
+                lrow[r] = lrow[r] * alpha + sum;      // this thread's share; summed at the end
+#pragma unroll
+                for (int i = 0; i < HD / 8; ++i) {
+                    o[i][2 * r] *= alpha;
+                    o[i][2 * r + 1] *= alpha;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {    // O += P V, P straight from the score registers
+                u32 a[4];
+                a[0] = pack2(sc[2 * kk][0], sc[2 * kk][1]);
+                a[1] = pack2(sc[2 * kk][2], sc[2 * kk][3]);
+                a[2] = pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                a[3] = pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+                for (int dp = 0; dp < HD / 16; ++dp) {
+                    u32 b0, b1, b2, b3;
+                    const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+                    const int dim = dp * 16 + ((lane >> 4) << 3);
+                    ldsm4_t(smem_u32(sv + (buf * BN + key) * DP + dim), b0, b1, b2, b3);
+                    mma16816(o[2 * dp], a, b0, b1);
+                    mma16816(o[2 * dp + 1], a, b2, b3);
+                }
+            }
+        }
+        __syncthreads();                              // every warp is done with buf before it reloads
+    }
+
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = lrow[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv[r] = 1.f / l;
+    }
+    const int row_lo = m0 + w * 16 + g;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row_lo + 8 * r;
+        if (row < qlen) {
+            u16* dst = out + (long long)(q0 + row) * o_tok + (long long)h * o_head + 2 * t;
+#pragma unroll
+            for (int i = 0; i < HD / 8; ++i)
+                *reinterpret_cast<u32*>(dst + i * 8) = pack2(o[i][2 * r] * inv[r], o[i][2 * r + 1] * inv[r]);
+        }
+    }
+}
+"""
+
+
+def source(head_dim: int, warps: int, bf16: bool) -> str:
+    """The kernel's CUDA source for one (head_dim, warps, element type)."""
+    defs = (f"#define HEAD_DIM {head_dim}\n#define NWARPS {warps}\n#define BLOCK_N {BLOCK_N}\n"
+            f"#define ELEM \"{'bf16' if bf16 else 'f16'}\"\n")
+    return defs + _SRC
+
+
+def smem_bytes(head_dim: int, warps: int) -> int:
+    """Dynamic shared memory of a block: the Q tile and two K and two V tiles, padded rows."""
+    return (16 * warps + 4 * BLOCK_N) * (head_dim + 8) * 2
+
+
+@functools.cache
+def _kernel(head_dim: int, warps: int, bf16: bool, device: int):
+    import cupy as cp
+    k = cp.RawKernel(source(head_dim, warps, bf16), "pagemem_flash_prefill", options=("-std=c++17",))
+    k.max_dynamic_shared_size_bytes = smem_bytes(head_dim, warps)
+    return k
+
+
+@functools.cache
+def _device_limits(device: int) -> tuple[int, int]:
+    """(compute capability as 10 * major + minor, opt-in shared memory per block) of a device."""
+    import cupy as cp
+    a = cp.cuda.Device(device).attributes
+    return 10 * a["ComputeCapabilityMajor"] + a["ComputeCapabilityMinor"], a["MaxSharedMemoryPerBlockOptin"]
+
+
+def config_supported(dtype, head_dim: int, device: int, warps: int = WARPS) -> bool:
+    """Whether caches of ``dtype`` and ``head_dim`` take the fused kernel on CUDA device
+    ``device``: fp16 or bf16, head_dim a multiple of 16 up to 128, compute capability 8.0+ and
+    the shared memory a block needs."""
+    if np.dtype(dtype).itemsize != 2 or head_dim not in HEAD_DIMS:
+        return False
+    cc, smem = _device_limits(device)
+    return cc >= MIN_CC and smem >= smem_bytes(head_dim, warps)
+
+
+def supports(q, k_cache, v_cache, out, dims: AttnDims, warps: int = WARPS) -> bool:
+    """Whether this call can take the fused kernel: ``config_supported``, q and out of the cache
+    dtype, 16-byte aligned rows (cp.async moves 16 bytes)."""
+    if dims.cache_kind not in (F16, BF16) or not config_supported(k_cache.dtype, dims.head_dim, q.device.id, warps):
+        return False
+    if np.dtype(q.dtype) != np.dtype(k_cache.dtype) or np.dtype(out.dtype) != np.dtype(k_cache.dtype):
+        return False
+    for x in (q, out):
+        if x.strides[2] != 2 or x.strides[0] % 16 or x.strides[1] % 16 or x.data.ptr % 16:
+            return False
+    if k_cache.data.ptr % 16 or v_cache.data.ptr % 16:
+        return False
+    return all(st % 16 == 0 for st in k_cache.strides[:3])     # v_cache's equal k_cache's (checked)
+
+
+def paged_prefill_flash(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
+                        out, window: int, dims: AttnDims, max_query_len: int, warps: int = WARPS):
+    """Enqueue the fused kernel on the current CuPy stream (no sync); writes and returns ``out``.
+    Preconditions: ``supports(...)``; page ids of each sequence's first context_len tokens valid."""
+    import cupy as cp
+    pt = page_tables if page_tables.strides[1] == 4 else cp.ascontiguousarray(page_tables)
+    lens, qsl = cp.ascontiguousarray(context_lens), cp.ascontiguousarray(query_start_loc)
+    num_tiles = -(-max_query_len // (16 * warps))
+    el = 2
+    kernel = _kernel(dims.head_dim, warps, dims.cache_kind == BF16, q.device.id)
+    args = (q, np.int64(q.strides[0] // el), np.int64(q.strides[1] // el), k_cache, v_cache,
+            np.int64(k_cache.strides[0] // el), np.int64(k_cache.strides[1] // el),
+            np.int64(k_cache.strides[2] // el), pt, np.int64(pt.strides[0] // 4), lens, qsl,
+            out, np.int64(out.strides[0] // el), np.int64(out.strides[1] // el),
+            np.int32(dims.group), np.int32(dims.page_size.bit_length() - 1),
+            np.float32(scale * np.log2(np.e)), np.int32(window), np.int32(num_tiles))
+    kernel((dims.num_seqs * num_tiles, dims.num_q_heads, 1), (32 * warps, 1, 1), args,
+           shared_mem=smem_bytes(dims.head_dim, warps))
+    return out
