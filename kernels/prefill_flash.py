@@ -287,8 +287,8 @@ def _kernel(head_dim: int, warps: int, bf16: bool, device: int):
 def _device_limits(device: int) -> tuple[int, int]:
     """(compute capability as 10 * major + minor, opt-in shared memory per block) of a device."""
     import cupy as cp
-    a = cp.cuda.Device(device).attributes
-    return 10 * a["ComputeCapabilityMajor"] + a["ComputeCapabilityMinor"], a["MaxSharedMemoryPerBlockOptin"]
+    optin = 97   # cudaDevAttrMaxSharedMemoryPerBlockOptin
+    return int(cp.cuda.Device(device).compute_capability), cp.cuda.runtime.deviceGetAttribute(optin, device)
 
 
 def config_supported(dtype, head_dim: int, device: int, warps: int = WARPS) -> bool:
