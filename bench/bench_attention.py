@@ -147,9 +147,9 @@ def sdpa_prefill(case: Case, num_seqs: int, seq_len: int):
     return run, cp.asarray(run().transpose(1, 2).reshape(num_seqs * seq_len, HQ, D))
 
 
-def prefill_run(case: Case, seq_len: int, path: str = "auto", warps: int | None = None):
+def prefill_run(case: Case, seq_len: int, path: str = "auto", tiling=None):
     """One paged_prefill of the case; path "auto" (the public function's choice: the fused
-    kernel here), "flash" with a block height of ``warps`` * 16 rows, or "gemm" (cuBLAS route)."""
+    kernel here), "flash" with a block ``tiling`` (prefill_flash.Tiling), or "gemm" (cuBLAS route)."""
     import cupy as cp
     from kernels import paged_prefill
     from kernels._checks import check_attention
@@ -163,10 +163,10 @@ def prefill_run(case: Case, seq_len: int, path: str = "auto", warps: int | None 
     scale = float(1 / np.sqrt(D))
     return lambda: paged_prefill_cuda(case.q, case.k, case.v, case.page_tables, case.context_lens,
                                       case.query_start_loc, scale, out, None, 0, dims, seq_len,
-                                      path=path, warps=warps)
+                                      path=path, tiling=tiling)
 
 
-PREFILL_IMPLS = {"paged_prefill": ("auto", None), "flash 8 warps": ("flash", 8), "cuBLAS route": ("gemm", None)}
+PREFILL_IMPLS = {"paged_prefill": ("auto", None), "cuBLAS route": ("gemm", None)}
 
 
 @requires_cuda
@@ -303,13 +303,25 @@ def main() -> None:
     flops = 4 * num_seqs * HQ * D * seq_len * (seq_len + 1) // 2   # causal QK^T and PV
     base = cuda_event_time_ms(sdpa, iters=10)
     print(f"prefill {num_seqs}x{seq_len}: torch sdpa {base * 1e3:.0f} us ({flops / base / 1e9:.0f} TFLOP/s)")
-    for name, (path, warps) in PREFILL_IMPLS.items():
-        run = prefill_run(case, seq_len, path, warps)
+    impls = dict(PREFILL_IMPLS)
+    if "--tune-prefill" in sys.argv:
+        from kernels.prefill_flash import Tiling
+        for t in PREFILL_TILINGS:
+            impls["w{}m{}n{}{}b{}".format(*t[:3], "q" if t[3] else "", t[4] if len(t) > 4 else 1)] = \
+                ("flash", Tiling(*t))
+    for name, (path, tiling) in impls.items():
+        run = prefill_run(case, seq_len, path, tiling)
         check_close(name, run(), want, tol=1e-2)
         ours = cuda_event_time_ms(run, iters=10)
         print(f"prefill {num_seqs}x{seq_len}: {name:>14} {ours * 1e3:6.0f} us ({flops / ours / 1e9:.0f} TFLOP/s), "
               f"{base / ours:.2f}x of sdpa throughput", flush=True)
     print("cuBLAS route stages (ms):", profile_prefill(prefill_run(case, seq_len, "gemm")))
+
+
+# (warps, 16-row m-tiles a warp, keys a K/V tile, Q fragments in registers) swept by --tune-prefill
+PREFILL_TILINGS = [(4, 1, 64, True), (4, 1, 64, False), (8, 1, 64, True), (8, 1, 64, False), (8, 1, 64, False, 2),
+                   (4, 1, 32, True), (4, 1, 32, False, 4), (8, 1, 32, False), (8, 1, 32, False, 2),
+                   (4, 2, 32, False), (4, 2, 64, False), (2, 2, 32, False), (8, 2, 32, False)]
 
 
 def _row(shape, name, run, nbytes, copy, base_ms):

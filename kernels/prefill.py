@@ -31,7 +31,7 @@ SOFTMAX_CLASSES = ((128, 1), (128, 2), (128, 4), (128, REG_WORDS), (256, REG_WOR
 def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
                        out, stream, window: int, dims: AttnDims, max_query_len: int,
                        threads: int = THREADS, softmax_threads: int | None = None, softmax_regs: bool = True,
-                       path: str = "auto", warps: int | None = None):
+                       path: str = "auto", tiling=None):
     """Enqueue ragged causal attention of q's new tokens; writes and returns ``out``.
 
     ``path``: "flash" the fused tensor-core kernel (kernels/prefill_flash.py), "gemm" the
@@ -39,7 +39,8 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
     128; measured 2026-11-27 in bench/RESULTS.md). NumPy arrays run the gemm route's kernels
     under the simulator (tests, with fewer ``threads``). ``softmax_regs=False`` forces the
     three-pass softmax (the fallback for rows too long for registers); ``softmax_threads``
-    overrides either softmax's block size; ``warps`` the flash kernel's (tests, tuning)."""
+    overrides either softmax's block size; ``tiling`` the flash kernel's block (a
+    prefill_flash.Tiling: tests, tuning)."""
     if path not in ("auto", "flash", "gemm"):
         raise ValueError(f"path must be 'auto', 'flash' or 'gemm', got {path!r}")
     xp = _array_module(q)
@@ -47,7 +48,7 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
         stream = stream or xp.cuda.get_current_stream()
         if path != "gemm":
             from kernels import prefill_flash
-            w = warps or prefill_flash.WARPS
+            w = tiling or prefill_flash.TILING
             if prefill_flash.supports(q, k_cache, v_cache, out, dims, w):
                 with stream:
                     return prefill_flash.paged_prefill_flash(q, k_cache, v_cache, page_tables, context_lens,

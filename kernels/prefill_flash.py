@@ -21,20 +21,20 @@ checks it against the NumPy reference on a GPU.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
 from kernels._checks import AttnDims
 from kernels._device import BF16, F16
 
-BLOCK_N = 64
-WARPS = 4                      # BM = 64 query rows a block
 HEAD_DIMS = (64, 80, 96, 112, 128)
 MIN_CC = 80                    # mma.sync bf16 and cvt.rn.{b}f16x2.f32 need sm_80
 
 _SRC = r"""
 #define HD HEAD_DIM
-#define BM (16 * NWARPS)
+#define WR (16 * MT)            /* query rows a warp */
+#define BM (WR * NWARPS)
 #define BN BLOCK_N
 #define DP (HD + 8)            /* padded smem row (halves): ldmatrix rows fall in distinct banks */
 #define NEG_INF __int_as_float(0xff800000)
@@ -77,7 +77,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32)
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, MINB)
 pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_head,
                       const u16* __restrict__ kc, const u16* __restrict__ vc,
                       long long c_page, long long c_tok, long long c_head,
@@ -85,7 +85,8 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                       const int* __restrict__ context_lens, const int* __restrict__ qsl,
                       u16* __restrict__ out, long long o_tok, long long o_head,
                       int group, int page_shift, float scale_log2, int window, int num_tiles) {
-    // q, out: [num_tokens, num_q_heads, HD], strides in elements; kc, vc: pages [.., P, Hkv, HD]
+    // q, out: [num_tokens, num_q_heads, HD], strides in elements; kc, vc: pages [.., P, Hkv, HD].
+    // Warp w owns rows [w * WR, w * WR + WR) of the block's BM, as MT m-tiles of 16 rows.
     extern __shared__ __align__(16) u16 smem[];
     u16* sq = smem;                    // [BM][DP]
     u16* sk = sq + BM * DP;            // [2][BN][DP]
@@ -139,13 +140,23 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
     cp_commit();                                      // group 0: the Q tile and the first K/V tile
 
     const int g = lane >> 2, t = lane & 3;
-    const int wpos = pos0 + m0 + w * 16;              // position of the warp's first row
-    const int pos_lo = wpos + g, pos_hi = pos_lo + 8; // this thread's two rows
-    u32 qf[HD / 16][4];
-    float o[HD / 8][4];
+    const int wpos = pos0 + m0 + w * WR;              // position of the warp's first row
+    // ldmatrix row addresses of this lane: A tiles (rows, cols) and B tiles (keys, dims)
+    const int a_row = (lane & 7) + (((lane >> 3) & 1) << 3), a_col = (lane >> 4) << 3;
+    const int k_key = (lane & 7) + ((lane >> 4) << 3), k_dim = ((lane >> 3) & 1) << 3;
+    const int v_key = a_row, v_dim = a_col;
+#if Q_REGS
+    u32 qf[MT][HD / 16][4];
+#endif
+    float o[MT][HD / 8][4];
+    float mrow[MT][2], lrow[MT][2];
 #pragma unroll
-    for (int i = 0; i < HD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float mrow[2] = {NEG_INF, NEG_INF}, lrow[2] = {0.f, 0.f};
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int i = 0; i < HD / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+        mrow[mt][0] = mrow[mt][1] = NEG_INF;
+        lrow[mt][0] = lrow[mt][1] = 0.f;
+    }
     const int nkv = (kend - kbeg + BN - 1) / BN;
 
     for (int it = 0; it < nkv; ++it) {
@@ -154,132 +165,170 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
         cp_commit();
         cp_wait_one();                                // this tile (and Q) have landed
         __syncthreads();
+#if Q_REGS
         if (it == 0) {
 #pragma unroll
-            for (int ks = 0; ks < HD / 16; ++ks) {
-                const int r = w * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                const int c = ks * 16 + ((lane >> 4) << 3);
-                ldsm4(smem_u32(sq + r * DP + c), qf[ks][0], qf[ks][1], qf[ks][2], qf[ks][3]);
-            }
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int ks = 0; ks < HD / 16; ++ks)
+                    ldsm4(smem_u32(sq + (w * WR + mt * 16 + a_row) * DP + ks * 16 + a_col),
+                          qf[mt][ks][0], qf[mt][ks][1], qf[mt][ks][2], qf[mt][ks][3]);
         }
+#endif
         // Skip a tile none of the warp's rows may see (past the diagonal, or before the window).
-        const bool active = k0 <= wpos + 15 && (window == 0 || k0 + BN - 1 > wpos - window);
+        const bool active = k0 <= wpos + WR - 1 && (window == 0 || k0 + BN - 1 > wpos - window);
         if (active) {
-            float sc[BN / 8][4];
+            float sc[MT][BN / 8][4];
 #pragma unroll
-            for (int i = 0; i < BN / 8; ++i) sc[i][0] = sc[i][1] = sc[i][2] = sc[i][3] = 0.f;
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int i = 0; i < BN / 8; ++i) sc[mt][i][0] = sc[mt][i][1] = sc[mt][i][2] = sc[mt][i][3] = 0.f;
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ++ks) {
+#if Q_REGS
+#define QA(mt) qf[mt][ks]
+#else
+                u32 qa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    ldsm4(smem_u32(sq + (w * WR + mt * 16 + a_row) * DP + ks * 16 + a_col),
+                          qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3]);
+#define QA(mt) qa[mt]
+#endif
 #pragma unroll
                 for (int np = 0; np < BN / 16; ++np) {
                     u32 b0, b1, b2, b3;
-                    const int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
-                    const int dim = ks * 16 + (((lane >> 3) & 1) << 3);
-                    ldsm4(smem_u32(sk + (buf * BN + key) * DP + dim), b0, b1, b2, b3);
-                    mma16816(sc[2 * np], qf[ks], b0, b1);
-                    mma16816(sc[2 * np + 1], qf[ks], b2, b3);
+                    ldsm4(smem_u32(sk + (buf * BN + np * 16 + k_key) * DP + ks * 16 + k_dim), b0, b1, b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(sc[mt][2 * np], QA(mt), b0, b1);
+                        mma16816(sc[mt][2 * np + 1], QA(mt), b2, b3);
+                    }
                 }
+#undef QA
             }
             if (k0 + BN - 1 > wpos || window > 0) {
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = k0 + nt * 8 + 2 * t + (e & 1);
-                        const int pos = e < 2 ? pos_lo : pos_hi;
-                        if (key > pos || (window > 0 && pos - key >= window)) sc[nt][e] = NEG_INF;
-                    }
-                }
+                    for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int key = k0 + nt * 8 + 2 * t + (e & 1);
+                            const int pos = wpos + mt * 16 + g + (e >> 1) * 8;
+                            if (key > pos || (window > 0 && pos - key >= window)) sc[mt][nt][e] = NEG_INF;
+                        }
             }
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {             // online softmax of row g (r=0), g+8 (r=1)
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {             // online softmax of rows g (r=0) and g+8 (r=1)
                 float mx = NEG_INF;
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
+                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float mnew = fmaxf(mrow[r], mx * scale_log2);
+                const float mnew = fmaxf(mrow[mt][r], mx * scale_log2);
                 const float ms = mnew == NEG_INF ? 0.f : mnew;   // no key yet: keep p = alpha = 0
-                const float alpha = fast_exp2(mrow[r] - ms);
-                mrow[r] = mnew;
+                const float alpha = fast_exp2(mrow[mt][r] - ms);
+                mrow[mt][r] = mnew;
                 float sum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
                     for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                        const float p = fast_exp2(fmaf(sc[nt][e], scale_log2, -ms));
-                        sc[nt][e] = p;
+                        const float p = fast_exp2(fmaf(sc[mt][nt][e], scale_log2, -ms));
+                        sc[mt][nt][e] = p;
                         sum += p;
                     }
                 }
-                lrow[r] = lrow[r] * alpha + sum;      // this thread's share; summed at the end
+                lrow[mt][r] = lrow[mt][r] * alpha + sum;   // this thread's share; summed at the end
 #pragma unroll
                 for (int i = 0; i < HD / 8; ++i) {
-                    o[i][2 * r] *= alpha;
-                    o[i][2 * r + 1] *= alpha;
+                    o[mt][i][2 * r] *= alpha;
+                    o[mt][i][2 * r + 1] *= alpha;
                 }
             }
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {    // O += P V, P straight from the score registers
-                u32 a[4];
-                a[0] = pack2(sc[2 * kk][0], sc[2 * kk][1]);
-                a[1] = pack2(sc[2 * kk][2], sc[2 * kk][3]);
-                a[2] = pack2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                a[3] = pack2(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+                u32 a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    a[mt][0] = pack2(sc[mt][2 * kk][0], sc[mt][2 * kk][1]);
+                    a[mt][1] = pack2(sc[mt][2 * kk][2], sc[mt][2 * kk][3]);
+                    a[mt][2] = pack2(sc[mt][2 * kk + 1][0], sc[mt][2 * kk + 1][1]);
+                    a[mt][3] = pack2(sc[mt][2 * kk + 1][2], sc[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int dp = 0; dp < HD / 16; ++dp) {
                     u32 b0, b1, b2, b3;
-                    const int key = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-                    const int dim = dp * 16 + ((lane >> 4) << 3);
-                    ldsm4_t(smem_u32(sv + (buf * BN + key) * DP + dim), b0, b1, b2, b3);
-                    mma16816(o[2 * dp], a, b0, b1);
-                    mma16816(o[2 * dp + 1], a, b2, b3);
+                    ldsm4_t(smem_u32(sv + (buf * BN + kk * 16 + v_key) * DP + dp * 16 + v_dim), b0, b1, b2, b3);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma16816(o[mt][2 * dp], a[mt], b0, b1);
+                        mma16816(o[mt][2 * dp + 1], a[mt], b2, b3);
+                    }
                 }
             }
         }
         __syncthreads();                              // every warp is done with buf before it reloads
     }
 
-    float inv[2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float l = lrow[r];
+        float l = lrow[mt][r];
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv[r] = 1.f / l;
-    }
-    const int row_lo = m0 + w * 16 + g;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row_lo + 8 * r;
+        const float inv = 1.f / l;
+        const int row = m0 + w * WR + mt * 16 + g + 8 * r;
         if (row < qlen) {
             u16* dst = out + (long long)(q0 + row) * o_tok + (long long)h * o_head + 2 * t;
 #pragma unroll
             for (int i = 0; i < HD / 8; ++i)
-                *reinterpret_cast<u32*>(dst + i * 8) = pack2(o[i][2 * r] * inv[r], o[i][2 * r + 1] * inv[r]);
+                *reinterpret_cast<u32*>(dst + i * 8) = pack2(o[mt][i][2 * r] * inv, o[mt][i][2 * r + 1] * inv);
         }
     }
 }
 """
 
 
-def source(head_dim: int, warps: int, bf16: bool) -> str:
-    """The kernel's CUDA source for one (head_dim, warps, element type)."""
-    defs = (f"#define HEAD_DIM {head_dim}\n#define NWARPS {warps}\n#define BLOCK_N {BLOCK_N}\n"
+class Tiling(NamedTuple):
+    """A block's shape: ``warps`` warps of ``m_tiles`` * 16 query rows each, ``block_n`` keys a
+    K/V tile, Q fragments held in registers for the whole block (``q_regs``) or reloaded from
+    shared memory each tile (fewer registers), and the resident blocks an SM asked of ptxas."""
+    warps: int = 4
+    m_tiles: int = 1
+    block_n: int = 64
+    q_regs: bool = True
+    min_blocks: int = 1        # __launch_bounds__ hint: resident blocks an SM (caps registers)
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.m_tiles * self.warps
+
+
+TILING = Tiling()
+
+def source(head_dim: int, tiling: Tiling, bf16: bool) -> str:
+    """The kernel's CUDA source for one (head_dim, tiling, element type)."""
+    defs = (f"#define HEAD_DIM {head_dim}\n#define NWARPS {tiling.warps}\n#define MT {tiling.m_tiles}\n"
+            f"#define BLOCK_N {tiling.block_n}\n#define Q_REGS {int(tiling.q_regs)}\n#define MINB {tiling.min_blocks}\n"
             f"#define ELEM \"{'bf16' if bf16 else 'f16'}\"\n")
     return defs + _SRC
 
 
-def smem_bytes(head_dim: int, warps: int) -> int:
+def smem_bytes(head_dim: int, tiling: Tiling) -> int:
     """Dynamic shared memory of a block: the Q tile and two K and two V tiles, padded rows."""
-    return (16 * warps + 4 * BLOCK_N) * (head_dim + 8) * 2
+    return (tiling.block_m + 4 * tiling.block_n) * (head_dim + 8) * 2
 
 
 @functools.cache
-def _kernel(head_dim: int, warps: int, bf16: bool, device: int):
+def _kernel(head_dim: int, tiling: Tiling, bf16: bool, device: int):
     import cupy as cp
-    k = cp.RawKernel(source(head_dim, warps, bf16), "pagemem_flash_prefill", options=("-std=c++17",))
-    k.max_dynamic_shared_size_bytes = smem_bytes(head_dim, warps)
+    k = cp.RawKernel(source(head_dim, tiling, bf16), "pagemem_flash_prefill", options=("-std=c++17",))
+    k.max_dynamic_shared_size_bytes = smem_bytes(head_dim, tiling)
     return k
 
 
@@ -291,20 +340,20 @@ def _device_limits(device: int) -> tuple[int, int]:
     return int(cp.cuda.Device(device).compute_capability), cp.cuda.runtime.deviceGetAttribute(optin, device)
 
 
-def config_supported(dtype, head_dim: int, device: int, warps: int = WARPS) -> bool:
+def config_supported(dtype, head_dim: int, device: int, tiling: Tiling = TILING) -> bool:
     """Whether caches of ``dtype`` and ``head_dim`` take the fused kernel on CUDA device
     ``device``: fp16 or bf16, head_dim a multiple of 16 up to 128, compute capability 8.0+ and
     the shared memory a block needs."""
     if np.dtype(dtype).itemsize != 2 or head_dim not in HEAD_DIMS:
         return False
     cc, smem = _device_limits(device)
-    return cc >= MIN_CC and smem >= smem_bytes(head_dim, warps)
+    return cc >= MIN_CC and smem >= smem_bytes(head_dim, tiling)
 
 
-def supports(q, k_cache, v_cache, out, dims: AttnDims, warps: int = WARPS) -> bool:
+def supports(q, k_cache, v_cache, out, dims: AttnDims, tiling: Tiling = TILING) -> bool:
     """Whether this call can take the fused kernel: ``config_supported``, q and out of the cache
     dtype, 16-byte aligned rows (cp.async moves 16 bytes)."""
-    if dims.cache_kind not in (F16, BF16) or not config_supported(k_cache.dtype, dims.head_dim, q.device.id, warps):
+    if dims.cache_kind not in (F16, BF16) or not config_supported(k_cache.dtype, dims.head_dim, q.device.id, tiling):
         return False
     if np.dtype(q.dtype) != np.dtype(k_cache.dtype) or np.dtype(out.dtype) != np.dtype(k_cache.dtype):
         return False
@@ -317,21 +366,21 @@ def supports(q, k_cache, v_cache, out, dims: AttnDims, warps: int = WARPS) -> bo
 
 
 def paged_prefill_flash(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
-                        out, window: int, dims: AttnDims, max_query_len: int, warps: int = WARPS):
+                        out, window: int, dims: AttnDims, max_query_len: int, tiling: Tiling = TILING):
     """Enqueue the fused kernel on the current CuPy stream (no sync); writes and returns ``out``.
     Preconditions: ``supports(...)``; page ids of each sequence's first context_len tokens valid."""
     import cupy as cp
     pt = page_tables if page_tables.strides[1] == 4 else cp.ascontiguousarray(page_tables)
     lens, qsl = cp.ascontiguousarray(context_lens), cp.ascontiguousarray(query_start_loc)
-    num_tiles = -(-max_query_len // (16 * warps))
+    num_tiles = -(-max_query_len // tiling.block_m)
     el = 2
-    kernel = _kernel(dims.head_dim, warps, dims.cache_kind == BF16, q.device.id)
+    kernel = _kernel(dims.head_dim, tiling, dims.cache_kind == BF16, q.device.id)
     args = (q, np.int64(q.strides[0] // el), np.int64(q.strides[1] // el), k_cache, v_cache,
             np.int64(k_cache.strides[0] // el), np.int64(k_cache.strides[1] // el),
             np.int64(k_cache.strides[2] // el), pt, np.int64(pt.strides[0] // 4), lens, qsl,
             out, np.int64(out.strides[0] // el), np.int64(out.strides[1] // el),
             np.int32(dims.group), np.int32(dims.page_size.bit_length() - 1),
             np.float32(scale * np.log2(np.e)), np.int32(window), np.int32(num_tiles))
-    kernel((dims.num_seqs * num_tiles, dims.num_q_heads, 1), (32 * warps, 1, 1), args,
-           shared_mem=smem_bytes(dims.head_dim, warps))
+    kernel((dims.num_seqs * num_tiles, dims.num_q_heads, 1), (32 * tiling.warps, 1, 1), args,
+           shared_mem=smem_bytes(dims.head_dim, tiling))
     return out

@@ -97,7 +97,7 @@ def test_prefill(rng, dtype, window):
 
 
 def _flash(rng, dtype, ctx, qlens, num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=16, window=None,
-           warps=None, strided_q=False):
+           tiling=None, strided_q=False):
     """The fused kernel (path='flash') on NaN-filled outputs against the reference; q optionally a
     view into a wider [tokens, (q + k + v heads) * head_dim] projection, as a model produces it."""
     import cupy as cp
@@ -116,7 +116,7 @@ def _flash(rng, dtype, ctx, qlens, num_q_heads=8, num_kv_heads=2, head_dim=128, 
         assert not gq.flags.c_contiguous
     out = cp.full(q.shape, cp.nan, dtype)
     dims = check_attention(gq, *g[:4], out, len(ctx))
-    paged_prefill_cuda(gq, *g, 0.1, out, None, window or 0, dims, max(qlens), path="flash", warps=warps)
+    paged_prefill_cuda(gq, *g, 0.1, out, None, window or 0, dims, max(qlens), path="flash", tiling=tiling)
     ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.1, window)
     got = out.get().astype(np.float32)
     assert not np.isnan(got).any(), "a row was not written, or padding / NULL_PAGE was read"
@@ -143,11 +143,18 @@ def test_prefill_flash_gqa_pages_window(rng, page_size, num_q_heads, num_kv_head
            window=100, strided_q=True)
 
 
-@pytest.mark.parametrize("warps", [4, 8])
+TILINGS = [(4, 1, 64, True), (8, 1, 64, True), (4, 2, 32, False), (8, 1, 32, False), (4, 1, 32, True),
+           (4, 2, 64, False)]
+
+
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "w{}m{}n{}{}".format(*t[:3], "q" if t[3] else ""))
 @pytest.mark.parametrize("window", [None, 1, 64, 1000])
-def test_prefill_flash_warps_and_windows(rng, warps, window):
-    """Both block heights (64 and 128 query rows) and windows from one key to wider than a tile."""
-    _flash(rng, DTYPES[1], FLASH_CTX, FLASH_QLENS, warps=warps, window=window)
+def test_prefill_flash_tilings_and_windows(rng, tiling, window):
+    """Block shapes the bench sweeps (warps, 16-row tiles a warp, keys a tile, Q in registers or
+    shared memory) and windows from one key to wider than a tile; bf16, head_dim 96 and 128."""
+    from kernels.prefill_flash import Tiling
+    for head_dim in (96, 128):
+        _flash(rng, DTYPES[1], FLASH_CTX, FLASH_QLENS, head_dim=head_dim, tiling=Tiling(*tiling), window=window)
 
 
 def test_prefill_flash_refuses_what_it_cannot_run(rng):
