@@ -307,8 +307,7 @@ def main() -> None:
     if "--tune-prefill" in sys.argv:
         from kernels.prefill_flash import Tiling
         for t in PREFILL_TILINGS:
-            impls["w{}m{}n{}{}b{}".format(*t[:3], "q" if t[3] else "", t[4] if len(t) > 4 else 1)] = \
-                ("flash", Tiling(*t))
+            impls[tiling_name(t)] = ("flash", Tiling(*t))
     for name, (path, tiling) in impls.items():
         run = prefill_run(case, seq_len, path, tiling)
         check_close(name, run(), want, tol=1e-2)
@@ -318,10 +317,18 @@ def main() -> None:
     print("cuBLAS route stages (ms):", profile_prefill(prefill_run(case, seq_len, "gemm")))
 
 
-# (warps, 16-row m-tiles a warp, keys a K/V tile, Q fragments in registers) swept by --tune-prefill
-PREFILL_TILINGS = [(4, 1, 64, True), (4, 1, 64, False), (8, 1, 64, True), (8, 1, 64, False), (8, 1, 64, False, 2),
-                   (4, 1, 32, True), (4, 1, 32, False, 4), (8, 1, 32, False), (8, 1, 32, False, 2),
-                   (4, 2, 32, False), (4, 2, 64, False), (2, 2, 32, False), (8, 2, 32, False)]
+# block tilings swept by --tune-prefill: (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n)
+PREFILL_TILINGS = [(4, 1, 64, True), (8, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 64, False),
+                   (4, 2, 64, False, 1, True), (4, 2, 64, False, 1, False, 32), (4, 2, 64, False, 1, True, 32),
+                   (4, 2, 128, False, 1, False, 32), (4, 2, 128, False, 1, True, 32), (4, 2, 32, False, 1, True),
+                   (8, 2, 32, False, 1, True), (8, 1, 32, False, 2, True)]
+
+
+def tiling_name(t) -> str:
+    from kernels.prefill_flash import Tiling
+    t = Tiling(*t)
+    return (f"w{t.warps}m{t.m_tiles}n{t.block_n}{'q' if t.q_regs else ''}b{t.min_blocks}"
+            f"{'p' if t.pack else ''}{'s%d' % t.sub_n if t.sub_n else ''}")
 
 
 def _row(shape, name, run, nbytes, copy, base_ms):

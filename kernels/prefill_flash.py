@@ -36,6 +36,7 @@ _SRC = r"""
 #define WR (16 * MT)            /* query rows a warp */
 #define BM (WR * NWARPS)
 #define BN BLOCK_N
+#define SN SUB_N               /* keys a warp scores at a time (one online-softmax step) */
 #define DP (HD + 8)            /* padded smem row (halves): ldmatrix rows fall in distinct banks */
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -86,7 +87,9 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                       u16* __restrict__ out, long long o_tok, long long o_head,
                       int group, int page_shift, float scale_log2, int window, int num_tiles) {
     // q, out: [num_tokens, num_q_heads, HD], strides in elements; kc, vc: pages [.., P, Hkv, HD].
-    // Warp w owns rows [w * WR, w * WR + WR) of the block's BM, as MT m-tiles of 16 rows.
+    // Block rows: with PACK, row r is head kvh * group + r % group of token r / group (a KV
+    // head's whole query group shares each K/V tile); without, row r is token r of head blockIdx.y.
+    // Warp w owns rows [w * WR, w * WR + WR), as MT m-tiles of 16 rows.
     extern __shared__ __align__(16) u16 smem[];
     u16* sq = smem;                    // [BM][DP]
     u16* sk = sq + BM * DP;            // [2][BN][DP]
@@ -95,17 +98,19 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int s = blockIdx.x / num_tiles;
     const int tile = num_tiles - 1 - (blockIdx.x - s * num_tiles);
-    const int h = blockIdx.y;
+    const int GP = PACK ? group : 1;                  // rows a token
+    const int TB = BM / GP;                           // tokens a block
+    const int kvh = PACK ? blockIdx.y : blockIdx.y / group;
+    const int h0 = PACK ? kvh * group : blockIdx.y;   // head of row r: h0 + r % GP
     const int q0 = qsl[s];
     const int qlen = qsl[s + 1] - q0;
-    const int m0 = tile * BM;
+    const int m0 = tile * TB;                         // the block's first token
     if (m0 >= qlen) return;
-    const int pos0 = context_lens[s] - qlen;          // position of query row 0
-    const int rows = min(BM, qlen - m0);
-    const int kend = pos0 + m0 + rows;                // keys [kbeg, kend)
+    const int pos0 = context_lens[s] - qlen;          // position of token 0
+    const int rows = min(TB, qlen - m0) * GP;         // valid rows
+    const int kend = pos0 + m0 + rows / GP;           // keys [kbeg, kend)
     int kbeg = window > 0 ? max(0, pos0 + m0 - window + 1) : 0;
     kbeg &= ~(BN - 1);
-    const int kvh = h / group;
     const int* pt = page_tables + s * pt_stride;
     const int pmask = (1 << page_shift) - 1;
 
@@ -114,7 +119,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
         const u16* src = q;
         int n = 0;
         if (r < rows) {
-            src = q + (long long)(q0 + m0 + r) * q_tok + (long long)h * q_head + c * 8;
+            src = q + (long long)(q0 + m0 + r / GP) * q_tok + (long long)(h0 + r % GP) * q_head + c * 8;
             n = 16;
         }
         cp_async16(smem_u32(sq + r * DP + c * 8), src, n);
@@ -140,7 +145,14 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
     cp_commit();                                      // group 0: the Q tile and the first K/V tile
 
     const int g = lane >> 2, t = lane & 3;
-    const int wpos = pos0 + m0 + w * WR;              // position of the warp's first row
+    const int wlo = pos0 + m0 + (w * WR) / GP;        // positions of the warp's first and last rows
+    const int whi = pos0 + m0 + (w * WR + WR - 1) / GP;
+    int rpos[MT][2];                                  // positions of this thread's rows
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        rpos[mt][0] = pos0 + m0 + (w * WR + mt * 16 + g) / GP;
+        rpos[mt][1] = pos0 + m0 + (w * WR + mt * 16 + g + 8) / GP;
+    }
     // ldmatrix row addresses of this lane: A tiles (rows, cols) and B tiles (keys, dims)
     const int a_row = (lane & 7) + (((lane >> 3) & 1) << 3), a_col = (lane >> 4) << 3;
     const int k_key = (lane & 7) + ((lane >> 4) << 3), k_dim = ((lane >> 3) & 1) << 3;
@@ -160,8 +172,8 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
     const int nkv = (kend - kbeg + BN - 1) / BN;
 
     for (int it = 0; it < nkv; ++it) {
-        const int k0 = kbeg + it * BN, buf = it & 1;
-        if (it + 1 < nkv) load_kv(buf ^ 1, k0 + BN);
+        const int buf = it & 1;
+        if (it + 1 < nkv) load_kv(buf ^ 1, kbeg + (it + 1) * BN);
         cp_commit();
         cp_wait_one();                                // this tile (and Q) have landed
         __syncthreads();
@@ -175,14 +187,18 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                           qf[mt][ks][0], qf[mt][ks][1], qf[mt][ks][2], qf[mt][ks][3]);
         }
 #endif
-        // Skip a tile none of the warp's rows may see (past the diagonal, or before the window).
-        const bool active = k0 <= wpos + WR - 1 && (window == 0 || k0 + BN - 1 > wpos - window);
+#pragma unroll 1
+        for (int sub = 0; sub < BN / SN; ++sub) {     // SN keys of the tile at a time
+        const int k0 = kbeg + it * BN + sub * SN;     // first key of the sub-tile
+        const int kr = buf * BN + sub * SN;           // its row in shared memory
+        // Skip keys none of the warp's rows may see (past the diagonal, or before the window).
+        const bool active = k0 <= whi && (window == 0 || k0 + SN - 1 > wlo - window);
         if (active) {
-            float sc[MT][BN / 8][4];
+            float sc[MT][SN / 8][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int i = 0; i < BN / 8; ++i) sc[mt][i][0] = sc[mt][i][1] = sc[mt][i][2] = sc[mt][i][3] = 0.f;
+                for (int i = 0; i < SN / 8; ++i) sc[mt][i][0] = sc[mt][i][1] = sc[mt][i][2] = sc[mt][i][3] = 0.f;
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ++ks) {
 #if Q_REGS
@@ -196,9 +212,9 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
 #define QA(mt) qa[mt]
 #endif
 #pragma unroll
-                for (int np = 0; np < BN / 16; ++np) {
+                for (int np = 0; np < SN / 16; ++np) {
                     u32 b0, b1, b2, b3;
-                    ldsm4(smem_u32(sk + (buf * BN + np * 16 + k_key) * DP + ks * 16 + k_dim), b0, b1, b2, b3);
+                    ldsm4(smem_u32(sk + (kr + np * 16 + k_key) * DP + ks * 16 + k_dim), b0, b1, b2, b3);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         mma16816(sc[mt][2 * np], QA(mt), b0, b1);
@@ -207,15 +223,15 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                 }
 #undef QA
             }
-            if (k0 + BN - 1 > wpos || window > 0) {
+            if (k0 + SN - 1 > wlo || window > 0) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                    for (int nt = 0; nt < BN / 8; ++nt)
+                    for (int nt = 0; nt < SN / 8; ++nt)
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
                             const int key = k0 + nt * 8 + 2 * t + (e & 1);
-                            const int pos = wpos + mt * 16 + g + (e >> 1) * 8;
+                            const int pos = rpos[mt][e >> 1];
                             if (key > pos || (window > 0 && pos - key >= window)) sc[mt][nt][e] = NEG_INF;
                         }
             }
@@ -225,7 +241,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
             for (int r = 0; r < 2; ++r) {             // online softmax of rows g (r=0) and g+8 (r=1)
                 float mx = NEG_INF;
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
+                for (int nt = 0; nt < SN / 8; ++nt) mx = fmaxf(mx, fmaxf(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float mnew = fmaxf(mrow[mt][r], mx * scale_log2);
@@ -234,7 +250,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                 mrow[mt][r] = mnew;
                 float sum = 0.f;
 #pragma unroll
-                for (int nt = 0; nt < BN / 8; ++nt) {
+                for (int nt = 0; nt < SN / 8; ++nt) {
 #pragma unroll
                     for (int e = 2 * r; e < 2 * r + 2; ++e) {
                         const float p = fast_exp2(fmaf(sc[mt][nt][e], scale_log2, -ms));
@@ -250,7 +266,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                 }
             }
 #pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {    // O += P V, P straight from the score registers
+            for (int kk = 0; kk < SN / 16; ++kk) {    // O += P V, P straight from the score registers
                 u32 a[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
@@ -262,7 +278,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
 #pragma unroll
                 for (int dp = 0; dp < HD / 16; ++dp) {
                     u32 b0, b1, b2, b3;
-                    ldsm4_t(smem_u32(sv + (buf * BN + kk * 16 + v_key) * DP + dp * 16 + v_dim), b0, b1, b2, b3);
+                    ldsm4_t(smem_u32(sv + (kr + kk * 16 + v_key) * DP + dp * 16 + v_dim), b0, b1, b2, b3);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         mma16816(o[mt][2 * dp], a[mt], b0, b1);
@@ -270,6 +286,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                     }
                 }
             }
+        }
         }
         __syncthreads();                              // every warp is done with buf before it reloads
     }
@@ -282,9 +299,9 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const float inv = 1.f / l;
-        const int row = m0 + w * WR + mt * 16 + g + 8 * r;
-        if (row < qlen) {
-            u16* dst = out + (long long)(q0 + row) * o_tok + (long long)h * o_head + 2 * t;
+        const int row = w * WR + mt * 16 + g + 8 * r;
+        if (row < rows) {
+            u16* dst = out + (long long)(q0 + m0 + row / GP) * o_tok + (long long)(h0 + row % GP) * o_head + 2 * t;
 #pragma unroll
             for (int i = 0; i < HD / 8; ++i)
                 *reinterpret_cast<u32*>(dst + i * 8) = pack2(o[mt][i][2 * r] * inv, o[mt][i][2 * r + 1] * inv);
@@ -295,14 +312,18 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
 
 
 class Tiling(NamedTuple):
-    """A block's shape: ``warps`` warps of ``m_tiles`` * 16 query rows each, ``block_n`` keys a
-    K/V tile, Q fragments held in registers for the whole block (``q_regs``) or reloaded from
-    shared memory each tile (fewer registers), and the resident blocks an SM asked of ptxas."""
+    """A block's shape: ``warps`` warps of ``m_tiles`` * 16 rows each; ``block_n`` keys a K/V tile
+    in shared memory, scored ``sub_n`` at a time (0: block_n); Q fragments held in registers for
+    the whole block (``q_regs``) or reloaded from shared memory (fewer registers); the resident
+    blocks an SM asked of ptxas; ``pack``: a block's rows are a KV head's whole query group for
+    each of its tokens (K/V read once a group) rather than one query head's tokens."""
     warps: int = 4
     m_tiles: int = 1
     block_n: int = 64
     q_regs: bool = True
-    min_blocks: int = 1        # __launch_bounds__ hint: resident blocks an SM (caps registers)
+    min_blocks: int = 1
+    pack: bool = False
+    sub_n: int = 0
 
     @property
     def block_m(self) -> int:
@@ -315,6 +336,7 @@ def source(head_dim: int, tiling: Tiling, bf16: bool) -> str:
     """The kernel's CUDA source for one (head_dim, tiling, element type)."""
     defs = (f"#define HEAD_DIM {head_dim}\n#define NWARPS {tiling.warps}\n#define MT {tiling.m_tiles}\n"
             f"#define BLOCK_N {tiling.block_n}\n#define Q_REGS {int(tiling.q_regs)}\n#define MINB {tiling.min_blocks}\n"
+            f"#define PACK {int(tiling.pack)}\n#define SUB_N {tiling.sub_n or tiling.block_n}\n"
             f"#define ELEM \"{'bf16' if bf16 else 'f16'}\"\n")
     return defs + _SRC
 
@@ -372,7 +394,10 @@ def paged_prefill_flash(q, k_cache, v_cache, page_tables, context_lens, query_st
     import cupy as cp
     pt = page_tables if page_tables.strides[1] == 4 else cp.ascontiguousarray(page_tables)
     lens, qsl = cp.ascontiguousarray(context_lens), cp.ascontiguousarray(query_start_loc)
-    num_tiles = -(-max_query_len // tiling.block_m)
+    if tiling.pack and dims.group > tiling.block_m:   # a token's group would not fit a block
+        tiling = tiling._replace(pack=False)
+    rows_per_token = dims.group if tiling.pack else 1
+    num_tiles = -(-max_query_len // (tiling.block_m // rows_per_token))
     el = 2
     kernel = _kernel(dims.head_dim, tiling, dims.cache_kind == BF16, q.device.id)
     args = (q, np.int64(q.strides[0] // el), np.int64(q.strides[1] // el), k_cache, v_cache,
@@ -381,6 +406,7 @@ def paged_prefill_flash(q, k_cache, v_cache, page_tables, context_lens, query_st
             out, np.int64(out.strides[0] // el), np.int64(out.strides[1] // el),
             np.int32(dims.group), np.int32(dims.page_size.bit_length() - 1),
             np.float32(scale * np.log2(np.e)), np.int32(window), np.int32(num_tiles))
-    kernel((dims.num_seqs * num_tiles, dims.num_q_heads, 1), (32 * tiling.warps, 1, 1), args,
+    heads = dims.num_kv_heads if tiling.pack else dims.num_q_heads
+    kernel((dims.num_seqs * num_tiles, heads, 1), (32 * tiling.warps, 1, 1), args,
            shared_mem=smem_bytes(dims.head_dim, tiling))
     return out

@@ -49,8 +49,9 @@ def _attend(q, k, v, positions, scale, sliding_window):
     n, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    qg = q.astype(np.float64).reshape(n, hkv, group, d)
-    s = np.einsum("nhgd,thd->nhgt", qg, k) * scale                 # [n, hkv, group, ctx]
+    qg = q.astype(np.float64).reshape(n, hkv, group, d).transpose(1, 0, 2, 3).reshape(hkv, n * group, d)
+    kh = k.astype(np.float64).transpose(1, 2, 0)                    # [hkv, d, ctx]
+    s = np.matmul(qg, kh).reshape(hkv, n, group, -1).transpose(1, 0, 2, 3) * scale   # [n, hkv, group, ctx]
     j = np.arange(k.shape[0])
     mask = j[None, :] <= positions[:, None]                         # [n, ctx] causal
     if sliding_window is not None:
@@ -59,7 +60,9 @@ def _attend(q, k, v, positions, scale, sliding_window):
     s -= s.max(axis=-1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(axis=-1, keepdims=True)
-    return np.einsum("nhgt,thd->nhgd", p, v).reshape(n, hq, d)
+    ph = p.transpose(1, 0, 2, 3).reshape(hkv, n * group, -1)        # [hkv, n * group, ctx]
+    o = np.matmul(ph, v.astype(np.float64).transpose(1, 0, 2))       # [hkv, n * group, d]
+    return o.reshape(hkv, n, group, d).transpose(1, 0, 2, 3).reshape(n, hq, d)
 
 
 def ref_paged_decode(q, k_cache, v_cache, page_tables, context_lens, scale=None, sliding_window=None):

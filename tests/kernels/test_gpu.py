@@ -135,26 +135,37 @@ def test_prefill_flash_head_dims(rng, dtype, head_dim):
     _flash(rng, dtype, FLASH_CTX, FLASH_QLENS, head_dim=head_dim)
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
 @pytest.mark.parametrize("page_size", [8, 16, 32])
-@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (8, 1)])
-def test_prefill_flash_gqa_pages_window(rng, page_size, num_q_heads, num_kv_heads):
-    """GQA 1/4/8 and MQA at page sizes 8, 16, 32, with a sliding window, q a strided view."""
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (8, 1), (32, 1)])
+def test_prefill_flash_gqa_pages_window(rng, pack, page_size, num_q_heads, num_kv_heads):
+    """GQA 1/4/8 and MQA (8 and 32 heads: a packed block of 64 rows holds 2 tokens of 32) at page
+    sizes 8, 16, 32, with a sliding window, q a strided view."""
+    from kernels.prefill_flash import Tiling
     _flash(rng, np.float16, FLASH_CTX, FLASH_QLENS, num_q_heads, num_kv_heads, page_size=page_size,
-           window=100, strided_q=True)
+           window=100, strided_q=True, tiling=Tiling(pack=pack))
 
 
-TILINGS = [(4, 1, 64, True), (8, 1, 64, True), (4, 2, 32, False), (8, 1, 32, False), (4, 1, 32, True),
-           (4, 2, 64, False)]
+# (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n): the shapes the bench sweeps
+TILINGS = [(4, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 32, False), (8, 1, 32, False, 2, True),
+           (4, 2, 64, False, 1, True, 32), (4, 2, 128, False, 1, False, 32), (2, 1, 32, True, 1, True)]
 
 
-@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "w{}m{}n{}{}".format(*t[:3], "q" if t[3] else ""))
+@pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "-".join(map(str, t)))
 @pytest.mark.parametrize("window", [None, 1, 64, 1000])
 def test_prefill_flash_tilings_and_windows(rng, tiling, window):
     """Block shapes the bench sweeps (warps, 16-row tiles a warp, keys a tile, Q in registers or
-    shared memory) and windows from one key to wider than a tile; bf16, head_dim 96 and 128."""
+    shared memory, a KV head's query group packed into a block's rows, sub-tiles) and windows from
+    one key to wider than a tile; bf16, head_dim 96 and 128."""
     from kernels.prefill_flash import Tiling
     for head_dim in (96, 128):
         _flash(rng, DTYPES[1], FLASH_CTX, FLASH_QLENS, head_dim=head_dim, tiling=Tiling(*tiling), window=window)
+
+
+def test_prefill_flash_group_wider_than_a_block(rng):
+    """A packed tiling whose block holds fewer rows than a query group runs unpacked."""
+    from kernels.prefill_flash import Tiling
+    _flash(rng, np.float16, [70, 5], [70, 5], num_q_heads=64, num_kv_heads=1, tiling=Tiling(2, 1, 32, True, 1, True))
 
 
 def test_prefill_flash_refuses_what_it_cannot_run(rng):
