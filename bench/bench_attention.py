@@ -318,17 +318,18 @@ def main() -> None:
 
 
 # block tilings swept by --tune-prefill: (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n)
-PREFILL_TILINGS = [(4, 1, 64, True), (8, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 64, False),
-                   (4, 2, 64, False, 1, True), (4, 2, 64, False, 1, False, 32), (4, 2, 64, False, 1, True, 32),
-                   (4, 2, 128, False, 1, False, 32), (4, 2, 128, False, 1, True, 32), (4, 2, 32, False, 1, True),
-                   (8, 2, 32, False, 1, True), (8, 1, 32, False, 2, True)]
+PREFILL_TILINGS = [(4, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 64, False), (4, 2, 64, False, 1, True),
+                   (4, 2, 64, False, 1, True, 0, 2, True), (4, 2, 64, False, 1, True, 0, 3),
+                   (4, 2, 64, False, 1, True, 0, 3, True), (4, 2, 32, False, 1, True, 0, 3, True),
+                   (4, 2, 32, False, 1, True, 0, 4, True), (8, 1, 64, True, 1, True, 0, 3, True),
+                   (4, 2, 64, False, 1, True, 32, 3, True), (8, 2, 32, False, 1, True, 0, 3, True)]
 
 
 def tiling_name(t) -> str:
     from kernels.prefill_flash import Tiling
     t = Tiling(*t)
     return (f"w{t.warps}m{t.m_tiles}n{t.block_n}{'q' if t.q_regs else ''}b{t.min_blocks}"
-            f"{'p' if t.pack else ''}{'s%d' % t.sub_n if t.sub_n else ''}")
+            f"{'p' if t.pack else ''}{'s%d' % t.sub_n if t.sub_n else ''}x{t.stages}{'L' if t.lazy else ''}")
 
 
 def _row(shape, name, run, nbytes, copy, base_ms):

@@ -53,7 +53,7 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_byt
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_wait_one() { asm volatile("cp.async.wait_group 1;"); }
+__device__ __forceinline__ void cp_wait_stages() { asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 2)); }
 __device__ __forceinline__ void ldsm4(u32 a, u32& r0, u32& r1, u32& r2, u32& r3) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
@@ -92,8 +92,8 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
     // Warp w owns rows [w * WR, w * WR + WR), as MT m-tiles of 16 rows.
     extern __shared__ __align__(16) u16 smem[];
     u16* sq = smem;                    // [BM][DP]
-    u16* sk = sq + BM * DP;            // [2][BN][DP]
-    u16* sv = sk + 2 * BN * DP;        // [2][BN][DP]
+    u16* sk = sq + BM * DP;            // [STAGES][BN][DP]
+    u16* sv = sk + STAGES * BN * DP;   // [STAGES][BN][DP]
     constexpr int CH = HD / 8;         // 16-byte chunks a row
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int s = blockIdx.x / num_tiles;
@@ -141,8 +141,13 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
             cp_async16(smem_u32(sv + (buf * BN + r) * DP + c * 8), vs, n);
         }
     };
-    load_kv(0, kbeg);
-    cp_commit();                                      // group 0: the Q tile and the first K/V tile
+    const int nkv = (kend - kbeg + BN - 1) / BN;
+    // Tiles in flight: STAGES - 1 ahead of the one computed. Group 0 holds the Q tile too.
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+        if (i < nkv) load_kv(i, kbeg + i * BN);
+        cp_commit();
+    }
 
     const int g = lane >> 2, t = lane & 3;
     const int wlo = pos0 + m0 + (w * WR) / GP;        // positions of the warp's first and last rows
@@ -169,14 +174,12 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
         mrow[mt][0] = mrow[mt][1] = NEG_INF;
         lrow[mt][0] = lrow[mt][1] = 0.f;
     }
-    const int nkv = (kend - kbeg + BN - 1) / BN;
-
     for (int it = 0; it < nkv; ++it) {
-        const int buf = it & 1;
-        if (it + 1 < nkv) load_kv(buf ^ 1, kbeg + (it + 1) * BN);
-        cp_commit();
-        cp_wait_one();                                // this tile (and Q) have landed
-        __syncthreads();
+        const int buf = it % STAGES;
+        cp_wait_stages();                             // tile it (and Q) have landed ...
+        __syncthreads();                              // ... for every thread, and tile it - 1 is done
+        if (it + STAGES - 1 < nkv) load_kv((it + STAGES - 1) % STAGES, kbeg + (it + STAGES - 1) * BN);
+        cp_commit();                                  // (an empty group past the end keeps the count)
 #if Q_REGS
         if (it == 0) {
 #pragma unroll
@@ -259,10 +262,12 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                     }
                 }
                 lrow[mt][r] = lrow[mt][r] * alpha + sum;   // this thread's share; summed at the end
+                if (!LAZY || alpha != 1.f) {          // lazy: the running max rarely moves late on
 #pragma unroll
-                for (int i = 0; i < HD / 8; ++i) {
-                    o[mt][i][2 * r] *= alpha;
-                    o[mt][i][2 * r + 1] *= alpha;
+                    for (int i = 0; i < HD / 8; ++i) {
+                        o[mt][i][2 * r] *= alpha;
+                        o[mt][i][2 * r + 1] *= alpha;
+                    }
                 }
             }
 #pragma unroll
@@ -288,7 +293,6 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
             }
         }
         }
-        __syncthreads();                              // every warp is done with buf before it reloads
     }
 
 #pragma unroll
@@ -316,7 +320,8 @@ class Tiling(NamedTuple):
     in shared memory, scored ``sub_n`` at a time (0: block_n); Q fragments held in registers for
     the whole block (``q_regs``) or reloaded from shared memory (fewer registers); the resident
     blocks an SM asked of ptxas; ``pack``: a block's rows are a KV head's whole query group for
-    each of its tokens (K/V read once a group) rather than one query head's tokens."""
+    each of its tokens (K/V read once a group) rather than one query head's tokens; ``stages``
+    K/V tiles in shared memory; ``lazy``: skip rescaling a row's output while its max holds."""
     warps: int = 4
     m_tiles: int = 1
     block_n: int = 64
@@ -324,6 +329,8 @@ class Tiling(NamedTuple):
     min_blocks: int = 1
     pack: bool = False
     sub_n: int = 0
+    stages: int = 2            # K/V tiles in shared memory (stages - 1 loading during the math)
+    lazy: bool = False         # rescale a row's output only when its running max moved
 
     @property
     def block_m(self) -> int:
@@ -337,13 +344,14 @@ def source(head_dim: int, tiling: Tiling, bf16: bool) -> str:
     defs = (f"#define HEAD_DIM {head_dim}\n#define NWARPS {tiling.warps}\n#define MT {tiling.m_tiles}\n"
             f"#define BLOCK_N {tiling.block_n}\n#define Q_REGS {int(tiling.q_regs)}\n#define MINB {tiling.min_blocks}\n"
             f"#define PACK {int(tiling.pack)}\n#define SUB_N {tiling.sub_n or tiling.block_n}\n"
+            f"#define STAGES {tiling.stages}\n#define LAZY {int(tiling.lazy)}\n"
             f"#define ELEM \"{'bf16' if bf16 else 'f16'}\"\n")
     return defs + _SRC
 
 
 def smem_bytes(head_dim: int, tiling: Tiling) -> int:
-    """Dynamic shared memory of a block: the Q tile and two K and two V tiles, padded rows."""
-    return (tiling.block_m + 4 * tiling.block_n) * (head_dim + 8) * 2
+    """Dynamic shared memory of a block: the Q tile and ``stages`` K and V tiles, padded rows."""
+    return (tiling.block_m + 2 * tiling.stages * tiling.block_n) * (head_dim + 8) * 2
 
 
 @functools.cache
