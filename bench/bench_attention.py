@@ -318,11 +318,9 @@ def main() -> None:
 
 
 # block tilings swept by --tune-prefill: (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n)
-PREFILL_TILINGS = [(4, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 64, False), (4, 2, 64, False, 1, True),
-                   (4, 2, 64, False, 1, True, 0, 2, True), (4, 2, 64, False, 1, True, 0, 3),
-                   (4, 2, 64, False, 1, True, 0, 3, True), (4, 2, 32, False, 1, True, 0, 3, True),
-                   (4, 2, 32, False, 1, True, 0, 4, True), (8, 1, 64, True, 1, True, 0, 3, True),
-                   (4, 2, 64, False, 1, True, 32, 3, True), (8, 2, 32, False, 1, True, 0, 3, True)]
+PREFILL_TILINGS = [(4, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 64, False, 1, True),
+                   (4, 2, 64, False, 1, True, 32), (4, 2, 32, False, 1, True), (8, 2, 32, False, 1, True),
+                   (4, 2, 32, False, 1, True, 0, 3), (8, 1, 32, False, 2, True)]
 
 
 def tiling_name(t) -> str:

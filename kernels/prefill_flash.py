@@ -67,6 +67,11 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+__device__ __forceinline__ void mma16816_zc(float* c, const u32* a, u32 b0, u32 b1) {   // c = a b
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." ELEM "." ELEM ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
 __device__ __forceinline__ u32 pack2(float lo, float hi) {   // lo -> low half (the lower column)
     u32 r;
     asm("cvt.rn." ELEM "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -94,6 +99,9 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
     u16* sq = smem;                    // [BM][DP]
     u16* sk = sq + BM * DP;            // [STAGES][BN][DP]
     u16* sv = sk + STAGES * BN * DP;   // [STAGES][BN][DP]
+    // Shared addresses as 32-bit byte offsets, computed once: each ldmatrix below is a base
+    // register plus a compile-time offset.
+    const u32 sq_base = smem_u32(sq), sk_base = smem_u32(sk), sv_base = smem_u32(sv);
     constexpr int CH = HD / 8;         // 16-byte chunks a row
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int s = blockIdx.x / num_tiles;
@@ -122,7 +130,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
             src = q + (long long)(q0 + m0 + r / GP) * q_tok + (long long)(h0 + r % GP) * q_head + c * 8;
             n = 16;
         }
-        cp_async16(smem_u32(sq + r * DP + c * 8), src, n);
+        cp_async16(sq_base + 2u * (r * DP + c * 8), src, n);
     }
     auto load_kv = [&](int buf, int k0) {
         for (int i = tid; i < BN * CH; i += NWARPS * 32) {
@@ -137,8 +145,9 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                 vs = vc + off;
                 n = 16;
             }
-            cp_async16(smem_u32(sk + (buf * BN + r) * DP + c * 8), ks, n);
-            cp_async16(smem_u32(sv + (buf * BN + r) * DP + c * 8), vs, n);
+            const u32 off = 2u * ((buf * BN + r) * DP + c * 8);
+            cp_async16(sk_base + off, ks, n);
+            cp_async16(sv_base + off, vs, n);
         }
     };
     const int nkv = (kend - kbeg + BN - 1) / BN;
@@ -160,8 +169,9 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
     }
     // ldmatrix row addresses of this lane: A tiles (rows, cols) and B tiles (keys, dims)
     const int a_row = (lane & 7) + (((lane >> 3) & 1) << 3), a_col = (lane >> 4) << 3;
-    const int k_key = (lane & 7) + ((lane >> 4) << 3), k_dim = ((lane >> 3) & 1) << 3;
-    const int v_key = a_row, v_dim = a_col;
+    const u32 q_addr = sq_base + 2u * ((w * WR + a_row) * DP + a_col);
+    const u32 k_lane = 2u * (((lane & 7) + ((lane >> 4) << 3)) * DP + (((lane >> 3) & 1) << 3));
+    const u32 v_lane = 2u * (a_row * DP + a_col);
 #if Q_REGS
     u32 qf[MT][HD / 16][4];
 #endif
@@ -186,22 +196,18 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                 for (int ks = 0; ks < HD / 16; ++ks)
-                    ldsm4(smem_u32(sq + (w * WR + mt * 16 + a_row) * DP + ks * 16 + a_col),
-                          qf[mt][ks][0], qf[mt][ks][1], qf[mt][ks][2], qf[mt][ks][3]);
+                    ldsm4(q_addr + 2u * (mt * 16 * DP + ks * 16), qf[mt][ks][0], qf[mt][ks][1], qf[mt][ks][2], qf[mt][ks][3]);
         }
 #endif
 #pragma unroll 1
         for (int sub = 0; sub < BN / SN; ++sub) {     // SN keys of the tile at a time
         const int k0 = kbeg + it * BN + sub * SN;     // first key of the sub-tile
-        const int kr = buf * BN + sub * SN;           // its row in shared memory
+        const u32 k_addr = sk_base + 2u * (buf * BN + sub * SN) * DP + k_lane;   // its rows in shared memory
+        const u32 v_addr = sv_base + 2u * (buf * BN + sub * SN) * DP + v_lane;
         // Skip keys none of the warp's rows may see (past the diagonal, or before the window).
         const bool active = k0 <= whi && (window == 0 || k0 + SN - 1 > wlo - window);
         if (active) {
             float sc[MT][SN / 8][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int i = 0; i < SN / 8; ++i) sc[mt][i][0] = sc[mt][i][1] = sc[mt][i][2] = sc[mt][i][3] = 0.f;
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ++ks) {
 #if Q_REGS
@@ -210,18 +216,22 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                 u32 qa[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
-                    ldsm4(smem_u32(sq + (w * WR + mt * 16 + a_row) * DP + ks * 16 + a_col),
-                          qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3]);
+                    ldsm4(q_addr + 2u * (mt * 16 * DP + ks * 16), qa[mt][0], qa[mt][1], qa[mt][2], qa[mt][3]);
 #define QA(mt) qa[mt]
 #endif
 #pragma unroll
                 for (int np = 0; np < SN / 16; ++np) {
                     u32 b0, b1, b2, b3;
-                    ldsm4(smem_u32(sk + (kr + np * 16 + k_key) * DP + ks * 16 + k_dim), b0, b1, b2, b3);
+                    ldsm4(k_addr + 2u * (np * 16 * DP + ks * 16), b0, b1, b2, b3);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        mma16816(sc[mt][2 * np], QA(mt), b0, b1);
-                        mma16816(sc[mt][2 * np + 1], QA(mt), b2, b3);
+                        if (ks == 0) {                // the first k-step starts from zero
+                            mma16816_zc(sc[mt][2 * np], QA(mt), b0, b1);
+                            mma16816_zc(sc[mt][2 * np + 1], QA(mt), b2, b3);
+                        } else {
+                            mma16816(sc[mt][2 * np], QA(mt), b0, b1);
+                            mma16816(sc[mt][2 * np + 1], QA(mt), b2, b3);
+                        }
                     }
                 }
 #undef QA
@@ -283,7 +293,7 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
 #pragma unroll
                 for (int dp = 0; dp < HD / 16; ++dp) {
                     u32 b0, b1, b2, b3;
-                    ldsm4_t(smem_u32(sv + (kr + kk * 16 + v_key) * DP + dp * 16 + v_dim), b0, b1, b2, b3);
+                    ldsm4_t(v_addr + 2u * (kk * 16 * DP + dp * 16), b0, b1, b2, b3);
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
                         mma16816(o[mt][2 * dp], a[mt], b0, b1);
