@@ -84,3 +84,34 @@ def test_split_rule_fills_one_wave():
     assert split_rule(512, 8192, 16, 132) == (1, 8192)      # enough blocks already
     assert split_rule(200, 8192, 16, 132) == (1, 8192)      # splitting would need a second wave
     assert split_rule(8, 512, 16, 132) == (1, 512)          # short contexts never split
+
+
+def test_prefill_paths_on_numpy(rng):
+    """NumPy arrays have no fused kernel: path='flash' names why, path='gemm' runs the cuBLAS
+    route's kernels (simulator) and an unknown path is refused; none writes ``out`` first."""
+    from kernels._checks import check_attention
+    from kernels.prefill import paged_prefill_cuda
+    p = make_paged(rng, [5], page_size=4)
+    q = queries(rng, 5, 4, 16, np.float16)
+    qsl = query_start_loc([5])
+    out = np.full_like(q, np.nan)
+    dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, 1)
+    with pytest.raises(ValueError, match="path='flash' runs on CUDA arrays only"):
+        paged_prefill_cuda(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.25, out, None, 0, dims, 5, path="flash")
+    with pytest.raises(ValueError, match="path must be"):
+        paged_prefill_cuda(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.25, out, None, 0, dims, 5, path="fast")
+    assert np.isnan(out).all()
+    assert not kernels.prefill_is_fused(q, p.k)
+
+
+def test_flash_tiling_sizes():
+    """The default block: 128 rows, shared memory within an H100's (and an A100's) opt-in
+    limit, and the defines the source is compiled with."""
+    from kernels.prefill_flash import TILING, Tiling, smem_bytes, source
+    assert TILING.block_m == 128
+    assert smem_bytes(128, TILING) == (128 + 4 * 64) * 136 * 2 <= 163 * 1024
+    assert smem_bytes(64, Tiling(stages=3)) == (64 + 6 * 64) * 72 * 2
+    src = source(96, TILING, bf16=True)
+    for define in ("#define HEAD_DIM 96", "#define MT 2", "#define PACK 1", "#define SUB_N 32", '#define ELEM "bf16"'):
+        assert define in src
+    assert "#define SUB_N 64" in source(64, Tiling(sub_n=0), bf16=False)
