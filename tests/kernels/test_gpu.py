@@ -137,10 +137,10 @@ def test_prefill_flash_head_dims(rng, dtype, head_dim):
 
 @pytest.mark.parametrize("pack", [False, True], ids=["per-head", "packed"])
 @pytest.mark.parametrize("page_size", [8, 16, 32])
-@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (8, 1), (32, 1)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (8, 1), (32, 1), (14, 2)])
 def test_prefill_flash_gqa_pages_window(rng, pack, page_size, num_q_heads, num_kv_heads):
-    """GQA 1/4/8 and MQA (8 and 32 heads: a packed block of 64 rows holds 2 tokens of 32) at page
-    sizes 8, 16, 32, with a sliding window, q a strided view."""
+    """GQA 1/4/7/8 and MQA (8 and 32 heads) at page sizes 8, 16, 32, with a sliding window, q a
+    strided view; packed, GQA 7 leaves 2 of a block's 128 rows unused (18 tokens x 7 heads)."""
     from kernels.prefill_flash import Tiling
     _flash(rng, np.float16, FLASH_CTX, FLASH_QLENS, num_q_heads, num_kv_heads, page_size=page_size,
            window=100, strided_q=True, tiling=Tiling(pack=pack))

@@ -55,3 +55,34 @@ def test_bf16_checkpoint_to_fp16_on_device(hf_checkpoints):
     assert got.dtype == np.float16
     ref = hf.model.layers[0].self_attn.q_proj.weight.detach().numpy().astype(np.float16)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_fused_prefill_in_a_model_matches_transformers(tmp_path):
+    """Qwen2.5-0.5B's attention shape (14 query heads on 2 KV heads, GQA 7, head_dim 64) takes the
+    fused prefill kernel, packed rows and all; fp16 logits of a ragged batch (170 and 37 tokens,
+    page size 16) and 16 greedy tokens through the engine match transformers."""
+    import cupy as cp
+    import transformers as tf
+
+    import kernels
+    from models import LLM
+    cfg = tf.Qwen2Config(vocab_size=300, hidden_size=896, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=14, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=None, initializer_range=0.05, tie_word_embeddings=False,
+                         attn_implementation="eager")
+    torch.manual_seed(0)
+    tf.Qwen2ForCausalLM(cfg).eval().save_pretrained(tmp_path)
+    hf = tf.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = load_model(tmp_path, dtype="float16", device="cuda")
+    assert kernels.prefill_is_fused(cp.empty((1, 14, 64), cp.float16), cp.empty((2, 16, 2, 64), cp.float16))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 300, 170).tolist(), rng.integers(0, 300, 37).tolist()]
+    for got, prompt in zip(prefill_logits(model, prompts, page_size=16), prompts):
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].numpy()
+        assert scale_error(got, ref) <= 1e-2
+    out = LLM(model, num_pages=64, swap_space=0).generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=16,
+                                                                                      ignore_eos=True))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompts[:1]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert out[0].token_ids == ref[0, 170:].tolist()
