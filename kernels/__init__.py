@@ -84,14 +84,14 @@ def paged_prefill(q, k_cache, v_cache, page_tables, context_lens, query_start_lo
                               out, stream, window, dims, int(max_query_len))
 
 
-def prefill_is_fused(q, k_cache) -> bool:
-    """Whether paged_prefill of this q over this cache runs the fused kernel (CUDA arrays, q of
-    the cache's fp16/bf16 dtype, a supported head_dim and device): its cost follows each
+def prefill_is_fused(k_cache, q_dtype=None) -> bool:
+    """Whether paged_prefill over ``k_cache`` (with q of ``q_dtype``, default the cache's) runs the
+    fused kernel: CUDA arrays, fp16/bf16, a supported head_dim and device. Its cost follows each
     sequence's own tokens, so ragged batches need no grouping by length."""
-    if isinstance(q, np.ndarray) or np.dtype(q.dtype) != np.dtype(k_cache.dtype):
+    if isinstance(k_cache, np.ndarray) or np.dtype(q_dtype or k_cache.dtype) != np.dtype(k_cache.dtype):
         return False
     from kernels.prefill_flash import config_supported
-    return config_supported(k_cache.dtype, k_cache.shape[3], q.device.id)
+    return config_supported(k_cache.dtype, k_cache.shape[3], k_cache.device.id)
 
 
 def rms_norm(x, weight, eps: float, residual=None, out=None, stream=None):

@@ -1,4 +1,6 @@
-"""CUDA launcher of paged prefill: gather -> cuBLAS QK^T -> causal softmax -> cuBLAS PV -> scatter.
+"""CUDA launcher of paged prefill. Where it applies (fp16/bf16, head_dim up to 128) the fused
+tensor-core kernel of kernels/prefill_flash.py runs; otherwise this module's route:
+gather -> cuBLAS QK^T -> causal softmax -> cuBLAS PV -> scatter.
 
 Everything is enqueued on one stream with shapes known on the host (num_seqs, max_query_len,
 max_pages * page_size), so nothing waits for the device. Sequences go in chunks whose score

@@ -141,7 +141,7 @@ def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch
     if nd:
         kernels.paged_decode(q[:nd], k_cache, v_cache, pt[:nd], ctx[:nd], scale=scale, out=out[:nd],
                              sliding_window=window)
-    if batch.host_query_lens is None or kernels.prefill_is_fused(q, k_cache):   # one call for every row
+    if batch.host_query_lens is None or kernels.prefill_is_fused(k_cache, q.dtype):   # one call for every row
         kernels.paged_prefill(q[nd:], k_cache, v_cache, pt[nd:], ctx[nd:], qsl[nd:] - nd, scale=scale,
                               out=out[nd:], sliding_window=window, max_query_len=batch.max_query_len or None)
         return out
@@ -217,7 +217,8 @@ def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, po
         x = x + w["pos_embed.weight"][positions]
     else:
         rope = (positions, w["rope.inv_freq"])
-    groups = prefill_groups(batch, pool.page_size)
+    fused = kernels.prefill_is_fused(pool.layer_kv(0)[0])   # one prefill call a layer: no groups
+    groups = [(batch.num_decode_seqs, batch.num_seqs)] if fused else prefill_groups(batch, pool.page_size)
     h = norm(config, w, "layers.0.attn_norm", x)                            # x: the residual stream
     for layer in range(config.num_layers):
         a = attention(config, w, layer, h, rope, batch, pool, mm, groups)
