@@ -51,14 +51,16 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
         if path != "gemm":
             from kernels import prefill_flash
             w = tiling or prefill_flash.TILING
-            if prefill_flash.supports(q, k_cache, v_cache, out, dims, w):
+            # the kernel takes row maxima before scaling: a positive scale keeps them maxima
+            if scale > 0 and prefill_flash.supports(q, k_cache, v_cache, out, dims, w):
                 with stream:
                     return prefill_flash.paged_prefill_flash(q, k_cache, v_cache, page_tables, context_lens,
                                                              query_start_loc, scale, out, window, dims,
                                                              max_query_len, w)
             if path == "flash":
                 raise ValueError("path='flash' needs fp16/bf16 q, caches and out of one dtype, head_dim in "
-                                 f"{prefill_flash.HEAD_DIMS}, 16-byte aligned rows and compute capability 8.0+")
+                                 f"{prefill_flash.HEAD_DIMS}, 16-byte aligned rows, compute capability 8.0+ "
+                                 "and scale > 0")
     elif path == "flash":
         raise ValueError("path='flash' runs on CUDA arrays only")
     tm = page_tables.shape[1] * dims.page_size

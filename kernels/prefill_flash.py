@@ -357,6 +357,7 @@ class Tiling(NamedTuple):
 # (8 warps, packed) and 1500 (4 warps, per head). torch SDPA took 533 us.
 TILING = Tiling(warps=4, m_tiles=2, block_n=64, q_regs=False, min_blocks=1, pack=True, sub_n=32)
 
+
 def source(head_dim: int, tiling: Tiling, bf16: bool) -> str:
     """The kernel's CUDA source for one (head_dim, tiling, element type)."""
     defs = (f"#define HEAD_DIM {head_dim}\n#define NWARPS {tiling.warps}\n#define MT {tiling.m_tiles}\n"

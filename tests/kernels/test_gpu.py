@@ -171,20 +171,21 @@ def test_prefill_flash_group_wider_than_a_block(rng):
 
 
 def test_prefill_flash_refuses_what_it_cannot_run(rng):
-    """path='flash' names what it needs; path='auto' takes the cuBLAS route for those calls."""
+    """path='flash' names what it needs (fp16/bf16, head_dim up to 128, a positive scale);
+    path='auto' takes the cuBLAS route for those calls."""
     import cupy as cp
     from kernels._checks import check_attention
     from kernels.prefill import paged_prefill_cuda
-    for dtype, head_dim in ((np.float32, 128), (np.float16, 256)):
+    for dtype, head_dim, scale in ((np.float32, 128, 0.1), (np.float16, 256, 0.1), (np.float16, 64, -0.1)):
         p = make_paged(rng, [40], head_dim=head_dim, page_size=16, dtype=dtype)
         q = queries(rng, 40, 4, head_dim, dtype)
         g = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens, query_start_loc([40]))
         out = cp.empty_like(g[0])
         dims = check_attention(*g[:5], out, 1)
         with pytest.raises(ValueError, match="path='flash' needs"):
-            paged_prefill_cuda(*g, 0.1, out, None, 0, dims, 40, path="flash")
-        paged_prefill_cuda(*g, 0.1, out, None, 0, dims, 40, path="auto")
-        ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, query_start_loc([40]), 0.1)
+            paged_prefill_cuda(*g, scale, out, None, 0, dims, 40, path="flash")
+        paged_prefill_cuda(*g, scale, out, None, 0, dims, 40, path="auto")
+        ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, query_start_loc([40]), scale)
         np.testing.assert_allclose(out.get().astype(np.float32), ref, rtol=0, atol=PREFILL_ATOL[np.dtype(dtype)])
 
 
