@@ -317,7 +317,7 @@ def main() -> None:
     print("cuBLAS route stages (ms):", profile_prefill(prefill_run(case, seq_len, "gemm")))
 
 
-# block tilings swept by --tune-prefill: (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n)
+# block tilings swept by --tune-prefill: (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n, stages)
 PREFILL_TILINGS = [(4, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 64, False, 1, True),
                    (4, 2, 64, False, 1, True, 32), (4, 2, 32, False, 1, True), (8, 2, 32, False, 1, True),
                    (4, 2, 32, False, 1, True, 0, 3), (8, 1, 32, False, 2, True)]
@@ -327,7 +327,7 @@ def tiling_name(t) -> str:
     from kernels.prefill_flash import Tiling
     t = Tiling(*t)
     return (f"w{t.warps}m{t.m_tiles}n{t.block_n}{'q' if t.q_regs else ''}b{t.min_blocks}"
-            f"{'p' if t.pack else ''}{'s%d' % t.sub_n if t.sub_n else ''}x{t.stages}{'L' if t.lazy else ''}")
+            f"{'p' if t.pack else ''}{'s%d' % t.sub_n if t.sub_n else ''}x{t.stages}")
 
 
 def _row(shape, name, run, nbytes, copy, base_ms):

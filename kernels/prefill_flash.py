@@ -275,12 +275,10 @@ pagemem_flash_prefill(const u16* __restrict__ q, long long q_tok, long long q_he
                     }
                 }
                 lrow[mt][r] = lrow[mt][r] * alpha + sum;   // this thread's share; summed at the end
-                if (!LAZY || alpha != 1.f) {          // lazy: the running max rarely moves late on
 #pragma unroll
-                    for (int i = 0; i < HD / 8; ++i) {
-                        o[mt][i][2 * r] *= alpha;
-                        o[mt][i][2 * r + 1] *= alpha;
-                    }
+                for (int i = 0; i < HD / 8; ++i) {
+                    o[mt][i][2 * r] *= alpha;
+                    o[mt][i][2 * r + 1] *= alpha;
                 }
             }
 #pragma unroll
@@ -334,7 +332,7 @@ class Tiling(NamedTuple):
     the whole block (``q_regs``) or reloaded from shared memory (fewer registers); the resident
     blocks an SM asked of ptxas; ``pack``: a block's rows are a KV head's whole query group for
     each of its tokens (K/V read once a group) rather than one query head's tokens; ``stages``
-    K/V tiles in shared memory; ``lazy``: skip rescaling a row's output while its max holds."""
+    K/V tiles in shared memory."""
     warps: int = 4
     m_tiles: int = 1
     block_n: int = 64
@@ -343,7 +341,6 @@ class Tiling(NamedTuple):
     pack: bool = False
     sub_n: int = 0
     stages: int = 2            # K/V tiles in shared memory (stages - 1 loading during the math)
-    lazy: bool = False         # rescale a row's output only when its running max moved
 
     @property
     def block_m(self) -> int:
@@ -363,7 +360,7 @@ def source(head_dim: int, tiling: Tiling, bf16: bool) -> str:
     defs = (f"#define HEAD_DIM {head_dim}\n#define NWARPS {tiling.warps}\n#define MT {tiling.m_tiles}\n"
             f"#define BLOCK_N {tiling.block_n}\n#define Q_REGS {int(tiling.q_regs)}\n#define MINB {tiling.min_blocks}\n"
             f"#define PACK {int(tiling.pack)}\n#define SUB_N {tiling.sub_n or tiling.block_n}\n"
-            f"#define STAGES {tiling.stages}\n#define LAZY {int(tiling.lazy)}\n"
+            f"#define STAGES {tiling.stages}\n"
             f"#define ELEM \"{'bf16' if bf16 else 'f16'}\"\n")
     return defs + _SRC
 

@@ -134,13 +134,14 @@ class LLM:
         capture the decode CUDA graphs, so no request pays for a compile. No-op on the CPU."""
         if self.model.device != "cuda":
             return
+        import kernels
         from kernels.prefill import prefill_key_classes
-        from kernels.prefill_flash import config_supported
         pool_tokens = (self.pool.num_pages - 1) * self.pool.page_size
         limit = min(max_context_len, self.model.config.max_position_embeddings, pool_tokens) - 2
-        lens = sorted({max(1, min(n, limit)) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
-        if config_supported(self.pool.config.np_dtype, self.model.config.head_dim, self.model.xp.cuda.Device().id):
+        if kernels.prefill_is_fused(self.pool.layer_kv(0)[0]):
             lens = [max(1, min(64, limit))]      # one fused prefill kernel serves every length
+        else:
+            lens = sorted({max(1, min(n, limit)) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
         next_id = self._next_id
         for n in lens:   # one at a time: together they would share prefill calls, hence variants
             self.generate([[0] * n], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))

@@ -10,7 +10,7 @@ Every step's state comes in as arguments: the weights, the new tokens and their 
 PagedBatch saying where each sequence's K/V lives, and the pool holding it. Each layer writes the
 new tokens' K/V into the pool (``kernels.store_kv``), then attends over the pages: decode rows (one
 new token each, packed first) through ``kernels.paged_decode``, prefill rows through
-``kernels.paged_prefill`` in groups of similar length (``prefill_groups``). RMSNorm with its residual
+``kernels.paged_prefill`` (``attention_groups``: one call, or groups of similar length). RMSNorm with its residual
 add, RoPE and SwiGLU are one kernel each (``kernels.rms_norm``, ``apply_rope``, ``silu_mul``); the
 residual stream is the forward's own array (the embedding gather) and is updated in place.
 Math runs in the weights' dtype (float32 on the CPU, float16 on a GPU). Norm statistics, RoPE
@@ -109,7 +109,7 @@ def add_norm(config: ModelConfig, w: dict, name: str, residual: Array, x: Array)
 def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | None,
               batch: PagedBatch, pool: PagePool, mm=matmul_t, groups: list | None = None) -> Array:
     """Self-attention of the new tokens over their sequences' pages. x [T, H] -> [T, H].
-    ``groups``: prefill_groups(batch) when the caller computed it once for every layer."""
+    ``groups``: attention_groups(batch, pool) when the caller computed it once for every layer."""
     p, T, d = f"layers.{layer}.", x.shape[0], config.head_dim
     nh, nkv = config.num_heads, config.num_kv_heads
     qkv = linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"), mm)         # [T, (nh + 2 * nkv) * d]
@@ -121,7 +121,7 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
     q, k, v = (_in_dtype(a, k_cache.dtype) for a in (q, k, v))
     kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     scale, window = 1.0 / math.sqrt(d), config.layer_window(layer)
-    groups = prefill_groups(batch, pool.page_size) if groups is None else groups
+    groups = attention_groups(batch, pool) if groups is None else groups
     out = _paged_attention(q, k_cache, v_cache, batch, scale, window, groups)  # [T, nh, d]
     return linear(out.reshape(T, nh * d).astype(x.dtype, copy=False), w[p + "o.weight"], w.get(p + "o.bias"), mm)
 
@@ -129,10 +129,8 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
 def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch, scale: float,
                      window: int | None, groups: list[tuple[int, int]]) -> Array:
     """Decode rows (one new token each, packed first) through paged_decode, the rest through
-    paged_prefill: one call where it runs the fused kernel (whose work follows each sequence's
-    own length), else in ``groups`` of rows (prefill_groups): the cuBLAS route pads every
-    sequence of a call to its longest query and context, so short prompts are not padded to
-    long ones. Decode rows never ride along with a prompt. q [T, nh, d] -> [T, nh, d]."""
+    paged_prefill in ``groups`` of rows (attention_groups). Decode rows never ride along with a
+    prompt. q [T, nh, d] -> [T, nh, d]."""
     nd, n = batch.num_decode_seqs, batch.num_seqs
     pt, ctx, qsl = batch.page_tables, batch.context_lens, batch.query_start_loc
     if nd == n:
@@ -141,7 +139,7 @@ def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch
     if nd:
         kernels.paged_decode(q[:nd], k_cache, v_cache, pt[:nd], ctx[:nd], scale=scale, out=out[:nd],
                              sliding_window=window)
-    if batch.host_query_lens is None or kernels.prefill_is_fused(k_cache, q.dtype):   # one call for every row
+    if batch.host_query_lens is None:        # a PagedBatch built by hand: one call for every row
         kernels.paged_prefill(q[nd:], k_cache, v_cache, pt[nd:], ctx[nd:], qsl[nd:] - nd, scale=scale,
                               out=out[nd:], sliding_window=window, max_query_len=batch.max_query_len or None)
         return out
@@ -154,6 +152,16 @@ def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch
                               scale=scale, out=out[t0:t1], sliding_window=window,
                               max_query_len=int(qlens[a:b].max()))
     return out
+
+
+def attention_groups(batch: PagedBatch, pool: PagePool) -> list[tuple[int, int]]:
+    """The prefill rows' calls of every layer: one call where paged_prefill runs the fused kernel
+    (its work follows each sequence's own length; q is converted to the cache dtype), else
+    prefill_groups, since the cuBLAS route pads every sequence of a call to its longest query
+    and context."""
+    if kernels.prefill_is_fused(pool.layer_kv(0)[0]):
+        return [(batch.num_decode_seqs, batch.num_seqs)]
+    return prefill_groups(batch, pool.page_size)
 
 
 def prefill_groups(batch: PagedBatch, page_size: int, penalty: int | None = None) -> list[tuple[int, int]]:
@@ -217,8 +225,7 @@ def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, po
         x = x + w["pos_embed.weight"][positions]
     else:
         rope = (positions, w["rope.inv_freq"])
-    fused = kernels.prefill_is_fused(pool.layer_kv(0)[0])   # one prefill call a layer: no groups
-    groups = [(batch.num_decode_seqs, batch.num_seqs)] if fused else prefill_groups(batch, pool.page_size)
+    groups = attention_groups(batch, pool)
     h = norm(config, w, "layers.0.attn_norm", x)                            # x: the residual stream
     for layer in range(config.num_layers):
         a = attention(config, w, layer, h, rope, batch, pool, mm, groups)

@@ -147,10 +147,10 @@ def test_prefill_flash_gqa_pages_window(rng, pack, page_size, num_q_heads, num_k
 
 
 # (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n): the shapes the bench sweeps
-# (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n, stages, lazy): shapes the bench sweeps
+# (warps, m_tiles, block_n, q_regs, min_blocks, pack, sub_n, stages): shapes the bench sweeps
 TILINGS = [(4, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 32, False), (8, 1, 32, False, 2, True),
            (4, 2, 64, False, 1, True, 32), (4, 2, 128, False, 1, False, 32), (2, 1, 32, True, 1, True),
-           (4, 2, 64, False, 1, True, 0, 3, True), (4, 1, 32, True, 1, True, 0, 4, True)]
+           (4, 2, 64, False, 1, True, 0, 3), (4, 1, 32, True, 1, True, 0, 4)]
 
 
 @pytest.mark.parametrize("tiling", TILINGS, ids=lambda t: "-".join(map(str, t)))
