@@ -17,7 +17,10 @@ One step, in order:
     2. if nothing was preempted: swapped requests resume first (swap_in); only when none is
        left swapped are waiting requests admitted, in order, while pages stay above the
        watermark. Admission is first-come first-served within a priority, so no request
-       starves behind later ones.
+       starves behind later ones. A swapped request keeps the pages it shares resident; when
+       those leave no room for a more important request (running alone, or first in line to
+       resume while nothing runs), the least important such swapped requests are turned into
+       recompute preemptions (their host copies dropped), so the queue never waits on itself.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagemem.page_table import SeqPages
-from pagemem.pool import PagePool
+from pagemem.pool import NULL_PAGE, PagePool
 from pagemem.preemption import Preempted, Preemptor
 from pagemem.prefix_cache import PrefixCache
 from pagemem.swap import HostSwap, OutOfHostPages
@@ -164,6 +167,8 @@ class Scheduler:
             req = queue.pop()
             n = min(req.num_tokens - req.num_computed, budget)
             while not req.pages.try_grow(n, self.stream):   # grows when the pages are there
+                if not queue and self._demote_one(req):
+                    continue
                 victim = queue.pop(0) if queue else req         # least important, latest arrived
                 preempted.append((victim, self._preempt(victim)))
                 if victim is req:
@@ -281,7 +286,8 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget)
             total = len(req.preempted.swapped_at) + self._pages_to_grow(req.num_computed, n)
             if not self.pool.can_allocate(total + self._watermark()):
-                break
+                if self.running or not self._demote_for(req, total):
+                    break
             self.swapped.pop(0)
             req.pages, _ = self.preemptor.resume(req.preempted, stream=self.stream)
             req.preempted, req.num_registered_pages = None, 0   # swapped-in pages are new, unindexed
@@ -289,6 +295,35 @@ class Scheduler:
             resumed.append(req)
             budget -= n
         return budget
+
+    def _demote_for(self, head: Request, need: int) -> bool:
+        """Nothing runs and ``head``, the most important swapped request, needs ``need`` pages
+        that are not there: demote less important swapped requests until they are. Returns
+        whether they are."""
+        while not self.pool.can_allocate(need):
+            if not self._demote_one(head):
+                return False
+        return True
+
+    def _demote_one(self, than: Request) -> bool:
+        """A swapped request keeps the pages it shares resident, and only resuming it frees them.
+        When they stand in the way of a more important request (one running alone that cannot
+        grow, or the first swapped one when nothing runs), the least important such request
+        less important than ``than`` becomes a recompute preemption: its host copy is dropped,
+        its resident references go back to the pool (prefix-cached, for its own prefill later).
+        Returns whether one was demoted; without this the queue could wait on itself."""
+        key = than._order()
+        for req in sorted(self.swapped, key=Request._order, reverse=True):
+            if req._order() <= key:
+                return False
+            if any(pid != NULL_PAGE for pid in req.preempted.page_table):
+                self.swapped.remove(req)
+                self.preemptor.discard(req.preempted)
+                req.preempted = None
+                req.num_computed, req.num_registered_pages, req.status = 0, 0, Status.WAITING
+                self.waiting.append(req)     # still one preemption, now to be recomputed
+                return True
+        return False
 
     def _admit_waiting(self, out: list[Request], lens: list[int], budget: int) -> None:
         """Admit waiting requests in order. With ``admit_batch`` > 1, while others run, wait until

@@ -1,12 +1,23 @@
 """Test-wide setup: GPU tests skip cleanly without a device; CPU runs of the CUDA kernels
-use the Numba CUDA simulator (set before numba.cuda is first imported)."""
+use the Numba CUDA simulator (set before numba.cuda is first imported).
+
+Property tests draw the same examples on every run (hypothesis' ``derandomize``), so a test
+run is reproducible and CI does not pass or fail by the luck of the draw. To search new
+examples, run with ``HYPOTHESIS_PROFILE=explore`` (random draws); a failure
+prints the ``@reproduce_failure`` blob to pin it down, and each one found becomes a plain
+regression test."""
 from __future__ import annotations
 
 import os
 
 import pytest
+from hypothesis import settings
 
 from pagemem.backend import cuda_unavailable_reason
+
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 _NO_CUDA = cuda_unavailable_reason()
 if _NO_CUDA is not None:

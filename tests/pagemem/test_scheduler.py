@@ -49,7 +49,8 @@ def run(prompts, max_tokens, num_pages, preemption="recompute", prefix=False, ho
     if preemption == "auto":
         sched.preemptor.set_prefill_rate(1e6)
     sched.preempt_log = []
-    reqs = [sched.add(i, p, max_tokens, (priorities or [0] * len(prompts))[i]) for i, p in enumerate(prompts)]
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    reqs = [sched.add(i, p, m, (priorities or [0] * len(prompts))[i]) for i, (p, m) in enumerate(zip(prompts, limits))]
     for _ in range(10_000):
         if not sched.has_unfinished():
             break
@@ -58,7 +59,7 @@ def run(prompts, max_tokens, num_pages, preemption="recompute", prefix=False, ho
         sched.preempt_log += step.preempted
         sched.update(step, toy_forward(pool, step))
         for r in list(sched.running):
-            if r.num_output_tokens >= max_tokens:
+            if r.num_output_tokens >= r.max_tokens:
                 sched.finish(r)
         if checks:
             pool.check_integrity()
@@ -74,9 +75,10 @@ def run(prompts, max_tokens, num_pages, preemption="recompute", prefix=False, ho
 
 def expected(prompts, max_tokens):
     outs = []
-    for p in prompts:
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    for p, m in zip(prompts, limits):
         t = list(p)
-        for _ in range(max_tokens):
+        for _ in range(m):
             t.append(next_token(t))
         outs.append(t[len(p):])
     return outs
@@ -247,6 +249,33 @@ def test_swapped_request_resumes_before_new_ones_are_admitted():
     while sched.has_unfinished():
         step()
     assert a.status is b.status is Status.FINISHED and all(s.status is Status.FINISHED for s in smalls)
+
+
+def test_resident_pages_of_swapped_requests_never_block_the_queue():
+    """A swapped request keeps its shared pages resident. Here the two prompts sharing a prefix
+    run beside the first; the third is swapped out, the second finishes, and the third's
+    resident pages (now its alone) leave the first, running alone, one page short: without
+    demoting the swapped one to recompute, the first preempts itself and nothing can resume."""
+    prompts = [[90, 2, 48], [5, 5, 5, 5, 5, 27], [5, 5, 5, 5, 5, 39, 55, 74, 77]]
+    outs, sched, _ = run(prompts, [15, 5, 9], num_pages=6, preemption="swap", prefix=True, max_batched=3)
+    assert outs == expected(prompts, [15, 5, 9])
+    assert sched.num_preemptions["swap"] > 0
+
+
+def test_tight_pools_with_shared_prefixes_always_complete():
+    """Random ragged workloads on a pool that fits only the largest request: swap preemption with
+    prefix sharing, small token budgets. Every request completes with the rule's tokens."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        shared = [5] * int(rng.integers(4, 12))
+        prompts = [(shared if rng.random() < 0.6 else []) + rng.integers(0, VOCAB, rng.integers(1, 6)).tolist()
+                   for _ in range(rng.integers(2, 5))]
+        limits = rng.integers(1, 16, len(prompts)).tolist()
+        need = max(-(-(len(p) + m) // PAGE_SIZE) for p, m in zip(prompts, limits))
+        mode = ["swap", "auto"][int(rng.integers(2))]
+        outs, _, _ = run(prompts, limits, num_pages=need + 1 + int(rng.integers(0, 3)), preemption=mode,
+                         prefix=True, max_batched=int(rng.integers(1, 8)))
+        assert outs == expected(prompts, limits), (prompts, limits)
 
 
 def test_blocked_admission_leaves_prefix_cache_untouched():
