@@ -84,11 +84,11 @@ def paged_prefill(q, k_cache, v_cache, page_tables, context_lens, query_start_lo
                               out, stream, window, dims, int(max_query_len))
 
 
-def prefill_is_fused(k_cache, q_dtype=None) -> bool:
-    """Whether paged_prefill over ``k_cache`` (with q of ``q_dtype``, default the cache's) runs the
-    fused kernel: CUDA arrays, fp16/bf16, a supported head_dim and device. Its cost follows each
-    sequence's own tokens, so ragged batches need no grouping by length."""
-    if isinstance(k_cache, np.ndarray) or np.dtype(q_dtype or k_cache.dtype) != np.dtype(k_cache.dtype):
+def prefill_is_fused(k_cache) -> bool:
+    """Whether paged_prefill over ``k_cache`` (q and out of its dtype) runs the fused kernel:
+    CUDA arrays, fp16/bf16, a supported head_dim and device. Its cost follows each sequence's
+    own tokens, so ragged batches need no grouping by length."""
+    if isinstance(k_cache, np.ndarray):
         return False
     from kernels.prefill_flash import config_supported
     return config_supported(k_cache.dtype, k_cache.shape[3], k_cache.device.id)

@@ -38,6 +38,11 @@ class Preempted:
     ticket: SwapTicket | None = None
     resumed: bool = False
 
+    @property
+    def resident(self) -> list[int]:
+        """The pages this record keeps on the device (shared ones, under swap), in table order."""
+        return [pid for pid in self.page_table if pid != NULL_PAGE]
+
 
 class Preemptor:
     """Preempt and resume sequences of one pool, by swap (through ``swap``) or recompute.
@@ -168,7 +173,7 @@ class Preemptor:
             raise ValueError("p was already resumed")
         if p.ticket is not None:
             self.swap.discard(p.ticket)
-        resident = [pid for i, pid in enumerate(p.page_table) if pid != NULL_PAGE]
+        resident = p.resident
         if resident:
             self.pool.free(resident[::-1])
         p.resumed = True

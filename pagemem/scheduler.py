@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagemem.page_table import SeqPages
-from pagemem.pool import NULL_PAGE, PagePool
+from pagemem.pool import PagePool
 from pagemem.preemption import Preempted, Preemptor
 from pagemem.prefix_cache import PrefixCache
 from pagemem.swap import HostSwap, OutOfHostPages
@@ -264,8 +264,7 @@ class Scheduler:
             req.preempted, req.status = record, Status.SWAPPED
             self.swapped.append(req)
         else:
-            req.num_computed, req.num_registered_pages, req.status = 0, 0, Status.WAITING
-            self.waiting.append(req)
+            self._requeue(req)
         req.num_preemptions += 1
         req.preempted_by[record.mode] += 1
         self.num_preemptions[record.mode] += 1
@@ -316,14 +315,18 @@ class Scheduler:
         for req in sorted(self.swapped, key=Request._order, reverse=True):
             if req._order() <= key:
                 return False
-            if any(pid != NULL_PAGE for pid in req.preempted.page_table):
+            if req.preempted.resident:
                 self.swapped.remove(req)
                 self.preemptor.discard(req.preempted)
                 req.preempted = None
-                req.num_computed, req.num_registered_pages, req.status = 0, 0, Status.WAITING
-                self.waiting.append(req)     # still one preemption, now to be recomputed
+                self._requeue(req)           # still one preemption, now to be recomputed
                 return True
         return False
+
+    def _requeue(self, req: Request) -> None:
+        """A request whose K/V are gone waits again, its tokens kept, to be prefilled anew."""
+        req.num_computed, req.num_registered_pages, req.status = 0, 0, Status.WAITING
+        self.waiting.append(req)
 
     def _admit_waiting(self, out: list[Request], lens: list[int], budget: int) -> None:
         """Admit waiting requests in order. With ``admit_batch`` > 1, while others run, wait until
