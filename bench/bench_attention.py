@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # for bench._harness; last, so installed packages win
 from bench._harness import cuda_event_time_ms, device_copy_bandwidth, device_name, gpu_timed, requires_cuda  # noqa: E402
 
 HQ, HKV, D, PAGE, LAYERS = 32, 8, 128, 16, 2
@@ -83,10 +83,10 @@ def decode_variants(case: Case, sweep: bool = False):
     """name -> callable enqueuing one decode on the current stream; ``sweep`` adds the tuning grid
     (lanes per token, tokens per group, threads per block, register cap)."""
     import cupy as cp
-    from kernels import paged_decode
-    from kernels._checks import check_attention
-    from kernels.decode import paged_decode_cuda
-    from kernels.paged_decode_v1 import paged_decode_v1
+    from pagemem.kernels import paged_decode
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.decode import paged_decode_cuda
+    from pagemem.kernels.paged_decode_v1 import paged_decode_v1
     out = cp.empty_like(case.q)
     dims = check_attention(case.q, case.k, case.v, case.page_tables, case.context_lens, out, case.q.shape[0])
     args = (case.q, case.k, case.v, case.page_tables, case.context_lens)
@@ -151,9 +151,9 @@ def prefill_run(case: Case, seq_len: int, path: str = "auto", tiling=None):
     """One paged_prefill of the case; path "auto" (the public function's choice: the fused
     kernel here), "flash" with a block ``tiling`` (prefill_flash.Tiling), or "gemm" (cuBLAS route)."""
     import cupy as cp
-    from kernels import paged_prefill
-    from kernels._checks import check_attention
-    from kernels.prefill import paged_prefill_cuda
+    from pagemem.kernels import paged_prefill
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.prefill import paged_prefill_cuda
     out = cp.empty_like(case.q)
     if path == "auto":
         return lambda: paged_prefill(case.q, case.k, case.v, case.page_tables, case.context_lens,
@@ -194,8 +194,8 @@ def test_prefill(benchmark, impl):
 def test_decode_cpu(benchmark, dtype):
     """NumPy decode at a Qwen2-0.5B layer (14 q heads, 2 KV heads, head_dim 64): 8 x 1024 tokens."""
     import ml_dtypes
-    from kernels import paged_decode
-    from kernels.reference import ref_paged_decode
+    from pagemem.kernels import paged_decode
+    from pagemem.kernels.reference import ref_paged_decode
     rng = np.random.default_rng(0)
     num_seqs, ctx, hq, hkv, d = 8, 1024, 14, 2, 64
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
@@ -248,10 +248,10 @@ def tune_decode(shapes=TUNE_SHAPES) -> None:
     CUDA-event median of 10 back-to-back calls (and of 1 call alone, host launch cost included, as
     bench/decode_breakdown.py times it); outputs checked against "old"; registers per thread and
     local (spill) bytes of each kernel as compiled."""
-    import kernels._arrays as arr
+    import pagemem.kernels._arrays as arr
     import cupy as cp
-    from kernels._checks import check_attention
-    from kernels.decode import paged_decode_cuda
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.decode import paged_decode_cuda
     copy = device_copy_bandwidth()
     print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s; Llama-3.2-1B heads (32 q, 8 kv), fp16, page 16")
     for head_dim, num_seqs, ctx, layers in shapes:
@@ -305,7 +305,7 @@ def main() -> None:
     print(f"prefill {num_seqs}x{seq_len}: torch sdpa {base * 1e3:.0f} us ({flops / base / 1e9:.0f} TFLOP/s)")
     impls = dict(PREFILL_IMPLS)
     if "--tune-prefill" in sys.argv:
-        from kernels.prefill_flash import Tiling
+        from pagemem.kernels.prefill_flash import Tiling
         for t in PREFILL_TILINGS:
             impls[tiling_name(t)] = ("flash", Tiling(*t))
     for name, (path, tiling) in impls.items():
@@ -324,7 +324,7 @@ PREFILL_TILINGS = [(4, 1, 64, True), (8, 1, 64, True, 1, True), (4, 2, 64, False
 
 
 def tiling_name(t) -> str:
-    from kernels.prefill_flash import Tiling
+    from pagemem.kernels.prefill_flash import Tiling
     t = Tiling(*t)
     return (f"w{t.warps}m{t.m_tiles}n{t.block_n}{'q' if t.q_regs else ''}b{t.min_blocks}"
             f"{'p' if t.pack else ''}{'s%d' % t.sub_n if t.sub_n else ''}x{t.stages}")
@@ -341,7 +341,7 @@ def _row(shape, name, run, nbytes, copy, base_ms):
 
 def print_host_costs(case: Case) -> None:
     """Host cost of one paged_decode (split-K: two launches), relaunching through CuPy or Numba."""
-    import kernels._arrays as dev
+    import pagemem.kernels._arrays as dev
     for raw in (True, False):
         dev.RAW_LAUNCH, saved = raw, dev.RAW_LAUNCH
         dev._compiled.clear()
@@ -368,7 +368,7 @@ def host_us_per_call(run, calls: int = 200) -> float:
 def profile_prefill(run) -> dict:
     """Event time of each launch and GEMM inside one paged_prefill call, by stage."""
     import cupy as cp
-    import kernels.prefill as pf
+    import pagemem.kernels.prefill as pf
     times, events = {}, []
     real_launch, real_mm = pf.launch, pf.matmul
 

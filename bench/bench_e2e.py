@@ -45,7 +45,7 @@ def workload(n: int = NUM_REQUESTS, seed: int = 0, vocab: int = 32_000):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """Random Llama-3.2-1B-shaped weights in fp16, initialized on the GPU by transformers and saved."""
-    from models.presets import PRESETS
+    from pagemem.models.presets import PRESETS
     cfg = transformers.LlamaConfig(**{k: v for k, v in PRESETS[PRESET].items() if k != "architectures"})
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -94,10 +94,10 @@ def _hf_batch(hf, prompts: list[list[int]], out_lens: list[int]) -> int:
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    from models.engine import LLM
+    from pagemem.models.engine import LLM
     path, _ = checkpoint
     llm = LLM(str(path), device="cuda", **ENGINE)
-    from models import SamplingParams
+    from pagemem.models import SamplingParams
     llm.generate([[1] * 40, [2] * 300], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # compile
     llm.warmup(1024 + 512)          # start-up: compile prefill kernels, capture every decode graph
     return llm
@@ -108,7 +108,7 @@ def engine(checkpoint):
 def test_pagemem_engine(benchmark, engine, async_scheduling):
     """The engine as configured (async scheduling: greedy ids stay on the device and the next
     step is queued before they reach the host), then the same engine taking the ids in every step."""
-    from models import SamplingParams
+    from pagemem.models import SamplingParams
     engine.async_scheduling = async_scheduling
     prompts, out_lens = workload()
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]

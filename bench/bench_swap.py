@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run as a script or under pytest
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench._harness as a script or under pytest; last, so installed packages win
 from bench._harness import cuda_event_time_ms, device_name, has_cuda, pinned_bandwidth, requires_cuda  # noqa: E402
 from pagemem import HostSwap, PagePool, PoolConfig  # noqa: E402
 

@@ -9,15 +9,15 @@ the device copy bandwidth measured here.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import cupy as cp
 import numpy as np
 
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench._harness as a script; last, so installed packages win
 from bench._harness import cuda_event_time_ms, device_copy_bandwidth
-from models.engine import LLM
-from pagemem import SeqPages, pack_batch
-
-import kernels
+from pagemem.models.engine import LLM
+from pagemem import SeqPages, kernels, pack_batch
 
 
 def main() -> None:

@@ -20,11 +20,13 @@ import os
 import pstats
 import sys
 import time
+from pathlib import Path
 
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench.bench_e2e as a script; last, so installed packages win
 from bench.bench_e2e import ENGINE, workload
-from models import SamplingParams
-from models.engine import LLM
-from models.summary import format_summary, summarize
+from pagemem.models import SamplingParams
+from pagemem.models.engine import LLM
+from pagemem.models.summary import format_summary, summarize
 
 
 class _ModelShim:
@@ -37,7 +39,7 @@ class _ModelShim:
 
 def trace(llm) -> dict:
     """Wrap the engine's step parts with host timers; returns the per-part lists it fills."""
-    import models.engine as eng
+    import pagemem.models.engine as eng
     parts: dict = {"schedule": [], "launch": [], "take_in": [], "kind": [], "pack": [], "forward": [], "graph": [],
                    "sample": []}
     sched, launch, take_in = llm.scheduler.schedule, llm._launch, llm._take_in
@@ -113,7 +115,7 @@ def main() -> None:
         print(f"async_scheduling={mode}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.0f} tok/s")
         if parts is not None:
             report(parts)
-            import models.engine as eng
+            import pagemem.models.engine as eng
             del llm.scheduler.schedule, llm._launch, llm._take_in, llm._sample
             llm.model = llm.model.inner
             eng.pack_batch = eng.pack_batch.__wrapped__ if hasattr(eng.pack_batch, "__wrapped__") else eng.pack_batch

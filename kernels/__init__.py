@@ -4,7 +4,7 @@ stream. They write only their outputs and the arrays they name as written: the c
 
 NumPy arrays run the vectorized CPU path (kernels/cpu.py); CuPy arrays run Numba CUDA kernels
 enqueued on ``stream`` (a CuPy stream; default CuPy's current stream) without synchronizing.
-``kernels.reference`` holds the NumPy oracles that specify every kernel.
+``pagemem.kernels.reference`` holds the NumPy oracles that specify every kernel.
 
     store_kv        k, v [num_tokens, num_kv_heads, head_dim] -> their slots of the cache
     paged_decode    q [num_seqs, num_q_heads, head_dim], one new token per sequence
@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import cpu as _cpu
-from kernels._checks import check_attention, check_int_array, check_same_device, check_window, default_scale
+from pagemem.kernels import cpu as _cpu
+from pagemem.kernels._checks import check_attention, check_int_array, check_same_device, check_window, default_scale
 
 __all__ = ["store_kv", "paged_decode", "paged_prefill", "prefill_is_fused", "rms_norm", "apply_rope", "silu_mul"]
 
@@ -34,12 +34,12 @@ __all__ = ["store_kv", "paged_decode", "paged_prefill", "prefill_is_fused", "rms
 def store_kv(k, v, k_cache, v_cache, slot_mapping, stream=None) -> None:
     """Write new K/V into slots (``page_id * page_size + offset``). On the GPU, slots outside the
     pool or in NULL_PAGE are skipped; on the CPU they raise ValueError."""
-    from kernels.store_kv_kernel import check_store_kv
+    from pagemem.kernels.store_kv_kernel import check_store_kv
     on_gpu = check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
     check_store_kv(k, v, k_cache, v_cache, slot_mapping)
     if not on_gpu:
         return _cpu.store_kv_cpu(k, v, k_cache, v_cache, slot_mapping)
-    from kernels.store_kv_kernel import store_kv_cuda
+    from pagemem.kernels.store_kv_kernel import store_kv_cuda
     store_kv_cuda(k, v, k_cache, v_cache, slot_mapping, stream)
 
 
@@ -54,7 +54,7 @@ def paged_decode(q, k_cache, v_cache, page_tables, context_lens, scale=None, out
     out = _empty_like(q) if out is None else out
     if not on_gpu:
         return _cpu.paged_decode_cpu(q, k_cache, v_cache, page_tables, context_lens, scale, out, window, dims)
-    from kernels.decode import paged_decode_cuda
+    from pagemem.kernels.decode import paged_decode_cuda
     return paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale, out, stream, window, dims)
 
 
@@ -79,7 +79,7 @@ def paged_prefill(q, k_cache, v_cache, page_tables, context_lens, query_start_lo
         max_query_len = q.shape[0] - num_seqs + 1
     if not 1 <= max_query_len <= q.shape[0]:
         raise ValueError(f"max_query_len must be in 1..{q.shape[0]} (num_tokens), got {max_query_len}")
-    from kernels.prefill import paged_prefill_cuda
+    from pagemem.kernels.prefill import paged_prefill_cuda
     return paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale,
                               out, stream, window, dims, int(max_query_len))
 
@@ -90,7 +90,7 @@ def prefill_is_fused(k_cache) -> bool:
     own tokens, so ragged batches need no grouping by length."""
     if isinstance(k_cache, np.ndarray):
         return False
-    from kernels.prefill_flash import config_supported
+    from pagemem.kernels.prefill_flash import config_supported
     return config_supported(k_cache.dtype, k_cache.shape[3], k_cache.device.id)
 
 
@@ -111,7 +111,7 @@ def rms_norm(x, weight, eps: float, residual=None, out=None, stream=None):
     out = _empty_like(x) if out is None else out
     if not on_gpu:
         return _cpu.rms_norm_cpu(x, weight, float(eps), residual, out)
-    from kernels.pointwise import rms_norm_cuda
+    from pagemem.kernels.pointwise import rms_norm_cuda
     return rms_norm_cuda(x, weight, float(eps), residual, out, kind, stream)
 
 
@@ -129,7 +129,7 @@ def apply_rope(x, positions, inv_freq, stream=None) -> None:
         raise ValueError(f"inv_freq: expected [{x.shape[2] // 2}] float32, got {tuple(inv_freq.shape)} {inv_freq.dtype}")
     if not on_gpu:
         return _cpu.rope_cpu(x, positions, inv_freq)
-    from kernels.pointwise import rope_cuda
+    from pagemem.kernels.pointwise import rope_cuda
     rope_cuda(x, positions, inv_freq, kind, stream)
 
 
@@ -147,12 +147,12 @@ def silu_mul(gate_up, out=None, stream=None):
         raise ValueError(f"out: expected shape {shape} and dtype {gate_up.dtype}, got {tuple(out.shape)} {out.dtype}")
     if not on_gpu:
         return _cpu.silu_mul_cpu(gate_up, out)
-    from kernels.pointwise import silu_mul_cuda
+    from pagemem.kernels.pointwise import silu_mul_cuda
     return silu_mul_cuda(gate_up, out, kind, stream)
 
 
 def _check_rows(x, name: str, ndim: int) -> int:
-    from kernels._device import dtype_kind
+    from pagemem.kernels._device import dtype_kind
     kind = dtype_kind(x.dtype, name)
     if x.ndim != ndim:
         raise ValueError(f"{name}: expected {ndim}-d, got shape {tuple(x.shape)}")

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from numba import cuda
 
-from kernels._device import SIM
+from pagemem.kernels._device import SIM
 
 def is_device_array(x) -> bool:
     """A CUDA array (CuPy), told by its class so CuPy's interface dict is not built."""

@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kernels._arrays import is_device_array
-from kernels._device import dtype_kind
+from pagemem.kernels._arrays import is_device_array
+from pagemem.kernels._device import dtype_kind
 
 
 class AttnDims(NamedTuple):

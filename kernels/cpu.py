@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels._checks import AttnDims
+from pagemem.kernels._checks import AttnDims
 
 NULL_PAGE = 0
 PREFILL_CHUNK = 256   # query tokens per score block in prefill

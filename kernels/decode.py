@@ -8,10 +8,10 @@ import functools
 import numpy as np
 from numba import float32
 
-from kernels._arrays import as_device, as_flat_words, launch, num_sms
-from kernels._checks import AttnDims
-from kernels._device import bits_dtype, dtype_kind
-from kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
+from pagemem.kernels._arrays import as_device, as_flat_words, launch, num_sms
+from pagemem.kernels._checks import AttnDims
+from pagemem.kernels._device import bits_dtype, dtype_kind
+from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
                                      make_decode_reduce_kernel, make_paged_decode_kernel)
 
 THREADS = 128

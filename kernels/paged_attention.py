@@ -22,7 +22,7 @@ import math
 
 from numba import cuda, float32, int32, uint64
 
-from kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
+from pagemem.kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
 
 # Measured on an H100 at Llama-3.2-1B's heads (bench/bench_attention.py --tune, 2026-11-26): under
 # the 128-register cap (4 blocks of 128 threads per SM), 1 token per group took 6 to 9% less time

@@ -12,8 +12,8 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from kernels._arrays import as_device, launch
-from kernels._device import bits_dtype, dtype_kind, load_scalar, store_scalar
+from pagemem.kernels._arrays import as_device, launch
+from pagemem.kernels._device import bits_dtype, dtype_kind, load_scalar, store_scalar
 
 
 @functools.cache

@@ -16,8 +16,8 @@ import math
 
 from numba import cuda, float32
 
-from kernels._arrays import as_device, launch
-from kernels._device import SIM, bits_dtype, load_scalar, make_block_reduce, store_scalar
+from pagemem.kernels._arrays import as_device, launch
+from pagemem.kernels._device import SIM, bits_dtype, load_scalar, make_block_reduce, store_scalar
 
 NORM_THREADS = 256
 POINT_THREADS = 128

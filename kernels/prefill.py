@@ -13,11 +13,11 @@ import contextlib
 
 import numpy as np
 
-from kernels._arrays import as_device, launch
-from kernels._checks import AttnDims
-from kernels._device import bits_dtype, dtype_kind
-from kernels.gemm import matmul
-from kernels.prefill_kernels import (REG_WORDS, make_gather_kv_kernel, make_gather_q_kernel,
+from pagemem.kernels._arrays import as_device, launch
+from pagemem.kernels._checks import AttnDims
+from pagemem.kernels._device import bits_dtype, dtype_kind
+from pagemem.kernels.gemm import matmul
+from pagemem.kernels.prefill_kernels import (REG_WORDS, make_gather_kv_kernel, make_gather_q_kernel,
                                      make_gather_q_words_kernel, make_prefill_softmax_kernel,
                                      make_prefill_softmax_regs_kernel, make_scatter_out_kernel,
                                      make_scatter_out_words_kernel)
@@ -49,7 +49,7 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
     if xp is not np:
         stream = stream or xp.cuda.get_current_stream()
         if path != "gemm":
-            from kernels import prefill_flash
+            from pagemem.kernels import prefill_flash
             w = tiling or prefill_flash.TILING
             # the kernel takes row maxima before scaling: a positive scale keeps them maxima
             if scale > 0 and prefill_flash.supports(q, k_cache, v_cache, out, dims, w):

@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kernels._checks import AttnDims
-from kernels._device import BF16, F16
+from pagemem.kernels._checks import AttnDims
+from pagemem.kernels._device import BF16, F16
 
 HEAD_DIMS = (64, 80, 96, 112, 128)
 MIN_CC = 80                    # mma.sync bf16 and cvt.rn.{b}f16x2.f32 need sm_80

@@ -16,7 +16,7 @@ import math
 
 from numba import cuda, float32, uint64
 
-from kernels._device import (ELEMS_PER_WORD, F32, f32_to_bits, load_scalar, make_block_reduce, store_scalar,
+from pagemem.kernels._device import (ELEMS_PER_WORD, F32, f32_to_bits, load_scalar, make_block_reduce, store_scalar,
                              unpack)
 
 

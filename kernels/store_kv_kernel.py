@@ -6,7 +6,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from kernels._arrays import as_device, launch
+from pagemem.kernels._arrays import as_device, launch
 
 THREADS = 256
 
@@ -60,7 +60,7 @@ def store_kv_cuda(k, v, k_cache, v_cache, slot_mapping, stream) -> None:
 def check_store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] in the cache dtype, last axis contiguous;
     slot_mapping: [num_tokens] int32."""
-    from kernels._checks import check_cache, check_int_array
+    from pagemem.kernels._checks import check_cache, check_int_array
     check_cache(k_cache, v_cache)
     for name, x in (("k", k), ("v", v)):
         if np.dtype(x.dtype) != np.dtype(k_cache.dtype):

@@ -1,19 +1,19 @@
 """models: Hugging Face checkpoints (Llama, Qwen2, Mistral, GPT-2) run over the page pool.
 
 This package owns the model side of inference: parsing config.json (``ModelConfig``), loading
-safetensors weights onto the device (``models.weights``), the NumPy/CuPy forward pass whose
-attention reads and writes K/V through ``kernels`` over a ``pagemem`` pool
-(``models.transformer``), sampling (``SamplingParams``), tokenizers, random-weight presets
+safetensors weights onto the device (``pagemem.models.weights``), the NumPy/CuPy forward pass whose
+attention reads and writes K/V through ``pagemem.kernels`` over a ``pagemem`` pool
+(``pagemem.models.transformer``), sampling (``SamplingParams``), tokenizers, random-weight presets
 (``random:<preset>``), a simple prefill-then-decode ``generate`` loop, and ``LLM``, the
-continuous-batching engine over pagemem's Scheduler (``models.engine``) with its CLI.
+continuous-batching engine over pagemem's Scheduler (``pagemem.models.engine``) with its CLI.
 The forward pass holds no pages: whoever calls ``Model.forward`` owns the pool and the
 PagedBatch (an ``LLM`` owns its pool, host swap and prefix cache).
 """
-from models.config import ModelConfig
-from models.engine import LLM, RequestOutput
-from models.generate import generate
-from models.model import Model, load_model
-from models.presets import PRESETS
-from models.sampling import SamplingParams
+from pagemem.models.config import ModelConfig
+from pagemem.models.engine import LLM, RequestOutput
+from pagemem.models.generate import generate
+from pagemem.models.model import Model, load_model
+from pagemem.models.presets import PRESETS
+from pagemem.models.sampling import SamplingParams
 
 __all__ = ["ModelConfig", "Model", "load_model", "SamplingParams", "generate", "PRESETS", "LLM", "RequestOutput"]

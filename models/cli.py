@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.summary import format_summary, plot_timeline, summarize
+from pagemem.models.summary import format_summary, plot_timeline, summarize
 
 DEFAULT_MODEL = "random:tiny"
 DEMO_NUM_PAGES = 48   # default pool for the tiny model: about a quarter of the workload's peak need
@@ -85,8 +85,8 @@ def make_workload(args, vocab_size: int, reserved: int) -> tuple[list[list[int]]
 
 
 def run(args) -> dict:
-    from models.engine import LLM
-    from models.sampling import SamplingParams
+    from pagemem.models.engine import LLM
+    from pagemem.models.sampling import SamplingParams
 
     if not 0 <= args.range_ratio < 1:
         raise ValueError(f"--range-ratio must be in [0, 1), got {args.range_ratio}")

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from models.cublas_graph import CapturableGemm
+from pagemem.models.cublas_graph import CapturableGemm
 from pagemem import PagedBatch, PagePool, SeqPages, slot
 from pagemem.page_table import fill_page_tables
 

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from models.model import Model, load_model
-from models.sampling import SamplingParams, make_rng, sample, stop_reason
+from pagemem.models.model import Model, load_model
+from pagemem.models.sampling import SamplingParams, make_rng, sample, stop_reason
 from pagemem import PagePool, PoolConfig, pack_batch
 from pagemem.prefix_cache import PrefixCache
 from pagemem.scheduler import Request, Scheduler, Status
@@ -108,7 +108,7 @@ class LLM:
             import cupy as cp
             self.stream = cp.cuda.Stream(non_blocking=True)
             if cuda_graph:
-                from models.cuda_graph import DecodeGraphs
+                from pagemem.models.cuda_graph import DecodeGraphs
                 self.graphs = DecodeGraphs(self.model, self.pool, self.stream, max_num_seqs)
         self.scheduler = Scheduler(self.pool, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, preemption=preemption,
@@ -134,8 +134,8 @@ class LLM:
         capture the decode CUDA graphs, so no request pays for a compile. No-op on the CPU."""
         if self.model.device != "cuda":
             return
-        import kernels
-        from kernels.prefill import prefill_key_classes
+        from pagemem import kernels
+        from pagemem.kernels.prefill import prefill_key_classes
         pool_tokens = (self.pool.num_pages - 1) * self.pool.page_size
         limit = min(max_context_len, self.model.config.max_position_embeddings, pool_tokens) - 2
         if kernels.prefill_is_fused(self.pool.layer_kv(0)[0]):

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from models.model import Model
-from models.sampling import SamplingParams, make_rng, sample, stop_reason
+from pagemem.models.model import Model
+from pagemem.models.sampling import SamplingParams, make_rng, sample, stop_reason
 from pagemem import PagePool, SeqPages, pack_batch
 
 GREEDY = SamplingParams(temperature=0.0)

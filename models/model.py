@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.presets import preset_config, random_weights
-from models.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
-from models.transformer import forward, fuse_projections, matmul_t, rope_buffer
-from models.weights import load_weights
+from pagemem.models.config import ModelConfig
+from pagemem.models.presets import preset_config, random_weights
+from pagemem.models.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from pagemem.models.transformer import forward, fuse_projections, matmul_t, rope_buffer
+from pagemem.models.weights import load_weights
 from pagemem import PagedBatch, PagePool, PoolConfig
 from pagemem.backend import array_module, resolve_device, to_dtype
 

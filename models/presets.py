@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.weights import tensor_specs
+from pagemem.models.config import ModelConfig
+from pagemem.models.weights import tensor_specs
 
 Array = Any
 _CHUNK_VALUES = 1 << 24   # float32 scratch per draw: 64 MiB

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-import kernels
-from models.config import ModelConfig, rope_inv_freq
+from pagemem import kernels
+from pagemem.models.config import ModelConfig, rope_inv_freq
 from pagemem import PagedBatch, PagePool
 from pagemem.backend import module_of
 

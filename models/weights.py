@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from models.config import ModelConfig
+from pagemem.models.config import ModelConfig
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 _ST_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}

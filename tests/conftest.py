@@ -8,10 +8,15 @@ prints the ``@reproduce_failure`` blob to pin it down, and each one found become
 regression test."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 from hypothesis import settings
+
+if importlib.util.find_spec("pagemem.kernels") is None:   # the folders are importable only once installed
+    raise pytest.UsageError("pagemem.kernels is not importable: install the project first, "
+                            "`pip install -e \".[test]\"` (or `pip install --no-deps --no-build-isolation -e .`)")
 
 from pagemem.backend import cuda_unavailable_reason
 

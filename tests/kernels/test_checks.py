@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from kernel_cases import make_paged, queries, query_start_loc
 
-import kernels
+from pagemem import kernels
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_store_kv_rejects(rng):
 def test_split_rule_fills_one_wave():
     """Few long sequences split until the grid fits the SMs once (2 resident blocks of 256
     threads each on 132 SMs: 264 slots); a full grid or a short span never splits."""
-    from kernels.decode import split_rule
+    from pagemem.kernels.decode import split_rule
     assert split_rule(64, 8192, 16, 132) == (4, 2048)       # 8 seqs x 8 KV heads -> 256 blocks
     assert split_rule(8, 32768, 16, 132) == (33, 1008)      # 1 seq -> 264 blocks
     assert split_rule(8, 32768, 16, 132, resident=4) == (64, 512)  # 66 wanted; whole 512-token parts
@@ -89,8 +89,8 @@ def test_split_rule_fills_one_wave():
 def test_prefill_paths_on_numpy(rng):
     """NumPy arrays have no fused kernel: path='flash' names why, path='gemm' runs the cuBLAS
     route's kernels (simulator) and an unknown path is refused; none writes ``out`` first."""
-    from kernels._checks import check_attention
-    from kernels.prefill import paged_prefill_cuda
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.prefill import paged_prefill_cuda
     p = make_paged(rng, [5], page_size=4)
     q = queries(rng, 5, 4, 16, np.float16)
     qsl = query_start_loc([5])
@@ -107,7 +107,7 @@ def test_prefill_paths_on_numpy(rng):
 def test_flash_tiling_sizes():
     """The default block: 128 rows, shared memory within an H100's (and an A100's) opt-in
     limit, and the defines the source is compiled with."""
-    from kernels.prefill_flash import TILING, Tiling, smem_bytes, source
+    from pagemem.kernels.prefill_flash import TILING, Tiling, smem_bytes, source
     assert TILING.block_m == 128
     assert smem_bytes(128, TILING) == (128 + 4 * 64) * 136 * 2 <= 163 * 1024
     assert smem_bytes(64, Tiling(stages=3)) == (64 + 6 * 64) * 72 * 2

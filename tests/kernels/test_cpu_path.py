@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from kernel_cases import DTYPES, assert_close, make_paged, queries, query_start_loc
 
-import kernels
-from kernels.reference import ref_paged_decode, ref_paged_prefill
+from pagemem import kernels
+from pagemem.kernels.reference import ref_paged_decode, ref_paged_prefill
 
 EDGE_LENS = [1, 3, 4, 5, 23]   # page_size 4: 1, page_size - 1, page_size, page_size + 1, longer
 

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from kernel_cases import ATOL, DTYPES, assert_close, make_paged, queries, query_start_loc
 
-from kernels._checks import check_attention
-from kernels._device import SIM
-from kernels.reference import ref_paged_decode, ref_paged_prefill
+from pagemem.kernels._checks import check_attention
+from pagemem.kernels._device import SIM
+from pagemem.kernels.reference import ref_paged_decode, ref_paged_prefill
 
 pytestmark = pytest.mark.skipif(not SIM, reason="simulator tests (a CUDA device runs test_gpu.py)")
 LENS = [1, 3, 4, 5, 23]   # page_size 4: 1, page_size - 1, page_size, page_size + 1, longer
 
 
 def _decode(p, q, scale=0.5, window=0, **tuning):
-    from kernels.decode import paged_decode_cuda
+    from pagemem.kernels.decode import paged_decode_cuda
     out = np.full(q.shape, np.nan, q.dtype)
     dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, q.shape[0])
     paged_decode_cuda(q, p.k, p.v, p.page_tables, p.context_lens, scale, out, None, window, dims,
@@ -46,7 +46,7 @@ def test_decode_v2_gqa_ratios(rng, num_q_heads, num_kv_heads, lanes):
 
 def test_decode_v2_window_with_split_and_page_chunks(rng, monkeypatch):
     """A sliding window over split partitions, with page ids staged two at a time."""
-    import kernels.paged_attention as pa
+    import pagemem.kernels.paged_attention as pa
     monkeypatch.setattr(pa, "PAGES_CHUNK", 2)   # read at factory time: a fresh kernel
     pa.make_paged_decode_kernel.cache_clear()
     p = make_paged(rng, [23, 9], head_dim=16)
@@ -60,7 +60,7 @@ def test_decode_v2_window_with_split_and_page_chunks(rng, monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
 def test_decode_v1(rng, dtype):
     """The naive baseline kernel equals the reference too (it is the bench's yardstick)."""
-    from kernels.paged_decode_v1 import paged_decode_v1
+    from pagemem.kernels.paged_decode_v1 import paged_decode_v1
     p = make_paged(rng, [1, 5, 9], dtype=dtype)
     q = queries(rng, 3, 4, 16, dtype)
     out = paged_decode_v1(q, p.k, p.v, p.page_tables, p.context_lens, 0.5, np.empty_like(q), window=4)
@@ -69,7 +69,7 @@ def test_decode_v1(rng, dtype):
 
 def test_store_kv_kernel(rng):
     """The copy kernel writes the given slots bit for bit and skips NULL_PAGE slots."""
-    from kernels.store_kv_kernel import store_kv_cuda
+    from pagemem.kernels.store_kv_kernel import store_kv_cuda
     p = make_paged(rng, [8], dtype=np.float16)
     want = p.kv.copy()
     k = rng.standard_normal((3, 2, 16)).astype(np.float16)
@@ -86,7 +86,7 @@ def test_store_kv_kernel(rng):
 def test_prefill_kernels(rng, dtype, window, softmax_regs):
     """Gather, softmax and scatter kernels around the GEMMs equal the reference prefill, with the
     one-read softmax (rows in registers, several words per thread) and with the three-pass one."""
-    from kernels.prefill import paged_prefill_cuda
+    from pagemem.kernels.prefill import paged_prefill_cuda
     p = make_paged(rng, [5, 9], dtype=dtype)
     qsl = query_start_loc([2, 9])
     q = queries(rng, 11, 4, 16, dtype)
@@ -94,7 +94,7 @@ def test_prefill_kernels(rng, dtype, window, softmax_regs):
     dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, 2)
     paged_prefill_cuda(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, out, None, window or 0, dims, 9,
                        threads=32, softmax_threads=2, softmax_regs=softmax_regs)
-    from kernels.prefill import _softmax_plan
+    from pagemem.kernels.prefill import _softmax_plan
     plan = _softmax_plan(p.page_tables.shape[1] * 4 * np.dtype(dtype).itemsize, 2)
     assert plan is not None and plan[1] > 1          # the one-read kernel, more than one word a thread
     ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, 0.5, window)
@@ -106,7 +106,7 @@ def test_prefill_kernels(rng, dtype, window, softmax_regs):
 def test_prefill_kernels_mixed_dtypes(rng):
     """float32 queries and output over an fp16 cache take the per-element gather and scatter
     (the same-dtype case moves uint64 words)."""
-    from kernels.prefill import paged_prefill_cuda
+    from pagemem.kernels.prefill import paged_prefill_cuda
     p = make_paged(rng, [6, 3], dtype=np.float16)
     qsl = query_start_loc([4, 2])
     q = queries(rng, 6, 4, 16, np.float32)

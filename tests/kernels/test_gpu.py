@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from kernel_cases import ATOL, DTYPES, assert_close, make_paged, queries, query_start_loc
 
-import kernels
-from kernels.reference import ref_paged_decode, ref_paged_prefill
+from pagemem import kernels
+from pagemem.kernels.reference import ref_paged_decode, ref_paged_prefill
 
 pytestmark = pytest.mark.gpu
 
@@ -48,8 +48,8 @@ def test_decode_gqa_and_pages(rng, page_size, num_q_heads, num_kv_heads):
 @pytest.mark.parametrize("num_partitions", [None, 1, 3, 64])
 def test_decode_split_k(rng, num_partitions):
     """Few long sequences go through split-K (the rule, and forced counts) with the same result."""
-    from kernels._checks import check_attention
-    from kernels.decode import paged_decode_cuda
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.decode import paged_decode_cuda
     p = make_paged(rng, [5000, 20000, 1], num_kv_heads=2, head_dim=128, page_size=16)
     q = queries(rng, 3, 8, 128, np.float16)
     args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
@@ -69,8 +69,8 @@ TUNINGS = [dict(heads_major=False), dict(heads_major=True), dict(tokens_per_grou
 def test_decode_tunings(rng, tuning, head_dim, page_size, num_partitions):
     """Launch settings the bench sweeps (grid order, lanes, tokens per group, threads, register
     cap) give the reference result, split or not, with NULL_PAGE-padded page tables."""
-    from kernels._checks import check_attention
-    from kernels.decode import paged_decode_cuda
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.decode import paged_decode_cuda
     p = make_paged(rng, [1, 15, 17, 300, 700], num_kv_heads=2, head_dim=head_dim, page_size=page_size, pad_pages=5)
     q = queries(rng, 5, 8, head_dim, np.float16)
     args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
@@ -101,8 +101,8 @@ def _flash(rng, dtype, ctx, qlens, num_q_heads=8, num_kv_heads=2, head_dim=128, 
     """The fused kernel (path='flash') on NaN-filled outputs against the reference; q optionally a
     view into a wider [tokens, (q + k + v heads) * head_dim] projection, as a model produces it."""
     import cupy as cp
-    from kernels._checks import check_attention
-    from kernels.prefill import paged_prefill_cuda
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.prefill import paged_prefill_cuda
     p = make_paged(rng, ctx, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, dtype=dtype,
                    pad_pages=3)
     qsl = query_start_loc(qlens)
@@ -141,7 +141,7 @@ def test_prefill_flash_head_dims(rng, dtype, head_dim):
 def test_prefill_flash_gqa_pages_window(rng, pack, page_size, num_q_heads, num_kv_heads):
     """GQA 1/4/7/8 and MQA (8 and 32 heads) at page sizes 8, 16, 32, with a sliding window, q a
     strided view; packed, GQA 7 leaves 2 of a block's 128 rows unused (18 tokens x 7 heads)."""
-    from kernels.prefill_flash import Tiling
+    from pagemem.kernels.prefill_flash import Tiling
     _flash(rng, np.float16, FLASH_CTX, FLASH_QLENS, num_q_heads, num_kv_heads, page_size=page_size,
            window=100, strided_q=True, tiling=Tiling(pack=pack))
 
@@ -159,14 +159,14 @@ def test_prefill_flash_tilings_and_windows(rng, tiling, window):
     """Block shapes the bench sweeps (warps, 16-row tiles a warp, keys a tile, Q in registers or
     shared memory, a KV head's query group packed into a block's rows, sub-tiles) and windows from
     one key to wider than a tile; bf16, head_dim 96 and 128."""
-    from kernels.prefill_flash import Tiling
+    from pagemem.kernels.prefill_flash import Tiling
     for head_dim in (96, 128):
         _flash(rng, DTYPES[1], FLASH_CTX, FLASH_QLENS, head_dim=head_dim, tiling=Tiling(*tiling), window=window)
 
 
 def test_prefill_flash_group_wider_than_a_block(rng):
     """A packed tiling whose block holds fewer rows than a query group runs unpacked."""
-    from kernels.prefill_flash import Tiling
+    from pagemem.kernels.prefill_flash import Tiling
     _flash(rng, np.float16, [70, 5], [70, 5], num_q_heads=64, num_kv_heads=1, tiling=Tiling(2, 1, 32, True, 1, True))
 
 
@@ -174,8 +174,8 @@ def test_prefill_flash_refuses_what_it_cannot_run(rng):
     """path='flash' names what it needs (fp16/bf16, head_dim up to 128, a positive scale);
     path='auto' takes the cuBLAS route for those calls."""
     import cupy as cp
-    from kernels._checks import check_attention
-    from kernels.prefill import paged_prefill_cuda
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.prefill import paged_prefill_cuda
     for dtype, head_dim, scale in ((np.float32, 128, 0.1), (np.float16, 256, 0.1), (np.float16, 64, -0.1)):
         p = make_paged(rng, [40], head_dim=head_dim, page_size=16, dtype=dtype)
         q = queries(rng, 40, 4, head_dim, dtype)
@@ -195,8 +195,8 @@ def test_prefill_flash_refuses_what_it_cannot_run(rng):
 def test_prefill_every_softmax_class(rng, dtype, context_len, softmax_regs):
     """Score rows of every one-read class (up to 8192 fp16 / 4096 fp32 keys), rows past them
     (the three-pass kernel the launcher falls back to), and the three-pass kernel forced."""
-    from kernels._checks import check_attention
-    from kernels.prefill import _softmax_plan, paged_prefill_cuda
+    from pagemem.kernels._checks import check_attention
+    from pagemem.kernels.prefill import _softmax_plan, paged_prefill_cuda
     ctx, qlens = [context_len, context_len // 3], [8, 5]
     p = make_paged(rng, ctx, num_kv_heads=2, head_dim=64, page_size=16, dtype=dtype)
     qsl = query_start_loc(qlens)

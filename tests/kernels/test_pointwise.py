@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from kernel_cases import DTYPES
 
-import kernels
-from kernels._device import SIM, dtype_kind
-from kernels.reference import ref_rms_norm, ref_rope, ref_silu_mul
+from pagemem import kernels
+from pagemem.kernels._device import SIM, dtype_kind
+from pagemem.kernels.reference import ref_rms_norm, ref_rope, ref_silu_mul
 
 # (rtol, atol) against float64: about four roundings of O(1) values in the dtype.
 TOL = {np.dtype(np.float16): (4e-3, 4e-3), DTYPES[1]: (3e-2, 3e-2), np.dtype(np.float32): (2e-5, 2e-5)}
@@ -83,7 +83,7 @@ def test_pointwise_argument_errors(rng):
 # ---- the CUDA kernels -----------------------------------------------------------------------
 def _run_kernels(xp, x, res, w, q, positions, inv_freq, gate_up, threads=None):
     """Each kernel's output on ``xp`` arrays (NumPy: the simulator), as NumPy."""
-    from kernels.pointwise import rms_norm_cuda, rope_cuda, silu_mul_cuda
+    from pagemem.kernels.pointwise import rms_norm_cuda, rope_cuda, silu_mul_cuda
     get = (lambda a: a) if xp is np else (lambda a: a.get())
     kind = dtype_kind(x.dtype, "x")
     tune = {} if threads is None else {"threads": threads}

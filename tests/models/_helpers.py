@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models import Model
+from pagemem.models import Model
 from pagemem import PagePool, SeqPages, pack_batch
 from pagemem.backend import to_host
 

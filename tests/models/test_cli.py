@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from models.cli import main
+from pagemem.models.cli import main
 
 SUMMARY_KEYS = {
     "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
@@ -18,7 +18,7 @@ SUMMARY_KEYS = {
 
 
 def test_run_with_no_flags_shows_the_pool_at_work():
-    proc = subprocess.run([sys.executable, "-m", "models.cli", "run"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "pagemem.models.cli", "run"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "output tokens/s" in proc.stdout and "preemptions" in proc.stdout
     assert "requests: 100%" in proc.stderr            # the progress bar
@@ -70,5 +70,5 @@ def test_bad_input_is_a_message_and_exit_2(capsys, argv, message):
 
 @pytest.mark.parametrize("flag", ["--input-len=0", "--output-len=-3", "--num-prompts=0", "--page-size=x"])
 def test_non_positive_lengths_rejected_by_the_parser(flag):
-    proc = subprocess.run([sys.executable, "-m", "models.cli", "run", flag], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pagemem.models.cli", "run", flag], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error" in proc.stderr

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import SamplingParams, generate, load_model
-from models.engine import LLM
+from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models.engine import LLM
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -113,7 +113,7 @@ def test_ttft_and_tpot_follow_the_schedule(tiny, prompts):
 
 
 def test_summary_reports_each_run_alone(tiny, prompts):
-    from models.summary import summarize
+    from pagemem.models.summary import summarize
     llm = LLM(tiny, num_pages=17, preemption="swap", swap_space=0.01, max_num_batched_tokens=64)
     first = summarize(llm, llm.generate(prompts, GREEDY))
     second = summarize(llm, llm.generate(prompts, GREEDY))
@@ -124,7 +124,7 @@ def test_summary_reports_each_run_alone(tiny, prompts):
 
 
 def test_warmup_is_a_no_op_on_the_cpu():
-    from models.engine import LLM
+    from pagemem.models.engine import LLM
     llm = LLM("random:tiny", device="cpu", num_pages=64, swap_space=0)
     llm.warmup(128)
     assert llm.stats.steps == [] and llm.pool.stats().num_used == 0

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from models import SamplingParams, generate, load_model
-from models.engine import LLM
+from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models.engine import LLM
 from pagemem import pack_batch
 from pagemem.scheduler import Status
 

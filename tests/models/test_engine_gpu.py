@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import SamplingParams, generate, load_model
-from models.engine import LLM
+from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models.engine import LLM
 
 pytestmark = pytest.mark.gpu
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -63,7 +63,7 @@ def test_warmup_compiles_then_serves_the_same_tokens(setup):
 @pytest.mark.parametrize("w_layout", ["C", "F"])
 def test_capturable_gemm_matches_cupy(dtype, w_layout):
     import cupy as cp
-    from models.cublas_graph import CapturableGemm
+    from pagemem.models.cublas_graph import CapturableGemm
     stream = cp.cuda.Stream(non_blocking=True)
     gemm = CapturableGemm(stream)
     x = cp.random.standard_normal((37, 96), dtype=cp.float32).astype(dtype)

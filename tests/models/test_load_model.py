@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import Model, load_model
-from models.tokenizer import ByteTokenizer
+from pagemem.models import Model, load_model
+from pagemem.models.tokenizer import ByteTokenizer
 
 
 def test_model_fields_and_pool_config(hf_checkpoints):

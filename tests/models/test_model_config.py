@@ -7,8 +7,8 @@ import math
 import pytest
 
 from hf_models import ARCHS, hf_config
-from models import ModelConfig
-from models.config import RopeScaling, rope_inv_freq
+from pagemem.models import ModelConfig
+from pagemem.models.config import RopeScaling, rope_inv_freq
 
 LLAMA_4X = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192,

@@ -7,7 +7,7 @@ import torch
 
 from _helpers import prefill_logits, scale_error
 from hf_models import ARCHS
-from models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, generate, load_model
 from pagemem.backend import to_host
 
 pytestmark = pytest.mark.gpu
@@ -64,8 +64,8 @@ def test_fused_prefill_in_a_model_matches_transformers(tmp_path):
     import cupy as cp
     import transformers as tf
 
-    import kernels
-    from models import LLM
+    from pagemem import kernels
+    from pagemem.models import LLM
     cfg = tf.Qwen2Config(vocab_size=300, hidden_size=896, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=14, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
                          pad_token_id=None, initializer_range=0.05, tie_word_embeddings=False,

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from _helpers import prefill_logits, scale_error, scrambled_pool
 from hf_models import ARCHS
-from models import load_model
+from pagemem.models import load_model
 from pagemem import SeqPages, pack_batch
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11, 12, 13, 14]   # longer than Mistral's window of 8
@@ -123,7 +123,7 @@ def test_prefill_groups_written_out():
     """Decode row 0 is never grouped; with a per-group cost of 10k the two short prompts share a
     call and the two long ones go alone: 2*12*16 + 500*512 + 520*528 + 3*10k = 560,944, less than
     any other cut (one group: 4*520*528 + 10k = 1,108,240; four: 570,912)."""
-    from models.transformer import prefill_groups
+    from pagemem.models.transformer import prefill_groups
     batch = _lens_batch([1, 10, 12, 500, 520], [40, 10, 12, 500, 520])
     assert prefill_groups(batch, 16, penalty=10_000) == [(1, 3), (3, 4), (4, 5)]
     assert prefill_groups(batch, 16, penalty=10**9) == [(1, 5)]
@@ -135,7 +135,7 @@ def test_prefill_groups_written_out():
 def test_prefill_groups_are_optimal(lens, penalty):
     """The dynamic programme's cost equals the best of every way to cut the rows."""
     import itertools
-    from models.transformer import prefill_groups
+    from pagemem.models.transformer import prefill_groups
     batch = _lens_batch(lens, lens, page_size=8)
 
     def cost(groups):
@@ -150,7 +150,7 @@ def test_prefill_groups_are_optimal(lens, penalty):
 
 def test_prefill_groups_give_the_same_logits(hf_checkpoints, monkeypatch):
     """Prefill rows split into one call each (no per-group cost) get their solo logits."""
-    import models.transformer as tf
+    import pagemem.models.transformer as tf
     monkeypatch.setattr(tf, "GROUP_PENALTY", 0)
     model = load_model(hf_checkpoints["llama"][0], device="cpu")
     prompts = [PROMPT[:3], PROMPT[:9], PROMPT]

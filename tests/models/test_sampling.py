@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from models import SamplingParams
-from models.sampling import filter_probs, make_rng, sample, stop_reason
+from pagemem.models import SamplingParams
+from pagemem.models.sampling import filter_probs, make_rng, sample, stop_reason
 
 LOGITS = np.log(np.asarray([0.05, 0.4, 0.1, 0.3, 0.15], dtype=np.float32))   # probs, at temperature 1
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from models import PRESETS, SamplingParams, generate, load_model
-from models.presets import preset_config, random_weights
-from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from models.weights import tensor_specs
+from pagemem.models import PRESETS, SamplingParams, generate, load_model
+from pagemem.models.presets import preset_config, random_weights
+from pagemem.models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from pagemem.models.weights import tensor_specs
 
 # parameter counts of the real models (embeddings counted once when tied)
 PARAMS = {"llama-3.2-1b": 1.236e9, "llama-3-8b": 8.030e9, "mistral-7b": 7.242e9,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from models import ModelConfig, load_model
-from models.weights import load_weights, read_header, read_tensor
+from pagemem.models import ModelConfig, load_model
+from pagemem.models.weights import load_weights, read_header, read_tensor
 
 
 def _copy(hf_checkpoints, arch, tmp_path):
