@@ -31,38 +31,47 @@ def _positive(kind):
     return parse
 
 
+# Subcommands other than ``run``: module -> its ``add_parser(subparsers)``, which registers the
+# command and sets ``func`` (a callable of the parsed args) as the parser's default.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagemem", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="serve a synthetic workload and summarize the pool's work")
-    run.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or random:<preset> (default: %(default)s)")
-    run.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--page-size", type=_positive(int), default=16)
-    pool = run.add_mutually_exclusive_group()
+    cmd = sub.add_parser("run", help="serve a synthetic workload and summarize the pool's work")
+    cmd.set_defaults(func=run)
+    cmd.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or random:<preset> (default: %(default)s)")
+    cmd.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    cmd.add_argument("--page-size", type=_positive(int), default=16)
+    pool = cmd.add_mutually_exclusive_group()
     pool.add_argument("--num-pages", type=_positive(int), default=None,
                       help=f"pool pages (default: {DEMO_NUM_PAGES} for the tiny model, else from memory)")
     pool.add_argument("--gpu-memory-utilization", type=_positive(float), default=None)
-    run.add_argument("--swap-space", type=float, default=1.0, help="GiB of host memory for swapped pages")
-    run.add_argument("--max-num-seqs", type=_positive(int), default=256)
-    run.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048)
-    run.add_argument("--admit-batch", type=_positive(int), default=1,
+    cmd.add_argument("--swap-space", type=float, default=1.0, help="GiB of host memory for swapped pages")
+    cmd.add_argument("--max-num-seqs", type=_positive(int), default=256)
+    cmd.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048)
+    cmd.add_argument("--admit-batch", type=_positive(int), default=1,
                      help="while requests run, admit new ones only when this many slots are free")
-    run.add_argument("--preemption", choices=["swap", "recompute", "auto"], default="swap")
-    run.add_argument("--eviction", choices=["lru", "fifo", "priority"], default="lru")
-    run.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+    cmd.add_argument("--preemption", choices=["swap", "recompute", "auto"], default="swap")
+    cmd.add_argument("--eviction", choices=["lru", "fifo", "priority"], default="lru")
+    cmd.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                      help="default: on for --dataset prefix-repetition")
-    run.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+    cmd.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="queue the next step before the sampled ids reach the host (default: on)")
-    run.add_argument("--num-prompts", type=_positive(int), default=128)
-    run.add_argument("--input-len", type=_positive(int), default=96)
-    run.add_argument("--output-len", type=_positive(int), default=64)
-    run.add_argument("--range-ratio", type=float, default=0.5, help="lengths drawn from len*(1-r) .. len*(1+r)")
-    run.add_argument("--dataset", choices=["random", "prefix-repetition"], default="random")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--json", type=Path, default=None, help="write every summary figure here")
-    run.add_argument("--plot", type=Path, default=None, help="PNG of pool occupancy and swap traffic")
-    run.add_argument("--no-progress", action="store_true")
+    cmd.add_argument("--num-prompts", type=_positive(int), default=128)
+    cmd.add_argument("--input-len", type=_positive(int), default=96)
+    cmd.add_argument("--output-len", type=_positive(int), default=64)
+    cmd.add_argument("--range-ratio", type=float, default=0.5, help="lengths drawn from len*(1-r) .. len*(1+r)")
+    cmd.add_argument("--dataset", choices=["random", "prefix-repetition"], default="random")
+    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--json", type=Path, default=None, help="write every summary figure here")
+    cmd.add_argument("--plot", type=Path, default=None, help="PNG of pool occupancy and swap traffic")
+    cmd.add_argument("--no-progress", action="store_true")
+    import importlib
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -116,7 +125,7 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        args.func(args)
     except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError) as e:
         if os.environ.get("PAGEMEM_DEBUG"):
             raise

@@ -215,6 +215,13 @@ class LLM:
         self.stats.end_t = time.perf_counter()
         return [self._output(r) for r in reqs]
 
+    def chat(self, messages, params: SamplingParams | Sequence[SamplingParams] | None = None, **kwargs) -> list[RequestOutput]:
+        """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to each of a
+        list of conversations, rendered through the model's chat template; outputs in order.
+        See ``pagemem.models.chat.chat`` for the keyword arguments."""
+        from pagemem.models.chat import chat
+        return chat(self, messages, params, **kwargs)
+
     # ---- one step -----------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
         """Requests queued, running or swapped, or a step whose tokens have not come back yet."""
