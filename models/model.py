@@ -56,7 +56,8 @@ class Model:
 
 def load_model(path_or_random: str | Path, dtype: str | None = None, device: str = "auto",
                seed: int = 0) -> Model:
-    """Load a Hugging Face checkpoint folder, or ``random:<preset>`` weights drawn from ``seed``.
+    """Load a Hugging Face checkpoint folder, a GGUF file (``*.gguf``), or ``random:<preset>``
+    weights drawn from ``seed``.
 
     ``dtype`` defaults to float32 on the CPU and float16 on CUDA.
     """
@@ -69,13 +70,21 @@ def load_model(path_or_random: str | Path, dtype: str | None = None, device: str
         weights = random_weights(config, dtype, xp, seed)
         tokenizer: Tokenizer = ByteTokenizer(config.vocab_size)
     else:
-        path = Path(path_or_random)
-        if not path.is_dir():
-            raise FileNotFoundError(f"path_or_random: {path} is not a folder (nor 'random:<preset>')")
-        config = ModelConfig.from_hf(path)
-        weights = load_weights(path, config, dtype, xp)
-        tokenizer = load_tokenizer(path, config.vocab_size, config.bos_token_id, config.eos_token_ids)
+        config, weights, tokenizer = _load_checkpoint(Path(path_or_random), dtype, xp)
     fuse_projections(config, weights)
-    if not config.is_gpt2:
+    if not config.is_gpt2 and "rope.inv_freq" not in weights:   # a GGUF may bring its own (Llama 3)
         weights["rope.inv_freq"] = rope_buffer(config, xp)
     return Model(config, weights, tokenizer, device, dtype, name)
+
+
+def _load_checkpoint(path: Path, dtype: np.dtype, xp) -> tuple[ModelConfig, dict[str, Array], Tokenizer]:
+    """(config, weights, tokenizer) of a checkpoint folder or a GGUF file."""
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from pagemem.models.gguf import load_gguf
+        return load_gguf(path, dtype, xp)
+    if not path.is_dir():
+        raise FileNotFoundError(f"path_or_random: {path} is not a folder, nor a .gguf file "
+                                f"(nor 'random:<preset>')")
+    config = ModelConfig.from_hf(path)
+    weights = load_weights(path, config, dtype, xp)
+    return config, weights, load_tokenizer(path, config.vocab_size, config.bos_token_id, config.eos_token_ids)
