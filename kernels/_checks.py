@@ -86,6 +86,34 @@ def check_attention(q, k_cache, v_cache, page_tables, context_lens, out, num_seq
                     q.shape[1] // num_kv_heads, cache_kind, q_kind)
 
 
+def check_host_lens(page_tables_shape: tuple[int, int], page_size: int, context_lens: np.ndarray,
+                    query_start_loc: np.ndarray | None = None, num_tokens: int | None = None) -> None:
+    """The per-sequence lengths a kernel's docs require, checked on host (NumPy) values: every
+    ``context_lens[s]`` (>= 1) fits the ``page_tables_shape = (num_seqs, max_pages)`` table,
+    and for prefill ``query_start_loc`` ([num_seqs + 1]) starts at 0, ends at ``num_tokens`` and
+    gives each sequence 1..context_len new tokens. ValueError naming the argument and the first
+    bad sequence; O(num_seqs) vectorized. A GPU launcher (or its plan) calls it on the host copies
+    a batch carries (``PagedBatch.host_context_lens``), never on device arrays."""
+    ctx = np.asarray(context_lens).astype(np.int64, copy=False)         # [num_seqs]
+    max_tokens = int(page_tables_shape[1]) * int(page_size)
+    bad = np.flatnonzero((ctx < 1) | (ctx > max_tokens))
+    if bad.size:
+        s = int(bad[0])
+        raise ValueError(f"context_lens: seq {s} has context_len {int(ctx[s])}; each must be in "
+                         f"1..{max_tokens} ({page_tables_shape[1]} pages of {page_size} in page_tables)")
+    if query_start_loc is None:
+        return
+    qsl = np.asarray(query_start_loc).astype(np.int64, copy=False)     # [num_seqs + 1]
+    if qsl[0] != 0 or (num_tokens is not None and qsl[-1] != num_tokens):
+        raise ValueError(f"query_start_loc: must run from 0 to num_tokens={num_tokens} (every query "
+                         f"row written once), got {int(qsl[0])} .. {int(qsl[-1])}")
+    q = np.diff(qsl)                                                     # [num_seqs] new tokens
+    bad = np.flatnonzero((q < 1) | (q > ctx))
+    if bad.size:
+        s = int(bad[0])
+        raise ValueError(f"query_start_loc: seq {s} has {int(q[s])} new tokens but context_len {int(ctx[s])}")
+
+
 def check_window(sliding_window) -> int:
     """0 for no window, else the window (>= 1)."""
     if sliding_window is None:

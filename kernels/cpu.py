@@ -2,13 +2,15 @@
 
 This is what CPU generation runs, so it gathers each step's pages once, never loops per head,
 and chunks long prompts so score blocks stay bounded. Page ids are checked (ValueError), since
-NumPy would silently wrap a negative id to the last page.
+NumPy would silently wrap a negative id to the last page, and so are the lengths the docs require
+(``check_host_lens``): a context_len of 0 would give NaN rows, one longer than its page table a
+raw IndexError, a query_start_loc short of num_tokens unwritten output rows.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from pagemem.kernels._checks import AttnDims
+from pagemem.kernels._checks import AttnDims, check_host_lens
 
 NULL_PAGE = 0
 PREFILL_CHUNK = 256   # query tokens per score block in prefill
@@ -42,6 +44,9 @@ def paged_decode_cpu(q, k_cache, v_cache, page_tables, context_lens, scale: floa
     """One query per sequence. All sequences' pages are gathered at once (token-major, one copy),
     then per KV head two batched BLAS products read K and V rows in place (row stride Hkv * D)."""
     S, P, Hkv, G, D = dims.num_seqs, dims.page_size, dims.num_kv_heads, dims.group, dims.head_dim
+    check_host_lens(page_tables.shape, P, context_lens)
+    if S == 0:
+        return out
     ctx = context_lens.astype(np.int64)                          # [S]
     num_pages = -(-int(ctx.max()) // P)
     T = num_pages * P
@@ -72,13 +77,11 @@ def paged_decode_cpu(q, k_cache, v_cache, page_tables, context_lens, scale: floa
 def paged_prefill_cpu(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
                       out, window: int, dims: AttnDims):
     """Ragged causal attention, one sequence at a time, PREFILL_CHUNK queries per score block."""
+    check_host_lens(page_tables.shape, dims.page_size, context_lens, query_start_loc, q.shape[0])
     qsl = query_start_loc.astype(np.int64)
     for s, ctx in enumerate(context_lens.astype(np.int64).tolist()):
         lo, hi = int(qsl[s]), int(qsl[s + 1])
-        if not 0 <= hi - lo <= ctx:
-            raise ValueError(f"query_start_loc: seq {s} has {hi - lo} new tokens but context_len {ctx}")
-        if hi > lo:
-            _prefill_one(q, k_cache, v_cache, page_tables[s], ctx, lo, hi, scale, out, window, dims)
+        _prefill_one(q, k_cache, v_cache, page_tables[s], ctx, lo, hi, scale, out, window, dims)
     return out
 
 

@@ -12,6 +12,7 @@ memory itself: pinned memory is mapped into the device's address space (unified 
 the kernel's loads or stores cross PCIe with no staging buffer and no separate copy.
 
     plan_copies(ids, slots, ...)  NumPy only: which path, and the runs in page units (CPU-tested)
+    copy_numpy(plan, kv, host)    the CPU HostSwap: the plan carried out with NumPy copies
     CopyEngine.enqueue(plan, ...) CUDA only: one direction's copies on its own stream
 """
 from __future__ import annotations
@@ -99,6 +100,40 @@ def plan_copies(ids: Sequence[int], slots: Sequence[int], path: str, page_bytes:
     else:
         bounds = np.searchsorted([r[0] for r in runs], np.arange(0, n, staging_pages)).tolist() + [len(runs)]
     return CopyPlan("gather", ids, runs, bounds, staging_pages)
+
+
+def copy_numpy(plan: CopyPlan, kv: np.ndarray, host: np.ndarray, kind: int) -> None:
+    """Carry out ``plan`` with NumPy copies, as CopyEngine does with CUDA calls: "runs" one slice
+    copy a run, "gather" chunk by chunk through a staging buffer (``kv[ids]`` taken into it, then
+    one copy a host run; H2D the reverse, then scattered), "direct" one fancy-indexed copy.
+    kv: [num_pages, ...] and host: [num_host_pages, ...], page-major; writes host (D2H) or kv (H2D)."""
+    if plan.path == "direct":
+        if kind == D2H:
+            host[plan.slots] = kv[plan.ids]
+        else:
+            kv[plan.ids] = host[plan.slots]
+        return
+    if plan.path == "runs":
+        for d, h, k in plan.runs:
+            if kind == D2H:
+                host[h:h + k] = kv[d:d + k]
+            else:
+                kv[d:d + k] = host[h:h + k]
+        return
+    n, m = len(plan.ids), plan.staging_pages
+    stage = np.empty((min(n, m), *kv.shape[1:]), kv.dtype)        # [min(n, staging_pages), ...]
+    for c, c0 in enumerate(range(0, n, m)):                        # chunk c: positions [c0, c0 + k)
+        ids = plan.ids[c0:c0 + m]
+        k = len(ids)
+        if kind == D2H:
+            np.take(kv, ids, axis=0, out=stage[:k])
+        for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]:
+            if kind == D2H:
+                host[h:h + r] = stage[i - c0:i - c0 + r]
+            else:
+                stage[i - c0:i - c0 + r] = host[h:h + r]
+        if kind == H2D:
+            kv[ids] = stage[:k]
 
 
 class CopyEngine:

@@ -37,6 +37,8 @@ def cuda_unavailable_reason() -> str | None:
 
 def resolve_device(device: str = "auto") -> str:
     """Map "auto" | "cpu" | "cuda" to "cpu" or "cuda"; raise if "cuda" is asked for and missing."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str, one of {DEVICES}, got {type(device).__name__}")
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "cpu":
@@ -68,7 +70,11 @@ def module_of(x) -> ModuleType:
 
 def to_dtype(dtype) -> np.dtype:
     """Normalize "float16" | "bfloat16" | "float32" (or the numpy dtype) to a numpy dtype."""
-    key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        raise TypeError(f"dtype must be one of {sorted(DTYPES)} or their NumPy dtype, "
+                        f"got {type(dtype).__name__} {dtype!r}") from None
     if key not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[key]

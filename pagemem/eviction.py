@@ -15,6 +15,10 @@ A policy is any object with these four methods (all O(1) or O(log n)):
 
 and optionally ``forget(page_id)``: the page's cached contents were dropped, so any age the
 policy keeps for it (FIFO) starts over.
+
+The built-in policies check their arguments: ``add`` takes an int page id (>= 1) not already in
+the policy and an int priority, ``remove`` a page in the policy, ``pop_victim`` a non-empty
+policy; anything else raises TypeError or ValueError naming the argument, changing nothing.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import heapq
 import itertools
 from collections import OrderedDict
 from typing import Protocol
+
+from pagemem.config import check_int
 
 
 class EvictionPolicy(Protocol):
@@ -32,6 +38,32 @@ class EvictionPolicy(Protocol):
     def __contains__(self, page_id: int) -> bool: ...
 
 
+def _check_add(policy, page_id, priority) -> tuple[int, int]:
+    """The checks every built-in ``add`` makes before changing anything (cheap for Python ints);
+    returns (page_id, priority) as Python ints."""
+    if type(page_id) is not int or page_id < 1:
+        page_id = check_int(page_id, "page_id", 1)
+    if type(priority) is not int:
+        priority = check_int(priority, "priority")
+    if page_id in policy:
+        raise ValueError(f"page_id {page_id} is already evictable in this policy")
+    return page_id, priority
+
+
+def _missing(page_id) -> ValueError:
+    return ValueError(f"page_id {page_id!r} is not evictable in this policy")
+
+
+def _empty() -> ValueError:
+    return ValueError("pop_victim: the policy holds no evictable page")
+
+
+def _hashable_id(page_id) -> None:
+    """TypeError unless ``page_id`` is an int (2.0 would find page 2 in a dict)."""
+    if type(page_id) is not int:
+        check_int(page_id, "page_id")
+
+
 class LRU:
     """Least recently freed first. An OrderedDict is a C doubly linked list: O(1) everywhere."""
 
@@ -39,18 +71,26 @@ class LRU:
         self._order: OrderedDict[int, None] = OrderedDict()
 
     def add(self, page_id: int, priority: int = 0) -> None:
+        page_id, _ = _check_add(self, page_id, priority)
         self._order[page_id] = None
 
     def remove(self, page_id: int) -> None:
-        del self._order[page_id]
+        _hashable_id(page_id)
+        try:
+            del self._order[page_id]
+        except KeyError:
+            raise _missing(page_id) from None
 
     def pop_victim(self) -> int:
+        if not self._order:
+            raise _empty()
         return self._order.popitem(last=False)[0]
 
     def __len__(self) -> int:
         return len(self._order)
 
     def __contains__(self, page_id: int) -> bool:
+        _hashable_id(page_id)
         return page_id in self._order
 
 
@@ -68,6 +108,7 @@ class FIFO:
         self._clock = itertools.count()
 
     def add(self, page_id: int, priority: int = 0) -> None:
+        page_id, _ = _check_add(self, page_id, priority)
         born = self._born.setdefault(page_id, next(self._clock))
         self._live.add(page_id)
         heapq.heappush(self._heap, (born, page_id))
@@ -76,9 +117,15 @@ class FIFO:
             self._heap = sorted({(b, p) for b, p in self._heap if p in self._live and self._born.get(p) == b})
 
     def remove(self, page_id: int) -> None:
-        self._live.remove(page_id)
+        _hashable_id(page_id)
+        try:
+            self._live.remove(page_id)
+        except KeyError:
+            raise _missing(page_id) from None
 
     def pop_victim(self) -> int:
+        if not self._live:
+            raise _empty()
         while True:
             born, page_id = heapq.heappop(self._heap)
             # skip entries left by remove() and by an age reset (forget, then add again)
@@ -89,12 +136,14 @@ class FIFO:
 
     def forget(self, page_id: int) -> None:
         """The page's cached contents were dropped (overwritten); reset its age."""
+        _hashable_id(page_id)
         self._born.pop(page_id, None)
 
     def __len__(self) -> int:
         return len(self._live)
 
     def __contains__(self, page_id: int) -> bool:
+        _hashable_id(page_id)
         return page_id in self._live
 
 
@@ -111,16 +160,23 @@ class Priority:
         self._level_of: dict[int, int] = {}
 
     def add(self, page_id: int, priority: int = 0) -> None:
+        page_id, priority = _check_add(self, page_id, priority)
         self._levels.setdefault(priority, OrderedDict())[page_id] = None
         self._level_of[page_id] = priority
 
     def remove(self, page_id: int) -> None:
-        level = self._level_of.pop(page_id)
+        _hashable_id(page_id)
+        try:
+            level = self._level_of.pop(page_id)
+        except KeyError:
+            raise _missing(page_id) from None
         del self._levels[level][page_id]
         if not self._levels[level]:
             del self._levels[level]
 
     def pop_victim(self) -> int:
+        if not self._levels:
+            raise _empty()
         level = min(self._levels)
         page_id = self._levels[level].popitem(last=False)[0]
         if not self._levels[level]:
@@ -132,6 +188,7 @@ class Priority:
         return len(self._level_of)
 
     def __contains__(self, page_id: int) -> bool:
+        _hashable_id(page_id)
         return page_id in self._level_of
 
 
@@ -146,7 +203,13 @@ def make_policy(policy: str | EvictionPolicy | None) -> EvictionPolicy:
         if policy.lower() not in POLICIES:
             raise ValueError(f"eviction must be one of {sorted(POLICIES)}, got {policy!r}")
         return POLICIES[policy.lower()]()
+    if isinstance(policy, type):
+        raise TypeError(f"eviction must be a policy instance or name, got the class {policy.__name__} "
+                        f"(pass {policy.__name__}())")
     for method in ("add", "remove", "pop_victim", "__len__", "__contains__"):
         if not callable(getattr(policy, method, None)):
             raise TypeError(f"eviction policy {type(policy).__name__} lacks {method}()")
+    if len(policy) != 0:
+        raise ValueError(f"eviction policy {type(policy).__name__} already holds {len(policy)} pages; "
+                         f"a pool needs an empty one of its own")
     return policy

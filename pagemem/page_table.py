@@ -11,15 +11,34 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pagemem.config import check_int
 from pagemem.pool import NULL_PAGE, PagePool
 
 Array = Any  # numpy.ndarray on the CPU, cupy.ndarray on CUDA
 
 
 def slot(page_id, offset, page_size: int):
-    """A token's place in the pool: ``page_id * page_size + offset``. Works on ints and int arrays.
+    """A token's place in the pool: ``page_id * page_size + offset``. Works on ints and int arrays
+    (page_id >= 0, 0 <= offset < page_size; TypeError for floats or bools, ValueError out of range).
     The one place slots are computed."""
+    page_size = check_int(page_size, "page_size", 1)
+    _check_slot_part(page_id, "page_id", 0, None)
+    _check_slot_part(offset, "offset", 0, page_size - 1)
     return page_id * page_size + offset
+
+
+def _check_slot_part(x, name: str, lo: int, hi: int | None) -> None:
+    """An int in [lo, hi], or an int array whose values all are (a device array: its dtype only,
+    since reading its values would wait for the device)."""
+    device = hasattr(x, "__cuda_array_interface__")
+    if not isinstance(x, np.ndarray) and not device:
+        check_int(x, name, lo, hi)
+        return
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be ints, got an array of {x.dtype}")
+    if not device and x.size and (int(x.min()) < lo or (hi is not None and int(x.max()) > hi)):
+        raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got values "
+                         f"from {int(x.min())} to {int(x.max())}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +75,12 @@ class SeqPages:
     __slots__ = ("pool", "page_table", "num_tokens")
 
     def __init__(self, pool: PagePool, page_table: list[int] | None = None, num_tokens: int = 0) -> None:
-        page_table = [] if page_table is None else list(page_table)
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        """Take over pages the caller already holds one reference to each (distinct pages in use:
+        never NULL_PAGE, never a free page), holding ``num_tokens`` tokens. Changes no refcount."""
+        if not isinstance(pool, PagePool):
+            raise TypeError(f"pool must be a PagePool, got {type(pool).__name__}")
+        page_table = [] if page_table is None else _owned_pages(pool, page_table)
+        num_tokens = check_int(num_tokens, "num_tokens", 0)
         capacity = len(page_table) * pool.page_size
         if not capacity - pool.page_size < num_tokens <= capacity and (num_tokens or page_table):
             raise ValueError(f"num_tokens={num_tokens} does not fit {len(page_table)} pages of {pool.page_size}")
@@ -127,7 +149,9 @@ class SeqPages:
         return True
 
     def slots(self, start: int, stop: int) -> np.ndarray:
-        """Slots of tokens [start, stop): [stop - start] int32."""
+        """Slots of tokens [start, stop): [stop - start] int32, for 0 <= start <= stop <= num_tokens."""
+        start = check_int(start, "start", 0, self.num_tokens)
+        stop = check_int(stop, "stop", start, self.num_tokens)
         t = np.arange(start, stop, dtype=np.int64)
         ps = self.pool.page_size
         pages = np.asarray(self.page_table, dtype=np.int64)[t // ps]
@@ -142,10 +166,23 @@ class SeqPages:
     def free(self, priority: int = 0) -> None:
         """Return every page to the pool, tail first (so the tail is reused or evicted first:
         a cached prefix's head is the part most likely shared). Leaves the sequence empty."""
+        priority = check_int(priority, "priority")
         if self.page_table:
             self.pool.free(self.page_table[::-1], priority)
         self.page_table = []
         self.num_tokens = 0
+
+
+def _owned_pages(pool: PagePool, page_table) -> list[int]:
+    """``page_table`` as a new list of ints after checking each is a distinct page in use."""
+    pool._check_ids(page_table, "page_table")
+    pages = [int(p) for p in page_table]
+    if len(set(pages)) != len(pages):
+        raise ValueError(f"page_table: page ids repeat in {pages}")
+    free = [p for p in pages if pool._refcount[p] == 0]
+    if free:
+        raise ValueError(f"page_table: pages {free} are free; a SeqPages takes pages its caller holds")
+    return pages
 
 
 def fill_page_tables(out: np.ndarray, seqs: Sequence[SeqPages]) -> None:
@@ -163,18 +200,16 @@ def pack_batch(seqs: Sequence[SeqPages], query_lens: Sequence[int], xp=np) -> Pa
 
     ``query_lens[i]`` is how many of seq i's last tokens are new this step (1 for decode;
     the chunk length for prefill). Each seq must already hold them (``append`` first).
+    All seqs share one pool. Reads the seqs, changes nothing.
     """
-    num_seqs = len(seqs)
-    if num_seqs == 0:
-        raise ValueError("pack_batch: seqs is empty")
-    if len(query_lens) != num_seqs:
-        raise ValueError(f"pack_batch: {len(query_lens)} query_lens for {num_seqs} seqs")
+    num_seqs = _check_seqs(seqs)
     ps = seqs[0].pool.page_size
     ctx = np.fromiter((s.num_tokens for s in seqs), dtype=np.int32, count=num_seqs)
-    q = np.asarray(query_lens, dtype=np.int32)
+    q = _check_query_lens(query_lens, num_seqs)
     if (q < 1).any() or (q > ctx).any():
         bad = int(np.flatnonzero((q < 1) | (q > ctx))[0])
         raise ValueError(f"pack_batch: query_lens[{bad}]={q[bad]} must be in [1, context_len={ctx[bad]}]")
+    q = q.astype(np.int32)
     num_pages = -(-ctx // ps)
     max_pages = int(num_pages.max())
     num_tokens = int(q.sum())
@@ -203,3 +238,36 @@ def pack_batch(seqs: Sequence[SeqPages], query_lens: Sequence[int], xp=np) -> Pa
         host_query_lens=q,
         host_context_lens=ctx,
     )
+
+
+def _check_seqs(seqs) -> int:
+    """len(seqs) after checking it is a non-empty sequence of SeqPages over one pool."""
+    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Sequence):
+        raise TypeError(f"seqs must be a sequence of SeqPages, got {type(seqs).__name__}")
+    if len(seqs) == 0:
+        raise ValueError("pack_batch: seqs is empty")
+    pool = getattr(seqs[0], "pool", None)
+    for i, s in enumerate(seqs):
+        if not isinstance(s, SeqPages):
+            raise TypeError(f"seqs[{i}] must be a SeqPages, got {type(s).__name__}")
+        if s.pool is not pool:
+            raise ValueError(f"seqs[{i}] belongs to another pool than seqs[0]")
+    return len(seqs)
+
+
+def _check_query_lens(query_lens, num_seqs: int) -> np.ndarray:
+    """query_lens as [num_seqs] int64 after checking the values are ints (not floats or bools)."""
+    if isinstance(query_lens, np.ndarray):
+        if query_lens.ndim != 1 or query_lens.dtype.kind not in "iu":
+            raise TypeError(f"query_lens must be a 1-d int array, got {query_lens.ndim}-d {query_lens.dtype}")
+    elif isinstance(query_lens, (str, bytes)) or not isinstance(query_lens, Sequence):
+        raise TypeError(f"query_lens must be a sequence of ints, got {type(query_lens).__name__}")
+    elif list(map(type, query_lens)).count(int) != len(query_lens):
+        for i, q in enumerate(query_lens):
+            check_int(q, f"query_lens[{i}]")
+    if len(query_lens) != num_seqs:
+        raise ValueError(f"pack_batch: {len(query_lens)} query_lens for {num_seqs} seqs")
+    try:
+        return np.asarray(query_lens, dtype=np.int64)
+    except OverflowError:
+        raise ValueError("pack_batch: query_lens hold ints beyond 64 bits") from None

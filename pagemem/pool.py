@@ -21,10 +21,11 @@ from typing import Hashable, Iterable, NamedTuple, Sequence
 import numpy as np
 
 from pagemem.backend import array_module, resolve_device
-from pagemem.config import PoolConfig
+from pagemem.config import PoolConfig, check_int
 from pagemem.eviction import EvictionPolicy, make_policy
 
 NULL_PAGE = 0
+_NO_KEY = object()  # uncache's marker for "no key": None is a key like any other
 
 
 class OutOfPages(RuntimeError):
@@ -50,6 +51,8 @@ class PagePool:
     """
 
     def __init__(self, config: PoolConfig, eviction: str | EvictionPolicy | None = None) -> None:
+        if not isinstance(config, PoolConfig):
+            raise TypeError(f"config must be a PoolConfig, got {type(config).__name__}")
         self.config = config
         self.device = resolve_device(config.device)
         self.xp = array_module(self.device)
@@ -75,8 +78,8 @@ class PagePool:
 
     def can_allocate(self, num_pages: int) -> bool:
         """Whether allocate(num_pages) would succeed now (num_pages >= 0; 0 is always True)."""
-        if num_pages < 0:
-            raise ValueError(f"num_pages must be >= 0, got {num_pages}")
+        if type(num_pages) is not int or num_pages < 0:
+            num_pages = check_int(num_pages, "num_pages", 0)
         return num_pages <= len(self._free) + len(self.policy)
 
     def refcount(self, page_id: int) -> int:
@@ -85,8 +88,7 @@ class PagePool:
 
     def layer_kv(self, layer: int):
         """Views ``k, v: [num_pages, page_size, num_kv_heads, head_dim]`` of one layer (strided over pages)."""
-        if not 0 <= layer < self.config.num_layers:
-            raise ValueError(f"layer must be in [0, {self.config.num_layers}), got {layer}")
+        layer = check_int(layer, "layer", 0, self.config.num_layers - 1)
         return self.kv[:, layer, 0], self.kv[:, layer, 1]
 
     # ---- allocate / free / share ---------------------------------------------------------------
@@ -94,12 +96,8 @@ class PagePool:
         """Take ``num_pages`` pages (refcount 1 each, owned by the caller). Clean pages first,
         then victims of the eviction policy, whose cached contents are dropped.
         Raises OutOfPages, changing nothing, when fewer are free."""
-        if type(num_pages) is not int:
-            if isinstance(num_pages, bool) or not isinstance(num_pages, (int, np.integer)):
-                raise TypeError(f"num_pages must be an int, got {type(num_pages).__name__}")
-            num_pages = int(num_pages)
-        if num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        if type(num_pages) is not int or num_pages < 1:
+            num_pages = check_int(num_pages, "num_pages", 1)
         free = self._free
         if num_pages > len(free) + len(self.policy):
             raise OutOfPages(
@@ -131,8 +129,7 @@ class PagePool:
             return
         rc = self._refcount
         self._check_ids(page_ids, "page_ids")
-        if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, np.integer)):
-            raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+        priority = check_int(priority, "priority")
         if len(page_ids) == 1:
             if rc[page_ids[0]] < 1:
                 raise ValueError(f"double free: page {page_ids[0]} is already free")
@@ -199,9 +196,10 @@ class PagePool:
 
     # ---- prefix-cache index ----------------------------------------------------------------------
     def cache_page(self, page_id: int, key: Hashable) -> bool:
-        """Index a used, full page under ``key``. Returns False (and changes nothing) when the
-        key already names another page or this page already has a key."""
+        """Index a used, full page under ``key`` (any hashable). Returns False (and changes nothing)
+        when the key already names another page or this page already has a key."""
         self._check_ids([page_id], "page_id")
+        _check_key(key)
         if self._refcount[page_id] == 0:
             raise ValueError(f"cache_page: page {page_id} is free")
         if key in self._page_of or page_id in self._key_of:
@@ -212,17 +210,20 @@ class PagePool:
 
     def lookup(self, key: Hashable) -> int | None:
         """The page cached under ``key``, used or evictable, or None. Changes nothing."""
+        _check_key(key)
         return self._page_of.get(key)
 
     def is_cached(self, page_id: int) -> bool:
+        """Whether a page id of this pool has a prefix-cache key. Changes nothing."""
+        self._check_ids([page_id], "page_id")
         return page_id in self._key_of
 
     def uncache(self, page_id: int) -> None:
         """Drop a page's prefix-cache key (its contents are about to change). An evictable page
         becomes clean free."""
         self._check_ids([page_id], "page_id")
-        key = self._key_of.pop(page_id, None)
-        if key is None:
+        key = self._key_of.pop(page_id, _NO_KEY)
+        if key is _NO_KEY:
             return
         del self._page_of[key]
         if self._refcount[page_id] == 0:
@@ -270,7 +271,12 @@ class PagePool:
         rc = self._refcount
         return (itemgetter(*page_ids)(rc) if len(page_ids) > 1 else (rc[page_ids[0]],)).count(1) == len(page_ids)
 
-    def _check_ids(self, page_ids: Iterable[int], name: str) -> None:
+    def _check_ids(self, page_ids: Sequence[int], name: str) -> None:
+        """TypeError unless ``page_ids`` is a sequence (or 1-d array) of ints; ValueError naming the
+        first id outside [1, num_pages)."""
+        if type(page_ids) is not list and (isinstance(page_ids, (str, bytes)) or not isinstance(
+                page_ids, (Sequence, np.ndarray))):
+            raise TypeError(f"{name} must be a sequence of ints, got {type(page_ids).__name__}")
         n = self.num_pages
         for p in page_ids:
             if type(p) is int and 0 < p < n:  # the common case, kept cheap
@@ -308,14 +314,34 @@ class PagePool:
 
     def stats(self, seqs: Iterable = ()) -> PoolStats:
         """Counts by state; ``fragmentation`` over the given sequences (objects with
-        ``num_tokens`` and ``page_table``) is the share of their slots left empty."""
+        ``num_tokens`` and ``page_table``, e.g. SeqPages) is the share of their slots left empty."""
         usable = self.num_pages - 1
         num_free, num_cached = len(self._free), len(self.policy)
         num_used = usable - num_free - num_cached
         slots = tokens = 0
-        for s in seqs:
+        for s in _as_seqs(seqs):
             slots += len(s.page_table) * self.page_size
             tokens += s.num_tokens
         frag = (slots - tokens) / slots if slots else 0.0
         return PoolStats(usable, num_free, num_cached, num_used, num_used / usable, frag)
 
+
+
+def _check_key(key) -> None:
+    """TypeError naming ``key`` when it cannot index the prefix cache (unhashable)."""
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"key must be hashable, got {type(key).__name__}") from None
+
+
+def _as_seqs(seqs) -> list:
+    """``seqs`` as a list of objects with ``page_table`` and an int ``num_tokens``, else TypeError."""
+    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Iterable):
+        raise TypeError(f"seqs must be an iterable of sequences (SeqPages), got {type(seqs).__name__}")
+    seqs = list(seqs)
+    for s in seqs:
+        if not (hasattr(s, "page_table") and type(getattr(s, "num_tokens", None)) is int):
+            raise TypeError(f"seqs must hold objects with page_table and num_tokens (SeqPages), "
+                            f"got {type(s).__name__}")
+    return seqs

@@ -20,7 +20,12 @@ import hashlib
 from array import array
 from typing import Hashable, NamedTuple, Sequence
 
+import numpy as np
+
+from pagemem.config import check_int
 from pagemem.pool import PagePool
+
+_MAX_TOKEN = (1 << 63) - 1  # token ids are hashed as int64
 
 
 def _digest(parent: bytes, tokens: tuple[int, ...]) -> bytes:
@@ -56,7 +61,18 @@ class PrefixCache:
     def page_keys(self, token_ids: Sequence[int], num_pages: int | None = None, start: int = 0,
                   parent: bytes | None = None) -> list[tuple]:
         """The keys of full pages ``start .. num_pages - 1`` of ``token_ids`` (all full pages if
-        num_pages is None). ``parent`` is the digest of page ``start - 1`` (root when start is 0)."""
+        num_pages is None). ``parent`` is the digest of page ``start - 1`` (root when start is 0).
+        Changes nothing."""
+        self._check_tokens(token_ids)
+        if num_pages is not None:
+            num_pages = check_int(num_pages, "num_pages", 0)
+        start = check_int(start, "start", 0)
+        if parent is not None and not (isinstance(parent, bytes) and len(parent) == len(self.root)):
+            raise TypeError(f"parent must be None or a {len(self.root)}-byte digest, got {type(parent).__name__}")
+        return self._keys(token_ids, num_pages, start, parent)
+
+    def _keys(self, token_ids: Sequence[int], num_pages: int | None, start: int, parent: bytes | None) -> list[tuple]:
+        """page_keys() of checked arguments."""
         ps = self.page_size
         full = len(token_ids) // ps
         num_pages = full if num_pages is None else min(num_pages, full)
@@ -69,8 +85,12 @@ class PrefixCache:
 
     def peek(self, token_ids: Sequence[int]) -> list[int]:
         """The pages match() would return, changing nothing: no reference, no statistics."""
+        self._check_tokens(token_ids)
+        return self._peek(token_ids)
+
+    def _peek(self, token_ids: Sequence[int]) -> list[int]:
         pages = []
-        for key in self.page_keys(token_ids, (len(token_ids) - 1) // self.page_size):
+        for key in self._keys(token_ids, (len(token_ids) - 1) // self.page_size, 0, None):
             page_id = self.pool.lookup(key)
             if page_id is None:
                 break
@@ -85,9 +105,9 @@ class PrefixCache:
         so at least one token is left to compute: the model needs the last token's logits.
         """
         self._check_tokens(token_ids)
+        pages = self._peek(token_ids)
         self._queries += 1
         self._query_tokens += len(token_ids)
-        pages = self.peek(token_ids)
         if pages:
             self.pool.touch(pages)
         self._hit_tokens += len(pages) * self.page_size
@@ -103,11 +123,12 @@ class PrefixCache:
         many it registered last step), so only the new ones are hashed: O(new pages) per call.
         """
         self._check_tokens(token_ids)
+        self.pool._check_ids(page_table, "page_table")
         if len(page_table) * self.page_size < len(token_ids):
             raise ValueError(f"page_table: {len(page_table)} pages cannot hold {len(token_ids)} tokens")
-        keys = self.page_keys(token_ids, start=start, parent=self._parent_of(page_table, token_ids, start))
+        start = check_int(start, "start", 0, len(page_table))
+        keys = self._keys(token_ids, None, start, self._parent_of(page_table, token_ids, start))
         owned = page_table[start:start + len(keys)]
-        self.pool._check_ids(owned, "page_table")
         for p in owned:
             if self.pool.refcount(p) == 0:
                 raise ValueError(f"page_table: page {p} is free; register pages the sequence owns")
@@ -126,7 +147,7 @@ class PrefixCache:
         ps = self.page_size
         if key is not None and key[1] == tuple(int(t) for t in token_ids[(start - 1) * ps:start * ps]):
             return _digest(*key)
-        keys = self.page_keys(token_ids, start)
+        keys = self._keys(token_ids, start, 0, None)
         return _digest(*keys[-1]) if keys else self.root
 
     def stats(self) -> PrefixCacheStats:
@@ -135,5 +156,16 @@ class PrefixCache:
 
     @staticmethod
     def _check_tokens(token_ids: Sequence[int]) -> None:
-        if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__"):
+        """TypeError unless ``token_ids`` is a sequence (or 1-d array) of ints, ValueError for an id
+        outside [0, 2**63): C-level passes over the list, about 20 ns a token."""
+        if isinstance(token_ids, np.ndarray):
+            if token_ids.ndim != 1 or token_ids.dtype.kind not in "iu":
+                raise TypeError(f"token_ids must be a 1-d int array, got {token_ids.ndim}-d {token_ids.dtype}")
+        elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
             raise TypeError(f"token_ids must be a sequence of ints, got {type(token_ids).__name__}")
+        elif list(map(type, token_ids)).count(int) != len(token_ids):
+            for i, t in enumerate(token_ids):
+                check_int(t, f"token_ids[{i}]")
+        if len(token_ids) and (min(token_ids) < 0 or max(token_ids) > _MAX_TOKEN):
+            bad = next(i for i, t in enumerate(token_ids) if not 0 <= t <= _MAX_TOKEN)
+            raise ValueError(f"token_ids[{bad}]={int(token_ids[bad])} is not a token id in [0, 2**63)")

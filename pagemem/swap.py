@@ -49,8 +49,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pagemem._swap_copy import D2H, H2D, CopyEngine, plan_copies
+from pagemem._swap_copy import D2H, H2D, CopyEngine, CopyPlan, copy_numpy, direct_ok, plan_copies
 from pagemem._swap_copy import merge_runs  # noqa: F401  (re-exported: callers import it from here)
+from pagemem.config import check_int
 from pagemem.pool import OutOfPages, PagePool
 
 PATHS = ("auto", "runs", "direct", "gather")
@@ -100,6 +101,25 @@ class _Pending:
     keep: tuple = ()               # buffers the copies read (pinned index arrays) until done
 
 
+def _check_path(path, page_bytes: int) -> str:
+    if not isinstance(path, str) or path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if path == "direct" and not direct_ok(page_bytes):
+        raise ValueError(f"path 'direct' needs pages of whole 8-byte words, got {page_bytes} bytes")
+    return path
+
+
+def _id_array(ids, name: str, lo: int, hi: int) -> np.ndarray:
+    """[n >= 1] int64 of a sequence of ints in [lo, hi); TypeError/ValueError naming ``name``."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(ids).__name__}")
+    for i in ids:
+        check_int(i, name, lo, hi - 1)
+    if len(ids) == 0:
+        raise ValueError(f"{name} is empty")
+    return np.asarray(ids, dtype=np.int64)
+
+
 class HostSwap:
     """A pool of host pages (pinned on CUDA, NumPy on the CPU) that device pages swap to.
 
@@ -114,15 +134,11 @@ class HostSwap:
             raise TypeError(f"pool must be a PagePool, got {type(pool).__name__}")
         self.pool = pool
         self.page_bytes = pool.config.page_bytes
-        if (num_host_pages is None) == (num_bytes is None):
-            raise ValueError("give exactly one of num_host_pages and num_bytes")
-        n = num_host_pages if num_bytes is None else num_bytes // self.page_bytes
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"num_host_pages must be an int >= 1, got {n!r} (num_bytes={num_bytes})")
-        if path not in PATHS:
-            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        self.num_host_pages, self.path, self.min_run_bytes = int(n), path, int(min_run_bytes)
-        self.staging_pages = max(1, int(staging_bytes) // self.page_bytes)
+        self.num_host_pages = self._host_pages(num_host_pages, num_bytes)
+        self.path = _check_path(path, self.page_bytes)
+        self.min_run_bytes = check_int(min_run_bytes, "min_run_bytes", 0)
+        # at least one page: a staging buffer smaller than a page still stages one page at a time
+        self.staging_pages = max(1, check_int(staging_bytes, "staging_bytes", 1) // self.page_bytes)
         self.cuda = pool.device == "cuda"
         shape = (self.num_host_pages, *pool.config.page_shape)
         if self.cuda:
@@ -146,6 +162,18 @@ class HostSwap:
         self.num_pages_out = self.num_pages_in = 0
         self.last_path = ""
 
+    def _host_pages(self, num_host_pages, num_bytes) -> int:
+        """The host pool's size in pages from exactly one of the two ways to give it."""
+        if (num_host_pages is None) == (num_bytes is None):
+            raise ValueError("give exactly one of num_host_pages and num_bytes")
+        if num_host_pages is not None:
+            return check_int(num_host_pages, "num_host_pages", 1)
+        n = check_int(num_bytes, "num_bytes", 1) // self.page_bytes
+        if n < 1:
+            raise ValueError(f"num_bytes={num_bytes} holds no page of {self.page_bytes} bytes "
+                             f"(num_host_pages would be 0)")
+        return n
+
     # ---- queries -----------------------------------------------------------------------------
     @property
     def num_free_host_pages(self) -> int:
@@ -153,22 +181,29 @@ class HostSwap:
 
     def can_swap_out(self, num_pages: int) -> bool:
         """Whether swap_out of ``num_pages`` pages fits in the host pages free now (after a reclaim)."""
+        num_pages = check_int(num_pages, "num_pages", 0)
         self.reclaim()
         return num_pages <= self.num_free_host_pages
 
     def bandwidth(self, direction: str) -> float | None:
         """Achieved bytes/s of completed copies ("out" or "in"), a running mean weighted to the
         latest tickets; None before the first completes. Feeds the preemption cost model."""
-        if direction not in self._bandwidth:
+        if not isinstance(direction, str) or direction not in self._bandwidth:
             raise ValueError(f"direction must be 'out' or 'in', got {direction!r}")
         return self._bandwidth[direction]
 
     def choose_path(self, device_ids: Sequence[int], host_slots: Sequence[int]) -> str:
-        """'runs' when the mean merged run is at least ``min_run_bytes``, else 'gather'."""
-        if self.path != "auto":
-            return self.path
-        plan = plan_copies(device_ids, host_slots, "auto", self.page_bytes, self.min_run_bytes, self.staging_pages)
-        return plan.path
+        """'runs' when the mean merged run is at least ``min_run_bytes``, else 'gather' (or the
+        fixed path). ``device_ids``: page ids of this pool; ``host_slots``: as many host slots.
+        Changes nothing."""
+        ids = _id_array(device_ids, "device_ids", 1, self.pool.num_pages)
+        slots = _id_array(host_slots, "host_slots", 0, self.num_host_pages)
+        if len(ids) != len(slots):
+            raise ValueError(f"host_slots: {len(slots)} slots for {len(ids)} device_ids")
+        return self._plan(ids, slots).path
+
+    def _plan(self, device_ids, host_slots) -> CopyPlan:
+        return plan_copies(device_ids, host_slots, self.path, self.page_bytes, self.min_run_bytes, self.staging_pages)
 
     # ---- swap out / in -----------------------------------------------------------------------
     def swap_out(self, page_ids: Sequence[int], stream=None, priority: int = 0) -> SwapTicket:
@@ -178,22 +213,19 @@ class HostSwap:
         OutOfHostPages (host full, after reclaiming completed copies); either way the pages and
         host slots asked for are untouched."""
         page_ids = self._check_pages(page_ids)
+        priority = check_int(priority, "priority")
         self.reclaim()
         n = len(page_ids)
         if n > self.num_free_host_pages:
             raise OutOfHostPages(f"swap_out of {n} pages, {self.num_free_host_pages} of "
                                  f"{self.num_host_pages} host pages free")
         slots = np.flatnonzero(self._host_free)[:n]  # [n] int64, lowest first: host runs stay long
+        plan = self._plan(page_ids, slots)           # made before anything changes
         self._host_free[slots] = False
         slots.flags.writeable = False
         ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self, slot_array=slots)
         pend = _Pending(None, None, "out", ticket.nbytes, page_ids=page_ids, priority=priority)
-        if self.cuda:
-            self._enqueue(page_ids, slots, D2H, stream, (), pend)
-        else:
-            t0 = time.perf_counter()
-            self.host[slots] = self.pool.kv[page_ids]
-            pend.seconds = time.perf_counter() - t0
+        self._copy(plan, D2H, stream, (), pend)
         ticket.event = pend.event
         self._live.add(ticket)
         self._pending.append(pend)
@@ -213,13 +245,8 @@ class HostSwap:
             raise OutOfPages(f"swap_in of {n} pages, {self.pool.num_free_pages} free")
         page_ids = self.pool.allocate(n)
         pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.slot_array)
-        if self.cuda:
-            after = () if ticket.is_done() else (ticket.event,)
-            self._enqueue(page_ids, ticket.slot_array, H2D, stream, after, pend)
-        else:
-            t0 = time.perf_counter()
-            self.pool.kv[page_ids] = self.host[ticket.slot_array]
-            pend.seconds = time.perf_counter() - t0
+        after = () if ticket.is_done() else (ticket.event,)
+        self._copy(self._plan(page_ids, ticket.slot_array), H2D, stream, after, pend)
         ticket.state = "in"
         self._live.discard(ticket)
         self._pending.append(pend)
@@ -240,6 +267,8 @@ class HostSwap:
         """Release what completed copies held: device pages of swap-outs go back to the pool,
         host slots of swap-ins and discards to the host pool. Polls events; ``wait=True`` waits
         on each pending event (those events only, never the device). Returns pages released."""
+        if not isinstance(wait, (bool, np.bool_)):
+            raise TypeError(f"wait must be a bool, got {type(wait).__name__}")
         released, still = 0, []
         for p in self._pending:
             if p.event is not None and not p.event.done:
@@ -254,6 +283,10 @@ class HostSwap:
 
     def wait(self, ticket: SwapTicket) -> None:
         """Block the host until the ticket's out copy completed (that event only), then reclaim."""
+        if not isinstance(ticket, SwapTicket):
+            raise TypeError(f"wait: ticket must be a SwapTicket, got {type(ticket).__name__}")
+        if ticket.owner is not self:
+            raise ValueError("wait: ticket belongs to another HostSwap (another pool)")
         if ticket.event is not None:
             ticket.event.synchronize()
         self.reclaim()
@@ -311,15 +344,21 @@ class HostSwap:
             raise ValueError(f"{what}: ticket belongs to another HostSwap (another pool)")
         if ticket.state != "out":
             raise ValueError(f"{what}: ticket was already used (state {ticket.state!r})")
+        if ticket not in self._live:  # made by hand, or its fields edited: it holds no host pages
+            raise ValueError(f"{what}: ticket was not issued by this HostSwap's swap_out")
 
-    def _enqueue(self, page_ids: Sequence[int], slots: Sequence[int], kind: int, stream, after,
-                 pend: _Pending) -> None:
-        """Plan the copies on the host, then queue them in one burst on ``kind``'s copy stream after
-        ``stream``'s work and the ``after`` events; set pend's (start, event) timing events and what
-        it keeps alive. Nothing here blocks the host."""
-        import cupy as cp
-        plan = plan_copies(page_ids, slots, self.path, self.page_bytes, self.min_run_bytes, self.staging_pages)
+    def _copy(self, plan: CopyPlan, kind: int, stream, after, pend: _Pending) -> None:
+        """Carry out ``plan`` in direction ``kind``. CPU: NumPy copies, done on return (timed with
+        perf_counter). CUDA: queued in one burst on ``kind``'s copy stream after ``stream``'s work
+        and the ``after`` events, setting pend's (start, event) timing events and what it keeps
+        alive; nothing blocks the host."""
         self.last_path = plan.path
+        if not self.cuda:
+            t0 = time.perf_counter()
+            copy_numpy(plan, self.pool.kv, self.host, kind)
+            pend.seconds = time.perf_counter() - t0
+            return
+        import cupy as cp
         compute = stream if stream is not None else cp.cuda.get_current_stream()
         pend.start, pend.event, pend.keep = self._engines[kind].enqueue(plan, compute, after)
 

@@ -115,3 +115,38 @@ def test_flash_tiling_sizes():
     for define in ("#define HEAD_DIM 96", "#define MT 2", "#define PACK 1", "#define SUB_N 32", '#define ELEM "bf16"'):
         assert define in src
     assert "#define SUB_N 64" in source(64, Tiling(sub_n=0), bf16=False)
+
+
+def test_decode_lengths_the_docs_forbid(case):
+    """context_len 0 (used to give NaN rows) and a context longer than its page table (used to
+    raise NumPy's IndexError) are refused, naming context_lens; out is left unwritten."""
+    p, q = case
+    out = np.full(q.shape, 7, np.float16)
+    for bad in ([0, 9], [5, 4 * p.page_tables.shape[1] + 1]):
+        with pytest.raises(ValueError, match="context_lens: seq [01] has context_len"):
+            _decode(p, q, context_lens=np.array(bad, np.int32), out=out)
+    assert (out == 7).all()
+
+
+@pytest.mark.parametrize("qsl, match", [
+    ([0, 2, 5], "from 0 to num_tokens=6"),     # the last row would stay unwritten
+    ([1, 3, 6], "from 0 to num_tokens=6"),
+    ([0, 0, 6], "seq 0 has 0 new tokens"),
+    ([0, 6, 6], "seq 0 has 6 new tokens but context_len 5"),
+])
+def test_prefill_query_start_loc_covers_every_row_once(case, qsl, match):
+    p, _ = case
+    q = np.zeros((6, 4, 16), np.float16)
+    with pytest.raises(ValueError, match=f"query_start_loc: .*{match}"):
+        kernels.paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, np.array(qsl, np.int32))
+
+
+def test_check_host_lens_takes_host_values_only():
+    """The length rule as a function of host values (what a GPU plan holds): a page table shape,
+    the page size, context lens and optionally query_start_loc with the token count."""
+    from pagemem.kernels._checks import check_host_lens
+    check_host_lens((2, 3), 4, np.array([12, 1]), np.array([0, 12, 13]), 13)
+    with pytest.raises(ValueError, match="seq 0 has context_len 13; each must be in 1..12"):
+        check_host_lens((2, 3), 4, np.array([13, 1]))
+    with pytest.raises(ValueError, match="query_start_loc: seq 1 has 2 new tokens but context_len 1"):
+        check_host_lens((2, 3), 4, np.array([12, 1]), np.array([0, 11, 13]), 13)

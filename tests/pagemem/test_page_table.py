@@ -125,8 +125,9 @@ def test_pack_batch_bad_query_lens(q, match):
 
 
 def test_seqpages_rejects_inconsistent_state():
+    pool = make_pool()
     with pytest.raises(ValueError, match="does not fit"):
-        SeqPages(make_pool(), [1], num_tokens=5)
+        SeqPages(pool, pool.allocate(1), num_tokens=5)
 
 
 def test_pack_batch_makes_one_host_to_device_transfer():

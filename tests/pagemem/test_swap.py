@@ -289,18 +289,15 @@ class FakeEvent:
 
 
 class InFlightSwap(HostSwap):
-    """HostSwap whose copies are NumPy copies that 'complete' only when their FakeEvent says so:
-    the CUDA path's ownership logic (lazy reclaim, waits on tickets) on the CPU."""
+    """HostSwap whose copies (the CPU's plan carried out at once) 'complete' only when their
+    FakeEvent says so: the CUDA path's ownership logic (lazy reclaim, waits on tickets) on the CPU."""
 
     def __init__(self, *args, coin=None, **kw) -> None:
         super().__init__(*args, **kw)
-        self.cuda, self.coin, self.events = True, coin, []
+        self.coin, self.events = coin, []
 
-    def _enqueue(self, ids, slots, kind, stream, after, pend) -> None:
-        if kind == 2:  # D2H
-            self.host[slots] = self.pool.kv[ids]
-        else:
-            self.pool.kv[ids] = self.host[slots]
+    def _copy(self, plan, kind, stream, after, pend) -> None:
+        super()._copy(plan, kind, stream, after, pend)
         pend.event = FakeEvent(self.coin)
         self.events.append(pend.event)
 
