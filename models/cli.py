@@ -113,7 +113,7 @@ def run(args) -> dict:
     llm.warmup(max(map(len, prompts)) + max(out_lens))   # GPU: compile and capture before the clock starts
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     summary = summarize(llm, outputs)
-    summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     print(format_summary(summary))
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2))
