@@ -81,7 +81,7 @@ def _template(tokenizer, chat_template: str | None) -> tuple[str, str]:
         return chat_template, "chat_template=..."
     source = getattr(tokenizer, "chat_template", None)
     if not source:
-        raise ValueError("the model has no chat template (none in its checkpoint); pass chat_template=")
+        raise ValueError("the model has no chat template (none in its checkpoint); give one: chat_template= (--chat-template FILE)")
     return source, getattr(tokenizer, "template_origin", "") or "of the model"
 
 
