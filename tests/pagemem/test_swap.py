@@ -228,10 +228,55 @@ def random_cycles(device: str, steps: int, seed: int, path: str = "auto", make_f
     assert swap.num_free_host_pages == swap.num_host_pages
 
 
-@pytest.mark.parametrize("path", ["runs", "gather"])
+@pytest.mark.parametrize("path", ["auto", "runs", "gather", "direct"])
 def test_random_cycles_bit_exact_cpu(path):
-    """Thousands of random swap cycles: every page comes back bit-exact; both pools stay consistent."""
+    """Thousands of random swap cycles: every page comes back bit-exact; both pools stay consistent.
+    The CPU HostSwap carries out each path's own copy plan (copy_numpy), so each case runs its path."""
     random_cycles("cpu", steps=3000, seed=7, path=path)
+
+
+@pytest.mark.parametrize("path", ["auto", "runs", "gather", "direct"])
+def test_cpu_swap_takes_the_chosen_paths_plan(path, monkeypatch):
+    """Each swap_out and swap_in asks plan_copies for the HostSwap's path and carries out what it
+    returns: last_path names it ("auto" resolves as choose_path does) and the bytes follow the plan."""
+    import pagemem.swap as swap_module
+    plans, real = [], swap_module.plan_copies
+
+    def recording(*args):
+        plans.append(real(*args))
+        return plans[-1]
+    monkeypatch.setattr(swap_module, "plan_copies", recording)
+    rng = np.random.default_rng(2)
+    pool, swap = make(num_pages=17, num_host_pages=12, path=path, staging_bytes=1024)   # 2-page staging
+    pages = pool.allocate(9)
+    ids = [pages[i] for i in (4, 0, 5, 6, 7, 1)]             # a run of three and scattered pages
+    data = fill_random_bits(pool, ids, rng)
+    want = "gather" if path == "auto" else path              # 512-byte pages: runs far below 8 MiB
+    assert swap.choose_path(ids, list(range(6))) == want
+    ticket = swap.swap_out(ids)
+    assert [p.path for p in plans] == [want, want] and swap.last_path == want   # choose_path's, then swap_out's
+    assert plans[-1].ids.tolist() == ids
+    back = swap.swap_in(ticket)
+    assert plans[-1].path == want and plans[-1].ids.tolist() == back and len(plans) == 3
+    for old, new in zip(ids, back):
+        assert_bits(pool, new, data[old])
+    check(pool, swap)
+
+
+def test_a_plan_that_cannot_be_made_changes_nothing(monkeypatch):
+    """swap_out plans before it takes host slots or the caller's references: a planning error
+    leaves both pools as they were."""
+    import pagemem.swap as swap_module
+
+    def broken(*args):
+        raise ValueError("no plan")
+    pool, swap = make()
+    pages = pool.allocate(2)
+    before = snapshot(pool, swap)
+    monkeypatch.setattr(swap_module, "plan_copies", broken)
+    with pytest.raises(ValueError, match="no plan"):
+        swap.swap_out(pages)
+    assert_unchanged(pool, swap, before)
 
 
 @pytest.mark.gpu

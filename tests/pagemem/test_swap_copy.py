@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pagemem import HostSwap, PagePool, PoolConfig
-from pagemem._swap_copy import D2H, H2D, CopyEngine, merge_runs, plan_copies
+from pagemem._swap_copy import D2H, H2D, CopyEngine, copy_numpy, merge_runs, plan_copies
 from test_swap import random_cycles
 
 WORDS = 6  # uint32 words per page in these tests: 24-byte pages
@@ -84,10 +84,66 @@ def test_plan_bounds_partition_the_runs_by_chunk():
     ([1, 2, 3, 4, 5, 9, 10, 11, 12, 13], "runs"),    # 2 runs of 120 bytes
 ])
 def test_auto_path_compares_the_mean_run_with_min_run_bytes(ids, expected):
-    """"auto" copies runs directly when they average min_run_bytes; the runs are merge_runs'."""
+    """"auto" copies runs directly when they average min_run_bytes (counted by a plain loop here)."""
+    runs = loop_runs(ids, range(len(ids)))
+    assert (len(ids) * 24 >= len(runs) * 100) == (expected == "runs")
     assert plan_copies(ids, range(len(ids)), "auto", 24, 100, 64).path == expected
-    runs = plan_copies(ids, range(len(ids)), "runs", 24, 100, 64).runs
-    assert runs == merge_runs(ids, range(len(ids)))
+
+
+def loop_runs(src, dst, chunk: int | None = None) -> list[tuple[int, int, int]]:
+    """The oracle: walk the pairs once, extending the last run while both sides advance by one
+    (and, with ``chunk``, the position stays in the same chunk of that many)."""
+    runs: list[list[int]] = []
+    for i, (s, d) in enumerate(zip(src, dst)):
+        if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2] and (
+                chunk is None or i % chunk):
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+def adjacent_case(rng, n: int) -> tuple[list[int], list[int]]:
+    """Ids and slots made of short ascending stretches at random places, so runs of 1 to 5 pages
+    occur on either side, together or not."""
+    ids, slots = [], []
+    while len(ids) < n:
+        k = int(rng.integers(1, 6))
+        i0, s0 = int(rng.integers(1, 200)), int(rng.integers(0, 200))
+        ids += range(i0, i0 + k)
+        slots += range(s0, s0 + k) if rng.random() < 0.7 else rng.integers(0, 200, k).tolist()
+    return ids[:n], slots[:n]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_runs_and_gather_plans_against_a_plain_loop(seed):
+    """plan_copies' runs equal the loop's: "runs" over (id, slot) pairs; "gather" over (position,
+    slot) pairs cut at staging chunks, with bounds giving each chunk's first run; merge_runs too."""
+    rng = np.random.default_rng(seed)
+    ids, slots = adjacent_case(rng, int(rng.integers(1, 40)))
+    assert plan_copies(ids, slots, "runs", 24, 1, 7).runs == loop_runs(ids, slots) == merge_runs(ids, slots)
+    m = int(rng.integers(1, 9))
+    plan = plan_copies(ids, slots, "gather", 24, 1, m)
+    want = loop_runs(range(len(ids)), slots, chunk=m)
+    assert plan.runs == want
+    starts = [r[0] for r in want]
+    assert plan.bounds == [next(j for j, p in enumerate(starts + [len(ids)]) if p >= c) for c in
+                           range(0, len(ids), m)] + [len(want)]
+
+
+@pytest.mark.parametrize("path", ["runs", "gather", "direct"])
+@pytest.mark.parametrize("staging_pages", [1, 3, 64])
+def test_copy_numpy_is_fancy_indexing(path, staging_pages):
+    """The CPU HostSwap's copies (copy_numpy) move host[slots] = kv[ids] and back, for any plan."""
+    rng = np.random.default_rng(staging_pages + 10)
+    for n in (1, 2, 7, 30):
+        ids, slots, kv, host = scattered_case(rng, n, contiguous_slots=n == 7)
+        want = kv[ids].copy()
+        copy_numpy(plan_copies(ids, slots, path, 24, 1, staging_pages), kv, host, D2H)
+        np.testing.assert_array_equal(host[slots], want)
+        kv[ids] = 0
+        copy_numpy(plan_copies(ids, slots, path, 24, 1, staging_pages), kv, host, H2D)
+        np.testing.assert_array_equal(kv[ids], want)
 
 
 # ---- CopyEngine against a stand-in for CuPy ------------------------------------------------------
