@@ -12,6 +12,9 @@ enqueued on ``stream`` (a CuPy stream; default CuPy's current stream) without sy
     rms_norm        x [num_tokens, hidden] (optionally added into a residual first), one kernel
     apply_rope      x [num_tokens, heads, head_dim] rotated in place by each token's position
     silu_mul        gate_up [num_tokens, 2 * inter] -> silu(gate) * up [num_tokens, inter]
+    sample          logits [num_rows, vocab] -> one token id per row (greedy, temperature, top-k,
+                    top-p, min-p; counter-based seeds), no sort of the vocabulary on the GPU
+    sample_logprobs log-probabilities of chosen tokens and of each row's most likely ones
 
 On the GPU, paged_prefill runs one fused tensor-core kernel (CUDA C++ through CuPy's NVRTC:
 kernels/prefill_flash.py) for fp16/bf16 caches with head_dim up to 128, and a gather + cuBLAS
@@ -28,7 +31,11 @@ import numpy as np
 from pagemem.kernels import cpu as _cpu
 from pagemem.kernels._checks import check_attention, check_int_array, check_same_device, check_window, default_scale
 
-__all__ = ["store_kv", "paged_decode", "paged_prefill", "prefill_is_fused", "rms_norm", "apply_rope", "silu_mul"]
+from pagemem.kernels.reference_sampling import MAX_LOGPROBS, NUM_FIELDS
+from pagemem.kernels.reference_sampling import pack_params as pack_sampling_params
+
+__all__ = ["store_kv", "paged_decode", "paged_prefill", "prefill_is_fused", "rms_norm", "apply_rope", "silu_mul",
+           "sample", "sample_logprobs", "pack_sampling_params", "NUM_FIELDS", "MAX_LOGPROBS"]
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, stream=None) -> None:
@@ -149,6 +156,61 @@ def silu_mul(gate_up, out=None, stream=None):
         return _cpu.silu_mul_cpu(gate_up, out)
     from pagemem.kernels.pointwise import silu_mul_cuda
     return silu_mul_cuda(gate_up, out, kind, stream)
+
+
+def sample(logits, params, out=None, stream=None):
+    """One token id per row of ``logits`` [n, vocab] (fp16, bf16 or fp32) under ``params``
+    [NUM_FIELDS, n] int32 (``pack_sampling_params``, which validates the values), written to
+    ``out`` [n] int32 and returned. Semantics and the generator: kernels/reference_sampling.py.
+    On the GPU one kernel, enqueued without synchronizing; on the CPU the NumPy reference."""
+    on_gpu = check_same_device(logits=logits, params=params, **({} if out is None else {"out": out}))
+    n = _check_sampling(logits, params)
+    if out is None:
+        out = _empty((n,), np.int32, on_gpu)
+    elif tuple(out.shape) != (n,) or np.dtype(out.dtype) != np.int32:
+        raise ValueError(f"out: expected shape ({n},) int32, got {tuple(out.shape)} {np.dtype(out.dtype)}")
+    if not on_gpu:
+        from pagemem.kernels.reference_sampling import ref_sample
+        out[:] = ref_sample(logits, params)
+        return out
+    from pagemem.kernels.sampling_kernel import sample_cuda
+    return sample_cuda(logits, params, out, stream)
+
+
+def sample_logprobs(logits, params, token_ids, num_top: int, stream=None):
+    """(chosen [n] f32, top_ids [n, num_top] int32, top_logprobs [n, num_top] f32): each row's
+    log-probability of ``token_ids`` [n] int32 and its ``num_top`` (0..MAX_LOGPROBS) most likely
+    tokens (ties by lowest id), after temperature and before top-k/top-p/min-p (temperature 1
+    for greedy rows), as vLLM reports them by default."""
+    on_gpu = check_same_device(logits=logits, params=params, token_ids=token_ids)
+    n = _check_sampling(logits, params)
+    check_int_array(token_ids, "token_ids", 1, n)
+    if isinstance(num_top, bool) or not isinstance(num_top, (int, np.integer)) \
+            or not 0 <= num_top <= min(MAX_LOGPROBS, logits.shape[1]):
+        raise ValueError(f"num_top must be an int in [0, {min(MAX_LOGPROBS, logits.shape[1])}], got {num_top!r}")
+    if not on_gpu:
+        from pagemem.kernels.reference_sampling import ref_logprobs
+        return ref_logprobs(logits, params, token_ids, int(num_top))
+    import cupy
+    from pagemem.kernels.sampling_kernel import logprobs_cuda
+    chosen, top_lp = cupy.empty(n, np.float32), cupy.empty((n, max(1, num_top)), np.float32)
+    top_ids = cupy.empty((n, max(1, num_top)), np.int32)
+    logprobs_cuda(logits, params, token_ids, int(num_top), chosen, top_ids, top_lp, stream)
+    return chosen, top_ids[:, :num_top], top_lp[:, :num_top]
+
+
+def _check_sampling(logits, params) -> int:
+    from pagemem.kernels._device import dtype_kind
+    dtype_kind(logits.dtype, "logits")
+    if logits.ndim != 2 or logits.shape[0] < 1 or not 1 <= logits.shape[1] < 2**31:
+        raise ValueError(f"logits: expected [num_rows >= 1, vocab >= 1], got shape {tuple(logits.shape)}")
+    if logits.strides[1] != logits.itemsize:
+        raise ValueError("logits: the vocabulary axis must be contiguous")
+    n = logits.shape[0]
+    check_int_array(params, "params", 2, NUM_FIELDS)
+    if params.shape[1] != n:
+        raise ValueError(f"params: expected [{NUM_FIELDS}, {n}] (one column per row of logits), got {tuple(params.shape)}")
+    return n
 
 
 def _check_rows(x, name: str, ndim: int) -> int:

@@ -7,8 +7,9 @@ forward once per shape and replaying it removes that cost.
 Shapes are bucketed: ``num_seqs`` up to the next batch bucket, ``max_pages`` up to the next
 power of two. Padded rows point at NULL_PAGE with context_len 1 (store_kv skips NULL_PAGE
 slots on the GPU; their outputs are discarded). Inputs live in one static device buffer
-refreshed by a single host-to-device copy per step; each graph writes its logits into one
-static buffer shared by all graphs.
+refreshed by a single host-to-device copy per step, the rows' sampling settings included; each
+graph writes its logits, and the token ids it draws from them (``pagemem.kernels.sample``, inside
+the graph), into static buffers shared by all graphs. Padded rows sample greedily.
 
 Memory: everything allocated while capturing comes from a private CuPy pool that only the
 graphs use, so no other allocation can reuse a block a graph writes to. Graphs run one at a
@@ -22,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pagemem import kernels
 from pagemem.models.cublas_graph import CapturableGemm
 from pagemem import PagedBatch, PagePool, SeqPages, slot
 from pagemem.page_table import fill_page_tables
@@ -61,6 +63,7 @@ class DecodeGraphs:
         self.uploaded: dict[tuple[int, int], object] = {}  # key -> event after its last input copy
         with cp.cuda.using_allocator(self.mempool.malloc):
             self.logits = cp.empty((max_num_seqs, model.config.vocab_size), dtype=cp.float32)  # [B, V]
+            self.ids = cp.zeros(max_num_seqs, dtype=cp.int32)                                   # [B] drawn
         self.gemm = CapturableGemm(stream)     # CuPy's own matmul cannot be captured
         self.num_captures = self.num_replays = 0
         self.capture_s = 0.0
@@ -70,9 +73,11 @@ class DecodeGraphs:
         return (self.disabled is None and 0 < len(seqs) <= self.max_seqs
                 and all(q == 1 for q in query_lens))
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages], feed=None):
-        """Logits [num_seqs, V] float32 (a view into the static buffer, valid until the next run),
-        or None if capturing failed (the caller runs the step eagerly).
+    def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages], feed=None, packed=None):
+        """(logits [num_seqs, V] float32, drawn ids [num_seqs] int32): views into the static
+        buffers, valid until the next run; or None if capturing failed (the caller runs the step
+        eagerly). ``packed`` [NUM_FIELDS, num_seqs] int32: the rows' sampling settings
+        (``pagemem.kernels.pack_sampling_params``; None: greedy).
 
         ``feed``: (rows, src, ids) for rows whose token id is still on the device: row
         ``rows[k]`` reads ``ids[src[k]]`` (a device array) instead of ``tokens[rows[k]]``."""
@@ -85,7 +90,7 @@ class DecodeGraphs:
         uploaded = self.uploaded.get(key)
         if uploaded is not None:
             uploaded.synchronize()     # the last copy out of this pinned buffer has left it
-        self._fill(host, key, tokens, positions, seqs)
+        self._fill(host, key, tokens, positions, seqs, packed)
         v = self._views(host, key)
         v["token_src"][:] = -1
         if feed is not None:
@@ -99,7 +104,7 @@ class DecodeGraphs:
             _feed_kernel(self.cp)(d["token_src"], feed[2], d["token_ids"])
         self.graphs[key].launch(stream=self.stream)
         self.num_replays += 1
-        return self.logits[:n]
+        return self.logits[:n], self.ids[:n]
 
     def capture_all(self, max_context_len: int) -> None:
         """Capture every (batch, page) bucket up to ``max_context_len`` tokens ahead of time, as
@@ -131,7 +136,8 @@ class DecodeGraphs:
     def _layout(self, key: tuple[int, int]) -> list[tuple[str, int]]:
         b, p = key
         return [("page_tables", b * p), ("context_lens", b), ("query_start_loc", b + 1),
-                ("slot_mapping", b), ("token_ids", b), ("positions", b), ("token_src", b)]
+                ("slot_mapping", b), ("token_ids", b), ("positions", b), ("token_src", b),
+                ("sample_params", kernels.NUM_FIELDS * b)]
 
     def _views(self, buf, key: tuple[int, int]) -> dict:
         out, o = {}, 0
@@ -139,10 +145,12 @@ class DecodeGraphs:
             out[name] = buf[o:o + size]
             o += size
         out["page_tables"] = out["page_tables"].reshape(key)
+        out["sample_params"] = out["sample_params"].reshape(kernels.NUM_FIELDS, key[0])
         return out
 
-    def _fill(self, host: np.ndarray, key, tokens, positions, seqs: Sequence[SeqPages]) -> None:
-        """Write this step's inputs into the pinned host buffer; padded rows read NULL_PAGE."""
+    def _fill(self, host: np.ndarray, key, tokens, positions, seqs: Sequence[SeqPages], packed=None) -> None:
+        """Write this step's inputs into the pinned host buffer; padded rows read NULL_PAGE and
+        sample greedily (all-zero settings)."""
         n, ps = len(seqs), self.pool.page_size
         v = self._views(host, key)
         fill_page_tables(v["page_tables"], seqs)                     # [b, P], NULL_PAGE padded
@@ -154,6 +162,9 @@ class DecodeGraphs:
         v["slot_mapping"][n:] = 0                                    # NULL_PAGE: skipped by store_kv
         v["token_ids"][:n], v["token_ids"][n:] = tokens, 0
         v["positions"][:n], v["positions"][n:] = positions, 0
+        v["sample_params"][:] = 0
+        if packed is not None:
+            v["sample_params"][:, :n] = packed
 
     # ---- capture ---------------------------------------------------------------------------------
     def _capture(self, key: tuple[int, int]) -> None:
@@ -185,3 +196,4 @@ class DecodeGraphs:
     def _forward(self, batch: PagedBatch, v: dict, key) -> None:
         logits = self.model.forward(v["token_ids"], v["positions"], batch, self.pool, mm=self.gemm)  # [b, V]
         self.logits[:key[0]] = logits
+        kernels.sample(self.logits[:key[0]], v["sample_params"], out=self.ids[:key[0]], stream=self.stream)

@@ -14,13 +14,24 @@ from typing import Sequence
 import numpy as np
 
 from pagemem.models.model import Model, load_model
-from pagemem.models.sampling import SamplingParams, make_rng, sample, stop_reason
+from pagemem import kernels
+from pagemem.models.sampling import SamplingParams, pack_rows, request_seed, stop_reason
 from pagemem import PagePool, PoolConfig, pack_batch
 from pagemem.prefix_cache import PrefixCache
 from pagemem.scheduler import Request, Scheduler, Status
 from pagemem.swap import HostSwap
 
 CPU_POOL_BYTES = 1 << 30   # default pool size on the CPU, where free memory is not probed
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """One generated token's log-probability and its position's most likely tokens (after
+    temperature, before top-k/top-p/min-p), for requests with ``SamplingParams.logprobs``."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]   # (token id, logprob), most likely first
 
 
 @dataclass(slots=True)
@@ -37,6 +48,7 @@ class RequestOutput:
     tpot_s: float            # mean time per output token after the first
     num_preemptions: int
     num_cached_tokens: int   # prompt tokens served by the prefix cache
+    logprobs: list[TokenLogprobs] | None = None   # per generated token, when asked for
 
 
 @dataclass(slots=True)
@@ -60,11 +72,12 @@ class StepRecord:
 @dataclass(slots=True)
 class _Live:
     params: SamplingParams
-    rng: np.random.Generator
+    seed: int                          # the request's draws depend on it and the position only
     prompt: str | None
     first_token_t: float | None = None
     done_t: float | None = None
     finish_reason: str = ""
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -120,10 +133,8 @@ class LLM:
         self._last_take_in = 0.0
         self._flip = 0
         self._pinned = None
-        if self.stream is not None:      # two landing buffers for sampled ids: one per step in flight
-            import cupy as cp
-            self._pinned = [np.frombuffer(cp.cuda.alloc_pinned_memory(8 * max_num_seqs), dtype=np.int64)
-                            for _ in range(2)]
+        if self.stream is not None:      # two sets of pinned buffers: one per step in flight
+            self._pinned = [_Pinned(max_num_seqs) for _ in range(2)]
         self.stats = EngineStats()
         self._live: dict[Request, _Live] = {}
         self._next_id = 0
@@ -177,7 +188,9 @@ class LLM:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         text = prompt if isinstance(prompt, str) else None
-        ids = self.model.tokenizer.encode(prompt) if text is not None else [int(t) for t in prompt]
+        ids = self.model.tokenizer.encode(prompt) if text is not None else _token_id_list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty (no token ids)")
         limit = self.model.config.max_position_embeddings
         if len(ids) + params.max_tokens > limit:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the "
@@ -189,8 +202,8 @@ class LLM:
 
     def _queue(self, text: str | None, ids: list[int], params: SamplingParams, priority: int) -> Request:
         req = self.scheduler.add(self._next_id, ids, params.max_tokens, priority)
-        seed = params.seed if params.seed is not None else hash((self.seed, self._next_id)) & 0xFFFFFFFF
-        self._live[req] = _Live(params, make_rng(SamplingParams(seed=seed)), text)
+        self._live[req] = _Live(params, request_seed(params, self.seed, self._next_id), text,
+                                logprobs=[] if params.logprobs is not None else None)
         self._next_id += 1
         return req
 
@@ -198,22 +211,52 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in prompt order."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("prompts is empty")
-        params = params or SamplingParams()
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        prompts, plist = _prompt_list(prompts), _params_list(params)
+        if plist is None:
+            plist = [SamplingParams()] * len(prompts)
+        elif len(plist) == 1 and isinstance(params, SamplingParams):
+            plist = plist * len(prompts)
         if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        encoded = [self._encode(p, sp, 0) for p, sp in zip(prompts, plist)]   # all or nothing
+            raise ValueError(f"params: {len(plist)} SamplingParams for {len(prompts)} prompts")
+        encoded = [self._encode(p, sp, 0) for p, sp in zip(prompts, plist)]   # all checked before any is queued
         reqs = [self._queue(text, ids, sp, 0) for (text, ids), sp in zip(encoded, plist)]
         self.stats = EngineStats(start_t=time.perf_counter(), counters_at_start=self.counters())
         bar = _progress(len(reqs), use_tqdm)
-        while self.has_unfinished():
-            bar.update(self.step())
-        bar.close()
+        try:
+            while self.has_unfinished():
+                bar.update(self.step())
+        except BaseException:
+            self._abort(reqs)            # the call's requests leave; the engine stays usable
+            raise
+        finally:
+            bar.close()
         self.stats.end_t = time.perf_counter()
         return [self._output(r) for r in reqs]
+
+    def abort(self, req: Request) -> None:
+        """Retire ``req`` wherever it is (waiting, running, swapped): its pages go back to the
+        pool now; a token of it still in flight is dropped when it arrives."""
+        live = self._live.get(req)
+        if live is None:
+            raise ValueError(f"request {getattr(req, 'request_id', req)!r} is not in this engine")
+        if req.status is not Status.FINISHED:
+            self.scheduler.finish(req)
+        if not live.finish_reason:
+            live.finish_reason, live.done_t = "abort", time.perf_counter()
+
+    def _abort(self, reqs: Sequence[Request]) -> None:
+        """After a failed step: drop the step in flight (its ids never arrive) and retire reqs."""
+        cur, self._inflight = self._inflight, None
+        if cur is not None:
+            try:
+                self._take_in(cur)       # other callers' requests keep their tokens
+            except Exception:  # noqa: BLE001 -- the step itself is broken: its ids are lost
+                for req in cur.sampled:
+                    req.num_pending = max(0, req.num_pending - 1)
+        for req in reqs:
+            if req.status is not Status.FINISHED:
+                self.scheduler.finish(req)
+            self._live.pop(req, None)
 
     def chat(self, messages, params: SamplingParams | Sequence[SamplingParams] | None = None, **kwargs) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to each of a
@@ -267,17 +310,24 @@ class LLM:
         seqs = [r.pages for r in step.requests]
         rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
         sampled = [step.requests[i] for i in rows]
+        # [NUM_FIELDS, num_seqs] int32: each row's sampling settings, seed and drawn position (rows
+        # that do not sample this step, mid-prompt chunks, get greedy settings and are ignored)
+        packed = np.zeros((kernels.NUM_FIELDS, len(seqs)), dtype=np.int32)
+        if rows:
+            live = [self._live[r] for r in sampled]
+            packed[:, rows] = pack_rows([x.params for x in live], [x.seed for x in live], [r.num_tokens for r in sampled])
         # Every device operation of the step (batch upload, forward, sampling) runs on one stream.
         with self.stream if self.stream is not None else contextlib.nullcontext():
-            logits = self._forward(tokens, positions, seqs, step.query_lens, feed, prev)   # [num_seqs, V]
+            logits, graph_ids = self._forward(tokens, positions, seqs, step.query_lens, feed, prev, packed)
             cur = _InFlight(step, sampled, t0)
-            self._sample(cur, logits, rows, len(step.requests))
+            self._sample(cur, logits, rows, packed, graph_ids)
         self.scheduler.advance(step, sampled)
         return cur
 
-    def _forward(self, tokens: np.ndarray, positions: np.ndarray, seqs, lens: list[int], feed, prev):
-        """Logits [num_seqs, V]. Decode rows (packed first) replay a CUDA graph when one is
-        available; the rest, or everything without graphs, run the eager forward."""
+    def _forward(self, tokens: np.ndarray, positions: np.ndarray, seqs, lens: list[int], feed, prev, packed):
+        """(logits [num_seqs, V], drawn ids [num_seqs] or None). Decode rows (packed first) replay
+        a CUDA graph, which also draws their ids under ``packed[:, :nd]``, when one is available;
+        the rest, or everything without graphs, run eagerly (and the ids are drawn after)."""
         nd = next((i for i, q in enumerate(lens) if q != 1), len(lens))
         head = None
         if nd and self.graphs is not None and self.graphs.can_run(seqs[:nd], lens[:nd]):
@@ -285,7 +335,7 @@ class LLM:
             if feed is not None:
                 keep = feed[0] < nd
                 head_feed = (feed[0][keep], feed[1][keep], prev.tokens)
-            head = self.graphs.run(tokens[:nd], positions[:nd], seqs[:nd], head_feed)   # [nd, V] or None
+            head = self.graphs.run(tokens[:nd], positions[:nd], seqs[:nd], head_feed, packed[:, :nd])
         if head is None:
             nd = 0
         if nd == len(lens):
@@ -298,31 +348,31 @@ class LLM:
             tail_tokens[self.xp.asarray(feed[0][keep] - nd)] = \
                 prev.tokens[self.xp.asarray(feed[1][keep])].astype(tail_tokens.dtype)
         tail = self.model.forward(tail_tokens, positions[nd:], batch, self.pool)
-        return tail if nd == 0 else self.xp.concatenate([head, tail])
+        return (tail if nd == 0 else self.xp.concatenate([head[0], tail])), None
 
-    def _sample(self, cur: _InFlight, logits, rows: list[int], num_rows: int) -> None:
-        """Greedy rows take an argmax left on the device, copied to the host without waiting
-        (``cur.deferred``); rows that sample with a temperature are drawn on the host now."""
+    def _sample(self, cur: _InFlight, logits, rows: list[int], packed: np.ndarray, ids=None) -> None:
+        """Draw every sampling row's token on the device (``ids``: already drawn by the graph)
+        and, for requests that ask, its log-probabilities; start their copy to the host without
+        waiting. With async scheduling they are taken in after the next step is queued."""
         if not rows:
-            cur.host = np.empty(0, dtype=np.int64)
+            cur.host = np.empty(0, dtype=np.int32)
             return
-        if len(rows) < num_rows:
-            logits = logits[self.xp.asarray(rows)]
-        live = [self._live[r] for r in cur.sampled]
-        if not (self.async_scheduling and all(x.params.is_greedy for x in live)):
-            cur.host = sample(logits, [x.params for x in live], [x.rng for x in live])
-            return
-        cur.tokens = logits.argmax(axis=-1)                                  # [rows] on the device
-        cur.deferred = True
+        if len(rows) < logits.shape[0]:
+            at = self.xp.asarray(rows)
+            logits, packed = logits[at], packed[:, rows]                    # [len(rows), V], [F, len(rows)]
+            ids = None if ids is None else ids[at]
+        flip = self._flip = self._flip ^ 1
+        params = packed if self.stream is None else self._pinned[flip].upload_params(packed, self.stream)
+        if ids is None:
+            ids = kernels.sample(logits, params, stream=self.stream)        # [len(rows)] int32
+        num_top = max((self._live[r].params.logprobs for r in cur.sampled
+                       if self._live[r].params.logprobs is not None), default=None)
+        lp = None if num_top is None else kernels.sample_logprobs(logits, params, ids, num_top, stream=self.stream)
+        cur.tokens, cur.deferred = ids, self.async_scheduling
         if self.stream is None:
-            cur.host = cur.tokens
+            cur.host, cur.logprobs = ids, lp
             return
-        import cupy as cp
-        self._flip ^= 1
-        buf = self._pinned[self._flip][:len(rows)]
-        cur.tokens.get(stream=self.stream, out=buf, blocking=False)
-        cur.host, cur.event = buf, cp.cuda.Event(block=False, disable_timing=True)
-        cur.event.record(self.stream)
+        cur.host, cur.logprobs, cur.event = self._pinned[flip].download(ids, lp, self.stream)
 
     def _take_in(self, cur: _InFlight) -> int:
         """The step's sampled ids are on the host (waits for its copy alone, not the device):
@@ -332,12 +382,14 @@ class LLM:
         ids = cur.host.tolist()
         now = time.perf_counter()
         keep, finished = {}, 0
-        for req, tok in zip(cur.sampled, ids):
-            live = self._live[req]
-            if live.finish_reason:           # stopped on an earlier id while this row ran: drop it
+        for j, (req, tok) in enumerate(zip(cur.sampled, ids)):
+            live = self._live.get(req)
+            if live is None or live.finish_reason:   # stopped or aborted while this row ran: drop it
                 req.num_pending -= 1
                 continue
             keep[req] = tok
+            if live.logprobs is not None:
+                live.logprobs.append(_token_logprobs(cur.logprobs, j, tok, live.params.logprobs))
         self.scheduler.resolve(keep)
         for req, tok in keep.items():
             live = self._live[req]
@@ -381,14 +433,25 @@ class LLM:
             len(self.scheduler.waiting), len(self.scheduler.swapped),
             sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0))
 
+    def is_finished(self, req: Request) -> bool:
+        """Whether ``req`` (from add_request) has stopped: by a stop rule, its length, or abort."""
+        return bool(self._live[req].finish_reason)
+
+    def pop_output(self, req: Request) -> RequestOutput:
+        """The finished request's output; the engine forgets it (call once, after is_finished)."""
+        if not self.is_finished(req):
+            raise ValueError(f"request {req.request_id!r} has not finished")
+        return self._output(req)
+
     def _output(self, req: Request) -> RequestOutput:
         live = self._live.pop(req)
         out_ids = req.token_ids[req.num_prompt_tokens:]
-        ttft = live.first_token_t - self.stats.start_t
-        tpot = (live.done_t - live.first_token_t) / (len(out_ids) - 1) if len(out_ids) > 1 else 0.0
+        first = live.first_token_t
+        ttft = first - self.stats.start_t if first is not None else float("nan")
+        tpot = (live.done_t - first) / (len(out_ids) - 1) if len(out_ids) > 1 else 0.0
         return RequestOutput(req.request_id, live.prompt, req.token_ids[:req.num_prompt_tokens], out_ids,
                              self.model.tokenizer.decode(out_ids), live.finish_reason, ttft, tpot,
-                             req.num_preemptions, req.num_cached_tokens)
+                             req.num_preemptions, req.num_cached_tokens, live.logprobs)
 
 
 @dataclass(slots=True, eq=False)
@@ -398,10 +461,62 @@ class _InFlight:
     step: object                   # the ScheduledStep
     sampled: list[Request]         # requests that sampled, in the order of ``tokens``
     t0: float
-    tokens: object = None          # [len(sampled)] ids on the device (NumPy on the CPU)
+    tokens: object = None          # [len(sampled)] int32 ids on the device (NumPy on the CPU)
     host: np.ndarray | None = None  # where they land on the host
-    event: object = None           # recorded after the copy to ``host``
+    logprobs: tuple | None = None  # (chosen [n], top ids [n, N], top logprobs [n, N]) on the host
+    event: object = None           # recorded after the copies to the host
     deferred: bool = False         # taken in after the next step is queued
+
+
+class _Pinned:
+    """Page-locked host buffers of one step in flight: the sampling settings going up and the
+    drawn ids (and log-probabilities) coming down, so neither copy blocks the host. Each is a
+    flat buffer viewed as a contiguous [rows, ...] array of the step's size."""
+
+    def __init__(self, max_rows: int) -> None:
+        import cupy as cp
+        self.cp, self.max_rows = cp, max_rows
+        self.params = _pinned_flat(cp, kernels.NUM_FIELDS * max_rows, np.int32)
+        self.ids = _pinned_flat(cp, max_rows, np.int32)
+        self.lp = None                 # allocated on the first step that asks for logprobs
+
+    def upload_params(self, packed: np.ndarray, stream):
+        """packed [NUM_FIELDS, n] int32 -> a device copy, enqueued on ``stream``."""
+        host = self.params[:packed.size].reshape(packed.shape)
+        host[:] = packed
+        dev = self.cp.empty(packed.shape, dtype=np.int32)
+        dev.set(host, stream=stream)
+        return dev
+
+    def download(self, ids, lp, stream):
+        """(ids host view, logprobs host views or None, event recorded after the copies)."""
+        n = ids.shape[0]
+        host = self.ids[:n]
+        ids.get(stream=stream, out=host, blocking=False)
+        lp_host = None
+        if lp is not None:
+            if self.lp is None:
+                m, k = self.max_rows, kernels.MAX_LOGPROBS
+                self.lp = (_pinned_flat(self.cp, m, np.float32), _pinned_flat(self.cp, m * k, np.int32),
+                           _pinned_flat(self.cp, m * k, np.float32))
+            k = lp[1].shape[1]
+            lp_host = (self.lp[0][:n], self.lp[1][:n * k].reshape(n, k), self.lp[2][:n * k].reshape(n, k))
+            for src, dst in zip(lp, lp_host):
+                self.cp.ascontiguousarray(src).get(stream=stream, out=dst, blocking=False)
+        event = self.cp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        return host, lp_host, event
+
+
+def _pinned_flat(cp, count: int, dtype) -> np.ndarray:
+    mem = cp.cuda.alloc_pinned_memory(count * np.dtype(dtype).itemsize)
+    return np.frombuffer(mem, dtype=dtype, count=count)
+
+
+def _token_logprobs(lp, j: int, token: int, num_top: int) -> TokenLogprobs:
+    chosen, top_ids, top_lp = lp
+    top = tuple((int(i), float(v)) for i, v in zip(top_ids[j, :num_top].tolist(), top_lp[j, :num_top].tolist()))
+    return TokenLogprobs(int(token), float(chosen[j]), top)
 
 
 def _feed_rows(reqs: list[Request], prev: _InFlight | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -431,6 +546,42 @@ def _inputs(reqs: list[Request], lens: list[int]) -> tuple[np.ndarray, np.ndarra
     positions = np.concatenate([np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
                                 for r, n in zip(reqs, lens)])
     return tokens, positions
+
+
+def _token_id_list(prompt) -> list[int]:
+    """A prompt given as token ids: a sequence of ints (no bools, floats or strings)."""
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (list, tuple, np.ndarray, range)):
+        raise TypeError(f"a prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+    ids = []
+    for t in prompt:
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"prompt token ids must be ints, got {t!r}")
+        ids.append(int(t))
+    return ids
+
+
+def _prompt_list(prompts) -> list:
+    """generate()'s prompts as a list: one str, or a non-empty sequence of str or of id lists."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, (list, tuple, np.ndarray)):
+        raise TypeError(f"prompts must be a str or a list of str / token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty")
+    return list(prompts)
+
+
+def _params_list(params) -> list | None:
+    if params is None:
+        return None
+    if isinstance(params, SamplingParams):
+        return [params]
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be SamplingParams or a list of them, got {type(params).__name__}")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise TypeError(f"params must hold SamplingParams, got {type(p).__name__}")
+    return list(params)
 
 
 class _NoBar:

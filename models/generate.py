@@ -1,7 +1,7 @@
 """generate(): a small, non-continuous generation loop through the page pool.
 
 All prompts are prefilled together in one ragged batch, then decoded together one token per
-step until each stops. The continuous-batching engine (``models.engine``) is the full version;
+step until each stops. The continuous-batching engine (``pagemem.models.engine``) is the full version;
 this one exists for tests, demos and as the reference for how the pieces fit.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from pagemem.models.model import Model
-from pagemem.models.sampling import SamplingParams, make_rng, sample, stop_reason
+from pagemem import kernels
+from pagemem.models.sampling import SamplingParams, pack_rows, request_seed, stop_reason
 from pagemem import PagePool, SeqPages, pack_batch
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -39,7 +40,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: SamplingPar
 
 def _run(model: Model, prompts: list[list[int]], params: list[SamplingParams], seqs: list[SeqPages],
          pool: PagePool) -> list[list[int]]:
-    rngs = [make_rng(p) for p in params]
+    seeds = [request_seed(p, 0, i) for i, p in enumerate(params)]
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))
     new_tokens = prompts                                           # per active sequence
@@ -51,7 +52,10 @@ def _run(model: Model, prompts: list[list[int]], params: list[SamplingParams], s
         positions = np.concatenate([np.arange(seqs[i].num_tokens - len(t), seqs[i].num_tokens, dtype=np.int32)
                                     for i, t in zip(active, new_tokens)])                 # [T]
         logits = model.forward(token_ids, positions, batch, pool)                        # [len(active), V]
-        tokens = sample(logits, [params[i] for i in active], [rngs[i] for i in active])
+        packed = pack_rows([params[i] for i in active], [seeds[i] for i in active],
+                           [seqs[i].num_tokens for i in active])          # position of each drawn token
+        tokens = kernels.sample(logits, pool.xp.asarray(packed))
+        tokens = tokens if isinstance(tokens, np.ndarray) else tokens.get()
         still = []
         for i, tok in zip(active, tokens.tolist()):
             outputs[i].append(tok)

@@ -1,27 +1,43 @@
-"""SamplingParams and token sampling: greedy, temperature, top-k, top-p; seeded per request.
+"""SamplingParams, and the per-row settings the sampling kernels read.
 
-Each request owns one ``numpy.random.Generator`` (``make_rng(params)``), so a seeded request
-draws the same tokens whatever else is in its batch. Greedy rows take an argmax on the device;
-only rows that sample move their logits to the host.
+Drawing happens on the device for every row of a step at once (``pagemem.kernels.sample``:
+greedy, temperature, top-k, top-p, min-p); only the chosen ids, and the log-probabilities a
+request asks for, come back to the host. Randomness is counter-based: a row's draw depends only
+on its request's seed and the position of the token drawn, so a seeded request gives the same
+tokens alone or in any batch, on every run. An unseeded request's seed comes from the engine's
+seed and the request's id (``request_seed``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from numbers import Integral, Real
+from typing import Sequence
 
 import numpy as np
 
-from pagemem.backend import module_of, to_host
+from pagemem.kernels import MAX_LOGPROBS, pack_sampling_params
 
-Array = Any
+SEED_LIMIT = 2 ** 64
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How one request picks tokens and when it stops.
 
-    temperature 0 is greedy. top_k 0 and top_p 1.0 disable those filters. Generation stops after
-    ``max_tokens`` new tokens, or on a token in ``stop_token_ids``, or on EOS unless ``ignore_eos``.
+    temperature 0 is greedy. top_k 0, top_p 1.0 and min_p 0.0 disable those filters (semantics:
+    pagemem/kernels/reference_sampling.py). Generation stops after ``max_tokens`` new tokens, on
+    a token in ``stop_token_ids``, or on EOS unless ``ignore_eos``. ``seed`` (an int in
+    [0, 2**64)) makes the draws reproducible; ``logprobs=N`` (0..20) reports each generated
+    token's log-probability and the N most likely, after temperature and before the filters.
     """
 
     temperature: float = 1.0
@@ -31,70 +47,79 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    min_p: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise TypeError(f"SamplingParams.{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise TypeError(f"SamplingParams.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"SamplingParams.{name} must be finite, got {value!r}")
         for name in ("top_k", "max_tokens"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, np.integer)):
+            if not _is_int(getattr(self, name)):
                 raise TypeError(f"SamplingParams.{name} must be an int, got {getattr(self, name)!r}")
-        if not 0.0 <= self.temperature < float("inf"):
+        if self.temperature < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"SamplingParams.top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1), got {self.min_p}")
         if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be >= 1, got {self.max_tokens}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))):
-            raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.top_k >= 2 ** 31:
+            raise ValueError(f"SamplingParams.top_k must be < 2**31, got {self.top_k}")
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise TypeError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+            if not 0 <= self.seed < SEED_LIMIT:
+                raise ValueError(f"SamplingParams.seed must be in [0, 2**64), got {self.seed}")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs):
+                raise TypeError(f"SamplingParams.logprobs must be an int or None, got {self.logprobs!r}")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"SamplingParams.logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {self.ignore_eos!r}")
+        object.__setattr__(self, "stop_token_ids", _token_ids(self.stop_token_ids))
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
 
-def make_rng(params: SamplingParams) -> np.random.Generator:
-    """The request's own generator: reproducible when ``params.seed`` is set."""
-    return np.random.default_rng(params.seed)
+def _token_ids(ids) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray, set, frozenset)):
+        raise TypeError(f"SamplingParams.stop_token_ids must be a sequence of ints, got {ids!r}")
+    out = []
+    for t in ids:
+        if not _is_int(t):
+            raise TypeError(f"SamplingParams.stop_token_ids must hold ints, got {t!r}")
+        if t < 0:
+            raise ValueError(f"SamplingParams.stop_token_ids must be >= 0, got {t}")
+        out.append(int(t))
+    return tuple(out)
 
 
-def filter_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Probabilities [V] float64 after temperature, top-k and top-p (zeros outside the kept set).
-
-    top-k keeps the k largest logits (ties at the k-th value are kept); top-p then keeps the
-    smallest set of most likely tokens whose probability reaches top_p.
-    """
-    z = logits.astype(np.float64) / params.temperature                # [V]
-    if 0 < params.top_k < z.shape[0]:
-        kth = np.partition(z, -params.top_k)[-params.top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        before = np.cumsum(p[order]) - p[order]                        # mass strictly before each token
-        drop = order[before >= params.top_p]
-        p[drop] = 0.0
-        p /= p.sum()
-    return p
+def request_seed(params: SamplingParams, engine_seed: int, request_id: int) -> int:
+    """The request's own seed, else one mixed from the engine's seed and the request id
+    (splitmix64's finalizer: nearby ids give unrelated seeds)."""
+    if params.seed is not None:
+        return int(params.seed)
+    x = (int(engine_seed) * 0x9E3779B97F4A7C15 + int(request_id) + 1) % SEED_LIMIT
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % SEED_LIMIT
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % SEED_LIMIT
+    return x ^ (x >> 31)
 
 
-def sample(logits: Array, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]) -> np.ndarray:
-    """One token per row of ``logits`` [n, V] (NumPy or CuPy), row i under params[i] and rngs[i]."""
-    n = logits.shape[0]
-    if len(params) != n or len(rngs) != n:
-        raise ValueError(f"sample: {n} rows of logits but {len(params)} params and {len(rngs)} rngs")
-    tokens = to_host(logits.argmax(axis=-1)).astype(np.int64)           # [n]
-    rows = [i for i, p in enumerate(params) if not p.is_greedy]
-    if rows:
-        host = to_host(logits[module_of(logits).asarray(rows)] if len(rows) < n else logits)  # [len(rows), V]
-        for j, i in enumerate(rows):
-            probs = filter_probs(host[j], params[i])
-            tokens[i] = rngs[i].choice(probs.shape[0], p=probs)
-    return tokens
+def pack_rows(params: Sequence[SamplingParams], seeds: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """[NUM_FIELDS, n] int32: each row's settings, seed, and the position of the token it draws."""
+    return pack_sampling_params([0.0 if p.is_greedy else p.temperature for p in params],
+                                [p.top_k for p in params], [p.top_p for p in params],
+                                [p.min_p for p in params], seeds, positions)
 
 
 def stop_reason(params: SamplingParams, token: int, num_generated: int, eos_token_ids: Sequence[int]) -> str | None:

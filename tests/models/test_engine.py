@@ -158,9 +158,14 @@ def test_async_scheduling_stops_like_the_simple_loop(tiny, prompts, reference, k
         assert all(r.num_pending == 0 for r in llm.scheduler.running)
 
 
-def test_async_scheduling_keeps_one_greedy_step_in_flight(tiny):
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                                    SamplingParams(temperature=0.7, top_k=20, max_tokens=3, seed=1, ignore_eos=True)],
+                         ids=["greedy", "sampled"])
+def test_async_scheduling_keeps_one_step_in_flight(tiny, params):
+    """Greedy and sampled ids alike stay on the device for one step; without async scheduling
+    each step's id is taken in at once."""
     llm = LLM(tiny, num_pages=64, swap_space=0)
-    llm.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    llm.add_request([1, 2, 3], params)
     llm.step()                                                     # prefill queued, its id in flight
     assert llm._inflight is not None and llm._inflight.deferred
     (req,) = llm.scheduler.running
@@ -170,7 +175,7 @@ def test_async_scheduling_keeps_one_greedy_step_in_flight(tiny):
     while llm.has_unfinished():
         llm.step()
     assert req.num_output_tokens == 3 and req.num_pending == 0
-    sync = LLM(tiny, num_pages=64, swap_space=0)
-    sync.add_request([1, 2, 3], SamplingParams(temperature=0.7, max_tokens=3, seed=1))
-    sync.step()                                                    # sampling with a temperature: no lag
+    sync = LLM(tiny, num_pages=64, swap_space=0, async_scheduling=False)
+    sync.add_request([1, 2, 3], params)
+    sync.step()                                                    # no lag
     assert sync._inflight is None and len(sync.scheduler.running[0].token_ids) == 4

@@ -1,6 +1,6 @@
 """Async scheduling under adversarial workloads: an engine that queues step N+1 before step N's
 sampled ids reach the host must serve every request exactly as the same engine syncing ids each
-step, and as the simple prefill-then-decode loop (``models.generate``).
+step, and as the simple prefill-then-decode loop (``pagemem.models.generate``).
 
 Workloads are drawn by hypothesis: ragged prompts (some sharing a prefix), per-request max_tokens,
 stop tokens taken from the greedy continuation itself (so requests stop early, some on their very
@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from pagemem import kernels
 from pagemem.models import SamplingParams, generate, load_model
 from pagemem.models.engine import LLM
 from pagemem import pack_batch
@@ -411,7 +412,7 @@ class _Graphs:
     def can_run(self, seqs, query_lens) -> bool:
         return 0 < len(seqs) <= self.max_seqs and all(q == 1 for q in query_lens)
 
-    def run(self, tokens, positions, seqs, feed=None):
+    def run(self, tokens, positions, seqs, feed=None, packed=None):
         self.runs += 1
         if self.fail_every and self.runs % self.fail_every == 0:
             return None
@@ -421,7 +422,9 @@ class _Graphs:
             tokens[rows] = ids[src]
             self.fed += len(rows)
         batch = pack_batch(list(seqs), [1] * len(seqs), np)
-        return self.llm.model.forward(tokens, np.asarray(positions), batch, self.llm.pool)
+        logits = self.llm.model.forward(tokens, np.asarray(positions), batch, self.llm.pool)
+        packed = np.zeros((kernels.NUM_FIELDS, len(seqs)), np.int32) if packed is None else packed
+        return logits, kernels.sample(logits, packed)     # the graph draws its rows' ids too
 
 
 def test_decode_graph_head_reads_every_in_flight_id():

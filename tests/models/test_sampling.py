@@ -1,14 +1,17 @@
-"""Sampling: validation, greedy, per-request seeds, top-k and top-p sets, stop conditions."""
+"""SamplingParams validation, stop conditions, and sampling through the engine: reproducible
+seeded draws whatever the batch, the target distribution end to end, log-probabilities."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pagemem.models import SamplingParams
-from pagemem.models.sampling import filter_probs, make_rng, sample, stop_reason
+from _helpers import prefill_logits
+from sampling_stats import assert_matches
 
-LOGITS = np.log(np.asarray([0.05, 0.4, 0.1, 0.3, 0.15], dtype=np.float32))   # probs, at temperature 1
+from pagemem.kernels.reference_sampling import ref_kept_mask, ref_logprobs, ref_sampling_probs, unpack_params
+from pagemem.models import LLM, SamplingParams, load_model
+from pagemem.models.sampling import pack_rows, request_seed, stop_reason
 
 
 @pytest.mark.parametrize("kwargs, exc, name", [
@@ -16,62 +19,25 @@ LOGITS = np.log(np.asarray([0.05, 0.4, 0.1, 0.3, 0.15], dtype=np.float32))   # p
     ({"top_p": 0.0}, ValueError, "top_p"), ({"top_p": 1.5}, ValueError, "top_p"),
     ({"max_tokens": 0}, ValueError, "max_tokens"), ({"top_k": 2.5}, TypeError, "top_k"),
     ({"seed": "1"}, TypeError, "seed"), ({"temperature": None}, TypeError, "temperature"),
+    ({"seed": -1}, ValueError, "seed"), ({"seed": 2**64}, ValueError, "seed"),
+    ({"temperature": float("nan")}, ValueError, "temperature"), ({"top_p": float("inf")}, ValueError, "top_p"),
+    ({"temperature": True}, TypeError, "temperature"), ({"min_p": 1.0}, ValueError, "min_p"),
+    ({"min_p": -0.1}, ValueError, "min_p"), ({"logprobs": 21}, ValueError, "logprobs"),
+    ({"logprobs": -1}, ValueError, "logprobs"), ({"logprobs": 2.0}, TypeError, "logprobs"),
+    ({"stop_token_ids": "123"}, TypeError, "stop_token_ids"), ({"stop_token_ids": [1.7]}, TypeError, "stop_token_ids"),
+    ({"stop_token_ids": [-3]}, ValueError, "stop_token_ids"), ({"stop_token_ids": 5}, TypeError, "stop_token_ids"),
+    ({"ignore_eos": "no"}, TypeError, "ignore_eos"), ({"max_tokens": True}, TypeError, "max_tokens"),
 ])
 def test_bad_params_are_named(kwargs, exc, name):
     with pytest.raises(exc, match=f"SamplingParams.{name}"):
         SamplingParams(**kwargs)
 
 
-def test_greedy_is_argmax():
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((4, 50)).astype(np.float32)
-    greedy = [SamplingParams(temperature=0.0)] * 4
-    np.testing.assert_array_equal(sample(logits, greedy, [make_rng(p) for p in greedy]), logits.argmax(-1))
-
-
-def test_seed_reproduces_and_is_independent_of_the_batch():
-    """A seeded request draws the same tokens alone or beside other requests; another seed differs."""
-    logits = np.random.default_rng(1).standard_normal((3, 1000)).astype(np.float32)
-    p = SamplingParams(temperature=1.0, seed=7)
-    alone = [sample(logits[1:2], [p], [rng])[0] for rng in [make_rng(p)] for _ in range(20)]
-    others = [SamplingParams(temperature=0.5, seed=1), p, SamplingParams(temperature=0.0)]
-    rngs = [make_rng(q) for q in others]
-    batched = [sample(logits, others, rngs)[1] for _ in range(20)]
-    assert alone == batched
-    q = SamplingParams(temperature=1.0, seed=8)
-    rng = make_rng(q)
-    assert [sample(logits[1:2], [q], [rng])[0] for _ in range(20)] != alone
-
-
-def test_top_k_and_top_p_sets():
-    """top_k=2 keeps {1, 3}; top_p=0.75 keeps {1, 3, 4} (0.4 + 0.3 < 0.75 <= 0.85)."""
-    assert set(np.flatnonzero(filter_probs(LOGITS, SamplingParams(top_k=2)))) == {1, 3}
-    p = filter_probs(LOGITS, SamplingParams(top_p=0.75))
-    assert set(np.flatnonzero(p)) == {1, 3, 4}
-    np.testing.assert_allclose(p[[1, 3, 4]], np.asarray([0.4, 0.3, 0.15]) / 0.85, rtol=1e-6)
-    assert set(np.flatnonzero(filter_probs(LOGITS, SamplingParams(top_p=0.4)))) == {1}
-    assert set(np.flatnonzero(filter_probs(LOGITS, SamplingParams(top_k=3, top_p=0.5)))) == {1, 3}
-
-
-def test_draws_stay_in_the_kept_set_with_the_right_frequencies():
-    p = SamplingParams(top_k=3, seed=0)
-    rng = make_rng(p)
-    draws = np.asarray([sample(LOGITS[None], [p], [rng])[0] for _ in range(4000)])
-    assert set(draws.tolist()) == {1, 3, 4}
-    freq = np.bincount(draws, minlength=5)[[1, 3, 4]] / len(draws)
-    np.testing.assert_allclose(freq, np.asarray([0.4, 0.3, 0.15]) / 0.85, atol=0.03)   # ~4 sigma
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 40), st.floats(0.05, 1.0), st.floats(0.1, 3.0), st.integers(0, 2**31))
-def test_filter_probs_properties(top_k, top_p, temperature, seed):
-    """Kept probabilities sum to 1, keep the argmax, and hold the top-ranked logits only."""
-    logits = np.random.default_rng(seed).standard_normal(40).astype(np.float32)
-    probs = filter_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
-    kept = probs > 0
-    assert probs.sum() == pytest.approx(1.0) and kept[logits.argmax()]
-    assert kept.sum() <= top_k
-    assert logits[kept].min() >= logits[~kept].max(initial=-np.inf)
+def test_good_params_are_kept_as_given():
+    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), seed=2**64 - 1, stop_token_ids=[4, np.int32(5)],
+                       min_p=0.1, logprobs=20)
+    assert p.stop_token_ids == (4, 5) and p.seed == 2**64 - 1 and not p.is_greedy
+    assert SamplingParams(temperature=0.0).is_greedy and SamplingParams(top_k=1).is_greedy
 
 
 def test_stop_reason():
@@ -81,3 +47,93 @@ def test_stop_reason():
     assert stop_reason(p, 2, 1, eos_token_ids=(2,)) == "stop"
     assert stop_reason(SamplingParams(ignore_eos=True), 2, 1, eos_token_ids=(2,)) is None
     assert stop_reason(p, 5, 3, eos_token_ids=(2,)) == "length"
+
+
+def test_pack_rows_carries_each_setting():
+    params = [SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05), SamplingParams(temperature=0.0)]
+    f = unpack_params(pack_rows(params, [123, 2**63], [17, 4]))
+    assert f["temperature"].tolist() == [np.float32(0.7), 0.0] and f["top_k"].tolist() == [50, 0]
+    assert f["top_p"].tolist() == [np.float32(0.9), 1.0] and f["min_p"].tolist() == [np.float32(0.05), 0.0]
+    assert f["seed"].tolist() == [123, 2**63] and f["position"].tolist() == [17, 4]
+
+
+def test_request_seed_is_the_given_one_or_a_mix_of_engine_seed_and_id():
+    assert request_seed(SamplingParams(seed=5), 0, 9) == 5
+    mixed = {request_seed(SamplingParams(), s, i) for s in range(3) for i in range(100)}
+    assert len(mixed) == 300 and all(0 <= x < 2**64 for x in mixed)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("random:tiny", device="cpu")
+
+
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234, max_tokens=6, ignore_eos=True)
+
+
+def test_seeded_request_draws_the_same_alone_and_in_batches_of_7_and_300(tiny):
+    """A seeded request's tokens depend only on its seed and positions: alone, among 6 others
+    and among 299 others (mixed settings, chunked prefill, preemption), and on a second run."""
+    prompt = [11, 22, 33, 44, 55]
+    rng = np.random.default_rng(0)
+    others = [(rng.integers(0, 250, rng.integers(1, 12)).tolist(),
+               SamplingParams(temperature=float(rng.uniform(0.3, 1.5)), top_p=float(rng.uniform(0.5, 1.0)),
+                              top_k=int(rng.integers(0, 30)), max_tokens=int(rng.integers(1, 8)), ignore_eos=True))
+              for _ in range(299)]
+    alone = LLM(tiny, num_pages=64).generate([prompt], SAMPLED)[0].token_ids
+    assert len(set(alone)) > 1                               # really sampled, not a fixed point
+    for batch in (others[:6], others):
+        llm = LLM(tiny, num_pages=48, max_num_batched_tokens=64, preemption="swap", seed=5)
+        prompts = [p for p, _ in batch[:len(batch) // 2]] + [prompt] + [p for p, _ in batch[len(batch) // 2:]]
+        params = [sp for _, sp in batch[:len(batch) // 2]] + [SAMPLED] + [sp for _, sp in batch[len(batch) // 2:]]
+        outs = llm.generate(prompts, params)
+        assert outs[len(batch) // 2].token_ids == alone
+    again = LLM(tiny, num_pages=64).generate([prompt], SAMPLED)[0].token_ids
+    assert again == alone
+
+
+def test_unseeded_requests_draw_from_the_engine_seed(tiny):
+    p = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    runs = [[o.token_ids for o in LLM(tiny, num_pages=64, seed=s).generate([[1, 2, 3]] * 3, p)] for s in (0, 0, 1)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    assert len({tuple(t) for t in runs[0]}) > 1               # requests of one call differ (their ids)
+
+
+def test_engine_draws_follow_the_model_distribution(tiny):
+    """The first sampled token of many identical requests (distinct seeds) follows the target
+    distribution the reference gives for the model's logits of that prompt (chi-square)."""
+    prompt = [5, 6, 7]
+    logits = prefill_logits(tiny, [prompt])[0][-1]
+    probs = ref_sampling_probs(logits[None], pack_rows([SamplingParams(temperature=1.5, top_k=12)], [0], [3]))[0]
+    outs = LLM(tiny, num_pages=256, max_num_seqs=256).generate(
+        [prompt] * 3000, [SamplingParams(temperature=1.5, top_k=12, max_tokens=1, seed=s) for s in range(3000)])
+    assert_matches(np.asarray([o.token_ids[0] for o in outs]), probs)
+
+
+def test_logprobs_through_the_engine(tiny):
+    """Each generated token carries its log-probability and the top N of its position, which
+    equal the reference's on the model's logits; greedy tokens are the most likely."""
+    out = LLM(tiny, num_pages=64).generate([[9, 8, 7]], SamplingParams(temperature=0.0, max_tokens=4, logprobs=3))[0]
+    assert len(out.logprobs) == 4 and [t.token_id for t in out.logprobs] == out.token_ids
+    for t in out.logprobs:
+        assert len(t.top) == 3 and t.top[0][0] == t.token_id and t.top[0][1] == pytest.approx(t.logprob)
+    logits = prefill_logits(tiny, [[9, 8, 7]])[0][-1]
+    params = pack_rows([SamplingParams(temperature=0.0)], [0], [3])
+    chosen, ids, lps = ref_logprobs(logits[None], params, np.array([out.token_ids[0]], np.int32), 3)
+    assert [i for i, _ in out.logprobs[0].top] == ids[0].tolist()
+    np.testing.assert_allclose([v for _, v in out.logprobs[0].top], lps[0], rtol=1e-5, atol=1e-6)
+    sampled = LLM(tiny, num_pages=64).generate([[9, 8, 7]], SamplingParams(temperature=0.8, top_k=5, seed=3,
+                                                                           max_tokens=3, logprobs=0))[0]
+    assert all(t.top == () and t.logprob < 0 for t in sampled.logprobs)
+    assert LLM(tiny, num_pages=64).generate([[1]], SamplingParams(max_tokens=2))[0].logprobs is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.floats(0.05, 1.0), st.floats(0.0, 0.5), st.integers(0, 2**31))
+def test_kept_set_properties(top_k, top_p, min_p, seed):
+    """The kept set holds the argmax, at most top_k tokens unless tied, and is a top slice."""
+    z = np.random.default_rng(seed).standard_normal(40)
+    kept = ref_kept_mask(z, top_k, top_p, min_p)
+    assert kept[z.argmax()]
+    assert kept.sum() <= top_k or np.sort(z)[::-1][top_k - 1] == np.sort(z)[::-1][min(top_k, 39)]
+    assert z[kept].min() >= z[~kept].max(initial=-np.inf)
