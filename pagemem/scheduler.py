@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import enum
 import itertools
+import operator
+from itertools import compress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +65,12 @@ class Request:
     num_cached_tokens: int = 0        # prompt tokens served by the prefix cache
     num_registered_pages: int = 0     # leading full pages already offered to the prefix cache
     num_pending: int = 0              # sampled tokens the caller has not reported yet (advance/resolve)
-    preempted_by: dict = field(default_factory=lambda: {"swap": 0, "recompute": 0})
+    preempted_by: dict = field(default_factory=lambda: {"swap": 0, "recompute": 0})  # by final mode
+    num_demotions: int = 0            # swap preemptions turned into recompute ones (host copy dropped)
+    _key: tuple = field(init=False, repr=False, compare=False)   # _order(), fixed at creation
+
+    def __post_init__(self) -> None:
+        self._key = (-self.priority, self.arrival)
 
     @property
     def num_tokens(self) -> int:
@@ -76,7 +83,11 @@ class Request:
 
     def _order(self) -> tuple[int, int]:
         """Sort key: most important first."""
-        return (-self.priority, self.arrival)
+        return self._key
+
+
+_ORDER = operator.attrgetter("_key")   # Request._order for sorts, without a Python call a request
+_STATUS, _PENDING = operator.attrgetter("status"), operator.attrgetter("num_pending")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +98,7 @@ class ScheduledStep:
     query_lens: list[int]
     preempted: list[tuple[Request, str]]   # (request, "swap" | "recompute")
     resumed: list[Request]
+    num_prefill_tokens: int = 0            # tokens of rows that are not decode rows (see schedule())
 
     @property
     def num_tokens(self) -> int:
@@ -124,15 +136,22 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.swapped: list[Request] = []
+        # Whether waiting / running (by id) are in _order: kept by _append, the only way in, so
+        # that a step sorts neither while nothing came in out of order (keys are unique, so
+        # removals keep a queue sorted); a queue of 100,000 waiting requests costs nothing a step.
+        self._sorted = {id(self.waiting): True, id(self.running): True}
         self._arrivals = itertools.count()
+        # Preemptions by the mode that served them: a swap turned into a recompute (demotion, its
+        # host copy dropped) counts as a recompute, and once in num_demotions.
         self.num_preemptions = {"swap": 0, "recompute": 0}
+        self.num_demotions = 0
 
     # ---- requests ----------------------------------------------------------------------------
     def add(self, request_id, prompt_ids: list[int], max_tokens: int, priority: int = 0) -> Request:
         """Queue a request. Raises ValueError if its prompt plus output could never fit the pool."""
         self.check(request_id, prompt_ids, max_tokens, priority)
         req = Request(request_id, list(prompt_ids), len(prompt_ids), max_tokens, priority, next(self._arrivals))
-        self.waiting.append(req)
+        self._append(self.waiting, req)
         return req
 
     def check(self, request_id, prompt_ids: list[int], max_tokens: int, priority: int = 0) -> None:
@@ -154,41 +173,59 @@ class Scheduler:
     # ---- one step --------------------------------------------------------------------------------
     def schedule(self) -> ScheduledStep:
         """Choose this step's requests and token counts; allocate their pages (SeqPages.grow).
-        Requests come back decode rows first (query length 1), then prefill rows by context length."""
+        Requests come back decode rows first (query length 1), then prefill rows by context length.
+
+        A decode row computes a request's last known token, an output token (one of the prompt's is
+        prefill, even alone in a row of one); ``num_prefill_tokens`` counts the tokens of the other rows.
+        """
         if self.swap is not None:
             self.swap.reclaim()          # pages of finished swap-outs return to the pool
         budget = self.max_num_batched_tokens
         out: list[Request] = []
         lens: list[int] = []
         preempted: list[tuple[Request, str]] = []
-        self.running.sort(key=Request._order)
+        if not self._sorted[id(self.running)]:
+            self.running.sort(key=_ORDER)
+            self._sorted[id(self.running)] = True
         queue = self.running[::-1]                                # most important last: pop() is O(1)
-        while queue and budget > 0:
+        prefill, stream, ps, rc = 0, self.stream, self.pool.page_size, self.pool._refcount
+        while queue and budget > 0:     # once per running request a step: kept to plain operations
             req = queue.pop()
-            n = min(req.num_tokens - req.num_computed, budget)
-            while not req.pages.try_grow(n, self.stream):   # grows when the pages are there
-                if not queue and self._demote_one(req):
+            pages = req.pages
+            left = len(req.token_ids) + req.num_pending - req.num_computed
+            n = left if left < budget else budget
+            if n == 1 and pages.num_tokens % ps and rc[pages.page_table[-1]] == 1:
+                pages.num_tokens += 1      # SeqPages.try_grow's first case (a private partial page), inlined
+            else:
+                while not pages.try_grow(n, stream):        # grows when the pages are there
+                    if not queue and self._demote_one(req):
+                        continue
+                    victim = queue.pop(0) if queue else req     # least important, latest arrived
+                    preempted.append((victim, self._preempt(victim)))
+                    if victim is req:
+                        break
+                if req.status is not Status.RUNNING:
                     continue
-                victim = queue.pop(0) if queue else req         # least important, latest arrived
-                preempted.append((victim, self._preempt(victim)))
-                if victim is req:
-                    break
-            if req.status is not Status.RUNNING:
-                continue
             out.append(req)
             lens.append(n)
             budget -= n
+            if n != 1 or left != 1 or req.num_computed < req.num_prompt_tokens:
+                prefill += n
         resumed: list[Request] = []
         if not preempted:
-            budget = self._resume_swapped(out, lens, budget, resumed)
+            budget, more = self._resume_swapped(out, lens, budget, resumed)
+            prefill += more
             if not self.swapped:     # swapped requests come back before any new one is admitted
-                self._admit_waiting(out, lens, budget)
-        # Decode rows first: the model runs them through the decode kernel, the rest through
-        # prefill, shortest context first, so a model can cut them into groups of similar length.
-        def row_order(i: int) -> tuple[bool, int]:
-            return lens[i] != 1, out[i].pages.num_tokens if lens[i] != 1 else 0
-        order = sorted(range(len(out)), key=row_order)
-        return ScheduledStep([out[i] for i in order], [lens[i] for i in order], preempted, resumed)
+                prefill += self._admit_waiting(out, lens, budget)
+        if lens.count(1) == len(lens):   # decode rows only: already in order
+            return ScheduledStep(out, lens, preempted, resumed, prefill)
+        # Decode rows first, in order: the model runs them through the decode kernel, the rest
+        # through prefill, shortest context first (ties in order), so a model can cut them into
+        # groups of similar length. The selections run in C: a step may hold thousands of rows.
+        decode = list(compress(out, map((1).__eq__, lens)))
+        rest = sorted(compress(range(len(out)), map((1).__ne__, lens)), key=lambda i: out[i].pages.num_tokens)
+        return ScheduledStep(decode + [out[i] for i in rest], [1] * len(decode) + [lens[i] for i in rest],
+                             preempted, resumed, prefill)
 
     def update(self, step: ScheduledStep, new_tokens: dict[Request, int]) -> None:
         """Record that ``step`` ran: its K/V are cached; append each sampled token.
@@ -199,20 +236,29 @@ class Scheduler:
     def advance(self, step: ScheduledStep, sampled) -> None:
         """``step`` is queued: its K/V count as cached, and each request in ``sampled`` (those
         whose chunk reached their last token) gains one pending token, reported by ``resolve``."""
-        for req in step.requests:
-            if req.status is not Status.RUNNING:
-                raise ValueError(f"request {req.request_id!r} is {req.status.value}, not running")
-        for req in step.requests:
-            req.num_computed = req.pages.num_tokens
-            self._register(req)
+        if list(map(_STATUS, step.requests)).count(Status.RUNNING) != len(step.requests):   # in C loops
+            req = next(r for r in step.requests if r.status is not Status.RUNNING)
+            raise ValueError(f"request {req.request_id!r} is {req.status.value}, not running")
+        if self.prefix_cache is None:        # nothing to register: the loop without the call
+            for req in step.requests:
+                req.num_computed = req.pages.num_tokens
+        else:
+            for req in step.requests:
+                req.num_computed = req.pages.num_tokens
+                self._register(req)
         for req in sampled:
             req.num_pending += 1
 
     def resolve(self, new_tokens: dict[Request, int]) -> None:
         """Append the sampled ids of pending tokens, in order; finished requests take them too."""
-        for req in new_tokens:
-            if req.num_pending < 1:
-                raise ValueError(f"request {req.request_id!r} has no pending token")
+        if new_tokens and min(map(_PENDING, new_tokens)) < 1:                 # checked in a C loop
+            req = next(r for r in new_tokens if r.num_pending < 1)
+            raise ValueError(f"request {req.request_id!r} has no pending token")
+        if self.prefix_cache is None:        # nothing to register: the loop without the call
+            for req, tok in new_tokens.items():
+                req.num_pending -= 1
+                req.token_ids.append(tok)
+            return
         for req, tok in new_tokens.items():
             req.num_pending -= 1
             req.token_ids.append(tok)
@@ -274,10 +320,12 @@ class Scheduler:
         """Pages kept free at admission; waived when nothing runs, so a lone request always fits."""
         return self.watermark_pages if self.running else 0
 
-    def _resume_swapped(self, out: list[Request], lens: list[int], budget: int, resumed: list[Request]) -> int:
+    def _resume_swapped(self, out: list[Request], lens: list[int], budget: int,
+                        resumed: list[Request]) -> tuple[int, int]:
         """Swap requests back in, most important first, while pages and the budget allow.
-        Returns the budget left."""
-        self.swapped.sort(key=Request._order)
+        Returns the budget left and the prefill tokens of the resumed rows."""
+        self.swapped.sort(key=_ORDER)
+        prefill = 0
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.swapped[0]
             if req.num_pending:      # its ids are not known yet; next step
@@ -290,10 +338,10 @@ class Scheduler:
             self.swapped.pop(0)
             req.pages, _ = self.preemptor.resume(req.preempted, stream=self.stream)
             req.preempted, req.num_registered_pages = None, 0   # swapped-in pages are new, unindexed
-            self._start(req, n, out, lens)
+            prefill += self._start(req, n, out, lens)
             resumed.append(req)
             budget -= n
-        return budget
+        return budget, prefill
 
     def _demote_for(self, head: Request, need: int) -> bool:
         """Nothing runs and ``head``, the most important swapped request, needs ``need`` pages
@@ -312,7 +360,7 @@ class Scheduler:
         its resident references go back to the pool (prefix-cached, for its own prefill later).
         Returns whether one was demoted; without this the queue could wait on itself."""
         key = than._order()
-        for req in sorted(self.swapped, key=Request._order, reverse=True):
+        for req in sorted(self.swapped, key=_ORDER, reverse=True):
             if req._order() <= key:
                 return False
             if req.preempted.resident:
@@ -320,22 +368,36 @@ class Scheduler:
                 self.preemptor.discard(req.preempted)
                 req.preempted = None
                 self._requeue(req)           # still one preemption, now to be recomputed
+                for counts in (req.preempted_by, self.num_preemptions):
+                    counts["swap"] -= 1
+                    counts["recompute"] += 1
+                req.num_demotions += 1
+                self.num_demotions += 1
                 return True
         return False
+
+    def _append(self, queue: list[Request], req: Request) -> None:
+        if queue and queue[-1]._key > req._key:
+            self._sorted[id(queue)] = False
+        queue.append(req)
 
     def _requeue(self, req: Request) -> None:
         """A request whose K/V are gone waits again, its tokens kept, to be prefilled anew."""
         req.num_computed, req.num_registered_pages, req.status = 0, 0, Status.WAITING
-        self.waiting.append(req)
+        self._append(self.waiting, req)
 
-    def _admit_waiting(self, out: list[Request], lens: list[int], budget: int) -> None:
+    def _admit_waiting(self, out: list[Request], lens: list[int], budget: int) -> int:
         """Admit waiting requests in order. With ``admit_batch`` > 1, while others run, wait until
         that many sequence slots are free: prefills then come in batches and most steps stay
-        pure decode (which a CUDA graph can replay), at some cost in time to first token."""
+        pure decode (which a CUDA graph can replay), at some cost in time to first token.
+        Returns the prefill tokens of the admitted rows."""
         slots = self.max_num_seqs - len(self.running)
         if self.running and slots < min(self.admit_batch, len(self.waiting)):
-            return
-        self.waiting.sort(key=Request._order)
+            return 0
+        if not self._sorted[id(self.waiting)]:
+            self.waiting.sort(key=_ORDER)
+            self._sorted[id(self.waiting)] = True
+        prefill = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:      # prefill needs every token id; next step
@@ -353,16 +415,20 @@ class Scheduler:
             req.num_computed = computed
             req.num_registered_pages = len(cached)
             req.num_cached_tokens = max(req.num_cached_tokens, min(computed, req.num_prompt_tokens))
-            self._start(req, n, out, lens)
+            prefill += self._start(req, n, out, lens)
             budget -= n
+        return prefill
 
     def _pages_to_grow(self, num_tokens: int, n: int) -> int:
         ps = self.pool.page_size
         return -(-(num_tokens + n) // ps) - -(-num_tokens // ps)
 
-    def _start(self, req: Request, n: int, out: list[Request], lens: list[int]) -> None:
+    def _start(self, req: Request, n: int, out: list[Request], lens: list[int]) -> int:
+        """Run ``n`` tokens of ``req`` this step; returns them if they are prefill (see schedule())."""
         req.pages.grow(n, self.stream)         # may raise OutOfPages: then nothing changed
         req.status = Status.RUNNING
-        self.running.append(req)
+        self._append(self.running, req)
         out.append(req)
         lens.append(n)
+        decode = n == 1 and req.num_tokens - req.num_computed == 1 and req.num_computed >= req.num_prompt_tokens
+        return 0 if decode else n
