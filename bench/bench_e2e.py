@@ -32,6 +32,12 @@ ENGINE = dict(dtype="float16", num_pages=80_000, swap_space=4.0, preemption="swa
               max_num_seqs=int(os.environ.get("PAGEMEM_E2E_SEQS", 1024)), max_num_batched_tokens=16384)
 PRESET = "llama-3.2-1b"
 RESULTS: dict[str, float] = {}
+# Sampling settings: greedy; temperature 1.0 with top-p 1.0 (vLLM's throughput benchmark); a
+# typical chat setting. HF_BATCHES: static batch sizes HF runs (its best was 128 on the H100 and H200).
+SAMPLING = {"greedy": dict(temperature=0.0), "t1.0": dict(temperature=1.0, top_p=1.0),
+            "chat": dict(temperature=0.7, top_p=0.9, top_k=50)}
+HF_BATCHES = [int(b) for b in os.environ.get("PAGEMEM_E2E_HF_BATCHES", "32,64,128").split(",")]
+HF_SAMPLING = os.environ.get("PAGEMEM_E2E_HF_SAMPLING", "greedy,t1.0,chat").split(",")
 
 
 def workload(n: int = NUM_REQUESTS, seed: int = 0, vocab: int = 32_000):
@@ -55,9 +61,15 @@ def checkpoint(tmp_path_factory):
     return path, hf
 
 
+def _hf_cases():
+    """(batch, sampling): every batch size greedy, the largest with each other setting."""
+    cases = [(b, "greedy") for b in HF_BATCHES if "greedy" in HF_SAMPLING]
+    return cases + [(max(HF_BATCHES), s) for s in HF_SAMPLING if s != "greedy"]
+
+
 @pytest.mark.benchmark(group="e2e")
-@pytest.mark.parametrize("batch_size", [32, 64, 128])
-def test_hf_generate(benchmark, checkpoint, batch_size):
+@pytest.mark.parametrize("batch_size, sampling", _hf_cases())
+def test_hf_generate(benchmark, checkpoint, batch_size, sampling):
     _, hf = checkpoint
     prompts, out_lens = workload()
     batches = [range(i, i + batch_size) for i in (0, batch_size)]
@@ -65,18 +77,20 @@ def test_hf_generate(benchmark, checkpoint, batch_size):
     def run_batches():
         tokens = 0
         for idx in batches:
-            tokens += _hf_batch(hf, [prompts[i] for i in idx], [out_lens[i] for i in idx])
+            tokens += _hf_batch(hf, [prompts[i] for i in idx], [out_lens[i] for i in idx], SAMPLING[sampling])
         return tokens
 
     _hf_batch(hf, prompts[:2], [4, 4])                     # warm-up: CUDA context, kernels
     t0 = time.perf_counter()
     tokens = benchmark.pedantic(run_batches, rounds=1, iterations=1)
     seconds = time.perf_counter() - t0
-    RESULTS[f"hf_{batch_size}"] = tokens / seconds
-    benchmark.extra_info.update(requested_tokens=tokens, tokens_per_s=tokens / seconds, device=device_name())
+    RESULTS[f"hf_{sampling}_{batch_size}"] = tokens / seconds
+    benchmark.extra_info.update(requested_tokens=tokens, tokens_per_s=tokens / seconds, device=device_name(),
+                                sampling=sampling)
+    print(f"\nHF generate batch {batch_size} {sampling}: {tokens / seconds:.0f} tok/s")
 
 
-def _hf_batch(hf, prompts: list[list[int]], out_lens: list[int]) -> int:
+def _hf_batch(hf, prompts: list[list[int]], out_lens: list[int], sampling=None) -> int:
     """Generate each prompt's requested tokens in one left-padded static batch; returns their count."""
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long, device="cuda")
@@ -86,8 +100,10 @@ def _hf_batch(hf, prompts: list[list[int]], out_lens: list[int]) -> int:
         mask[i, width - len(p):] = 1
     n = max(out_lens)
     with torch.inference_mode():
-        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                    pad_token_id=0)
+        s = sampling or {"temperature": 0.0}
+        kw = dict(do_sample=False) if s["temperature"] == 0 else \
+            dict(do_sample=True, temperature=s["temperature"], top_p=s.get("top_p", 1.0), top_k=s.get("top_k", 0))
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **kw)
     torch.cuda.synchronize()
     return sum(out_lens)
 
@@ -104,34 +120,42 @@ def engine(checkpoint):
 
 
 @pytest.mark.benchmark(group="e2e")
-@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-def test_pagemem_engine(benchmark, engine, async_scheduling):
-    """The engine as configured (async scheduling: greedy ids stay on the device and the next
-    step is queued before they reach the host), then the same engine taking the ids in every step."""
+@pytest.mark.parametrize("async_scheduling, sampling", [(True, "greedy"), (False, "greedy"), (True, "t1.0"),
+                                                        (True, "chat")], ids=["async", "sync", "async-t1.0", "async-chat"])
+def test_pagemem_engine(benchmark, engine, async_scheduling, sampling):
+    """The engine as configured (async scheduling: sampled ids stay on the device and the next
+    step is queued before they reach the host), the same engine taking the ids in every step,
+    and the engine sampling with a temperature (drawn on the device, inside the decode graphs)."""
     from pagemem.models import SamplingParams
     engine.async_scheduling = async_scheduling
     prompts, out_lens = workload()
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, seed=i, **SAMPLING[sampling]) for i, n in enumerate(out_lens)]
     t0 = time.perf_counter()
     outs = benchmark.pedantic(engine.generate, args=(prompts, params), rounds=1, iterations=1)
     seconds = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
     assert tokens == sum(out_lens)
     tps = tokens / seconds
-    hf_best = max((v for k, v in RESULTS.items() if k.startswith("hf_")), default=None)
-    benchmark.extra_info.update(requested_tokens=tokens, tokens_per_s=tps, device=device_name(),
+    RESULTS[f"pagemem_{sampling}_{'async' if async_scheduling else 'sync'}"] = tps
+    hf_best = max((v for k, v in RESULTS.items() if k.startswith(f"hf_{sampling}_")), default=None)
+    greedy = RESULTS.get("pagemem_greedy_async")
+    benchmark.extra_info.update(requested_tokens=tokens, tokens_per_s=tps, device=device_name(), sampling=sampling,
                                 hf_best_tokens_per_s=hf_best, speedup=tps / hf_best if hf_best else None,
+                                vs_greedy=tps / greedy if greedy else None,
                                 preemptions=dict(engine.scheduler.num_preemptions))
     engine.async_scheduling = True
-    print(f"\npagemem ({'async' if async_scheduling else 'sync'}) {tps:.0f} tok/s; HF best {hf_best or 0:.0f} tok/s; "
-          f"speedup {tps / hf_best if hf_best else float('nan'):.1f}x; {dict(engine.scheduler.num_preemptions)}")
+    print(f"\npagemem ({'async' if async_scheduling else 'sync'}, {sampling}) {tps:.0f} tok/s; HF best "
+          f"{hf_best or 0:.0f} tok/s; speedup {tps / hf_best if hf_best else float('nan'):.1f}x; "
+          f"{tps / greedy if greedy else float('nan'):.2f}x greedy; {dict(engine.scheduler.num_preemptions)}")
 
 
 @pytest.mark.benchmark(group="decode-step")
+@pytest.mark.parametrize("sampling", ["greedy", "chat"])
 @pytest.mark.parametrize("context_len", [512])
-def test_decode_step_b256(benchmark, engine, context_len):
-    """One decode step of 256 sequences as the engine runs it (CUDA-graph replay, inputs uploaded),
-    and the eager forward, against weights + K/V bytes over the copy bandwidth measured in this run."""
+def test_decode_step_b256(benchmark, engine, context_len, sampling):
+    """One decode step of 256 sequences as the engine runs it (CUDA-graph replay, inputs uploaded,
+    tokens drawn inside the graph), and the eager forward, against weights + K/V bytes over the
+    copy bandwidth measured in this run; greedy, then temperature 0.7 + top-k 50 + top-p 0.9."""
     import cupy as cp
     from pagemem import SeqPages, pack_batch
     llm = engine
@@ -146,9 +170,13 @@ def test_decode_step_b256(benchmark, engine, context_len):
     tokens = np.arange(256, dtype=np.int32)
     positions = np.full(256, context_len - 1, dtype=np.int32)
     stream = llm.stream
+    from pagemem.models import SamplingParams
+    from pagemem.models.sampling import pack_rows
+    sp = SamplingParams(**SAMPLING[sampling])
+    packed = pack_rows([sp] * 256, list(range(256)), [context_len] * 256)
 
     def step():                                            # the engine's decode path: graph replay
-        llm.graphs.run(tokens, positions, seqs)
+        llm.graphs.run(tokens, positions, seqs, None, packed)
         stream.synchronize()
 
     for _ in range(3):
@@ -163,9 +191,13 @@ def test_decode_step_b256(benchmark, engine, context_len):
     kv_bytes = 256 * context_len * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 2
     floor_s = (weight_bytes + kv_bytes) / device_copy_bandwidth()
     mean = benchmark.stats.stats.mean
+    RESULTS[f"step_{sampling}"] = mean
+    greedy = RESULTS.get("step_greedy")
     benchmark.extra_info.update(weight_bytes=weight_bytes, kv_bytes=kv_bytes, floor_ms=floor_s * 1e3,
-                                step_ms=mean * 1e3, floor_fraction=floor_s / mean, eager_ms=eager_ms)
-    print(f"\ndecode step b256 ctx{context_len}: graph {mean * 1e3:.2f} ms, eager {eager_ms:.2f} ms, "
-          f"floor {floor_s * 1e3:.2f} ms (graph at {100 * floor_s / mean:.0f}% of floor speed)")
+                                step_ms=mean * 1e3, floor_fraction=floor_s / mean, eager_ms=eager_ms,
+                                vs_greedy_step=mean / greedy if greedy else None)
+    print(f"\ndecode step b256 ctx{context_len} {sampling}: graph {mean * 1e3:.2f} ms, eager {eager_ms:.2f} ms, "
+          f"floor {floor_s * 1e3:.2f} ms (graph at {100 * floor_s / mean:.0f}% of floor speed); "
+          f"{mean / greedy if greedy else float('nan'):.3f}x the greedy step")
     for s in seqs:
         s.free()

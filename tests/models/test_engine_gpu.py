@@ -97,3 +97,27 @@ def test_stop_tokens_with_ids_fed_on_the_device(setup, kw):
     assert llm.graphs.num_replays > 0 and not llm.has_unfinished()
     llm.pool.check_integrity()
     assert llm.pool.stats().num_used == 0
+
+
+SAMPLED = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, max_tokens=40, ignore_eos=True, seed=s)
+           if s % 2 else SamplingParams(temperature=1.0, min_p=0.02, max_tokens=40, ignore_eos=True) for s in range(24)]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_pages=1024, swap_space=0),
+    dict(num_pages=1024, swap_space=0, async_scheduling=False),
+    dict(num_pages=24, preemption="swap", swap_space=0.05),
+    dict(num_pages=24, preemption="recompute", swap_space=0),
+], ids=["graphs", "graphs-sync", "swap", "recompute"])
+def test_sampled_tokens_identical(setup, kw):
+    """Sampling draws on the device, inside the decode graphs, with ids kept on the device by async
+    scheduling: every path gives the tokens of a plain eager run, since a draw depends only on the
+    request's seed (given, or the engine's and its id) and the token's position."""
+    model, prompts, _ = setup
+    want = [o.token_ids for o in LLM(model, num_pages=1024, swap_space=0, cuda_graph=False, async_scheduling=False)
+            .generate(prompts, SAMPLED)]
+    assert len({t for w in want for t in w}) > 50             # really sampled
+    llm = LLM(model, max_num_batched_tokens=256, **kw)
+    assert [o.token_ids for o in llm.generate(prompts, SAMPLED)] == want
+    assert llm.graphs.num_replays > 0 and llm.graphs.disabled is None
+    llm.pool.check_integrity()
