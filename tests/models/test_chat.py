@@ -29,6 +29,16 @@ LLAMA3 = """{{ bos_token }}
     {{- '<|eot_id|>' }}
 {%- endfor %}
 {%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"""
+MULTILINE = """{% for m in messages %}
+    {% if m['role'] == 'user' %}
+User: {{ m['content'] }}
+    {% elif m['role'] != 'tool' %}
+{{ m['role'] | capitalize }}: {{ m['content'] }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+Assistant:
+{% endif %}"""
 TOOLS_JSON = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | tojson }}"
               "{% if m['role'] not in ['user', 'assistant', 'system'] %}{{ raise_exception('bad role ' + m['role']) }}"
               "{% endif %}\n{% endfor %}{{ eos_token }}")
@@ -56,11 +66,11 @@ def toks():
     return ours, ref
 
 
-@pytest.mark.parametrize("template", [CHATML, LLAMA3], ids=["chatml", "llama3"])
+@pytest.mark.parametrize("template", [CHATML, LLAMA3, MULTILINE], ids=["chatml", "llama3", "multiline"])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_render_equals_apply_chat_template(toks, template, add_generation_prompt):
     ours, ref = toks
-    conv = [m for m in CONV if template is LLAMA3 or m["role"] != "tool"]
+    conv = [m for m in CONV if template is not CHATML or m["role"] != "tool"]
     want = ref.apply_chat_template(conv, chat_template=template, tokenize=False,
                                    add_generation_prompt=add_generation_prompt)
     assert render_chat(ours, conv, chat_template=template, add_generation_prompt=add_generation_prompt) == want

@@ -92,3 +92,10 @@ def test_real_model_answers_through_the_command_line(capsys, monkeypatch):
     want = LLM(our_smollm(), num_pages=32).chat([{"role": "user", "content": question}],
                                                 SamplingParams(temperature=0.0, max_tokens=32))[0].text
     assert printed == want + "\n" and "Paris" in printed
+
+
+def test_run_takes_a_gguf_file(tiny_gguf, capsys):
+    """pagemem run serves its synthetic workload on a GGUF model."""
+    assert main(["run", "--model", str(tiny_gguf), "--device", "cpu", "--num-pages", "24", "--num-prompts", "6",
+                 "--input-len", "12", "--output-len", "6", "--no-progress"]) == 0
+    assert "output tokens/s" in capsys.readouterr().out

@@ -174,7 +174,7 @@ def _add_tiny_vocab(w: gguf.GGUFWriter) -> None:
     """A byte-level BPE vocabulary of VOCAB tokens: control tokens, the 256 byte symbols, merges."""
     from tokenizers import pre_tokenizers
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    merges = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n", "Ġ c", "a t", "Ġc at", "o n", "Ġ s"]
+    merges = ["Ġ t", "h e", "Ġt he", "Ġ a", "i n", "Ġ c", "a t", "Ġc at", "o n", "Ġ s", "1 2", "Ġ 1"]
     merged = ["".join(m.split(" ")) for m in merges]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + alphabet + merged
@@ -201,7 +201,8 @@ def test_gguf_tokenizer_matches_transformers(tmp_path):
         assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids, text
         assert tok.decode(tok.encode(text)) == ref.decode(tok.encode(text), skip_special_tokens=True)
     assert tok.encode("<|im_end|>") == [2] and tok.decode([1, 300, 2]) == tok.decode([300])
-    assert tok.encode("a 123") == tok.encode("a 1") + tok.encode("2") + tok.encode("3")
+    assert [tok.decode([i]) for i in tok.encode("a 123")] == ["a", " ", "1", "2", "3"]      # merges " 1", "12" unused
+    assert [tok.decode([i]) for i in tok.encode("a b12")] == ["a", " ", "b", "1", "2"]
     assert (tok.bos_token, tok.eos_token, tok.chat_template) == ("<|im_start|>", "<|im_end|>", CHATML)
     assert model.eos_token_ids == (2,)
 
@@ -214,7 +215,7 @@ def tiny_file(tmp_path) -> Path:
 
 def test_truncated_file_names_the_file(tiny_file):
     data = tiny_file.read_bytes()
-    for cut in (len(data) - 100, 1000, 10):
+    for cut in (len(data) - 100, 1000, 35, 10, 0):   # in the tensor data, the tensor list, a key, the header
         tiny_file.write_bytes(data[:cut])
         with pytest.raises(ValueError, match=rf"{tiny_file}: truncated or corrupt GGUF file \({cut} bytes\)"):
             load_model(tiny_file, device="cpu")
