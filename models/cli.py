@@ -33,7 +33,7 @@ def _positive(kind):
 
 # Subcommands other than ``run``: module -> its ``add_parser(subparsers)``, which registers the
 # command and sets ``func`` (a callable of the parsed args) as the parser's default.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("pagemem.models.chat_cli",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("pagemem.models.chat_cli", "pagemem.models.sim_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

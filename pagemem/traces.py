@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 _PREFIX_BLOCK = 256
+_OMITTED = {"prefix_group": None, "prefix_len": 0, "priority": 0}   # optional fields left out at these values
 _FIELDS = ("arrival_s", "prompt_len", "output_len", "prefix_group", "prefix_len", "priority")
 
 
@@ -107,8 +108,7 @@ def save_trace(path: str | Path, trace: Iterable[TraceRequest]) -> None:
     """Write a trace as JSONL, one request a line, optional fields only when set."""
     with Path(path).open("w") as f:
         for r in trace:
-            d = {k: v for k, v in asdict(r).items()
-                 if k in ("arrival_s", "prompt_len", "output_len") or v not in (None, 0)}
+            d = {k: v for k, v in asdict(r).items() if v != _OMITTED.get(k, ())}
             f.write(json.dumps(d) + "\n")
 
 
