@@ -196,16 +196,15 @@ def _host_array(t) -> np.ndarray:
 
 def _check_tensors(by_name: dict, wanted: dict[str, tuple[str, tuple[int, ...]]], head_dim: int, path: Path) -> None:
     names = ", ".join(t.name for t in SUPPORTED_TYPES)
+    optional = {ROPE_FREQS: ("rope.inv_freq", (head_dim // 2,))}
     for name, t in by_name.items():
-        if name == ROPE_FREQS:
-            wanted = {**wanted, name: ("rope.inv_freq", (head_dim // 2,))}
-        if name not in wanted:
+        if name not in wanted and name not in optional:
             raise ValueError(f"{path}: unexpected tensor {name!r} for this architecture")
         if t.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(f"{path}: tensor {name!r} has type {t.tensor_type.name}; supported: {names}")
-        shape = tuple(reversed(t.shape.tolist()))
-        if shape != wanted[name][1]:
-            raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)}, expected {list(wanted[name][1])}")
+        shape, expected = tuple(reversed(t.shape.tolist())), {**wanted, **optional}[name][1]
+        if shape != expected:
+            raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)}, expected {list(expected)}")
     for name in wanted:
         if name not in by_name:
             raise ValueError(f"{path}: tensor {name!r} is missing")
