@@ -281,6 +281,12 @@ class Simulator:
                                    watermark=c.watermark, admit_batch=c.admit_batch)
         if prompts is None:
             prompts = PromptSource(vocab_size, seed)
+        elif isinstance(prompts, (list, tuple)):
+            bad = next((i for i, (p, r) in enumerate(zip(prompts, self.trace)) if len(p) != r.prompt_len), None)
+            if len(prompts) != len(self.trace) or bad is not None:
+                raise ValueError(f"prompts: {len(prompts)} prompts for {len(self.trace)} requests"
+                                 + (f"; prompt {bad} has {len(prompts[bad])} tokens, the trace says "
+                                    f"{self.trace[bad].prompt_len}" if bad is not None else ""))
         self._prompts = prompts if callable(prompts) else iter(prompts).__next__
         self._takes_request = callable(prompts)
         self.record_decisions = record_decisions
