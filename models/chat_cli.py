@@ -71,7 +71,7 @@ def stream_reply(llm, conversation: list[dict], params, out: TextIO, *, chat_tem
         text = decode(req.token_ids[req.num_prompt_tokens:])
         if not text.endswith("\ufffd"):
             printed = _write_new(out, printed, text)
-    reply = decode(req.token_ids[req.num_prompt_tokens:])
+    reply = llm.pop_output(req).text       # the engine forgets the request
     _write_new(out, printed, reply)
     out.write("\n")
     out.flush()

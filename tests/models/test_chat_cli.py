@@ -49,6 +49,7 @@ def test_stream_writes_each_step_and_adds_up_to_the_reply(tiny_gguf):
     pieces = [w for w in out.writes if w]
     assert len(pieces) >= 4 and "".join(out.writes) == reply + "\n"
     assert reply == llm.chat(conv, params)[0].text
+    assert not llm.has_unfinished() and llm.pool.num_free_pages == llm.pool.num_pages - 1
 
 
 def test_stdin_turns_keep_the_conversation(tiny_gguf):
