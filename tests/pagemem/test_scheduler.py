@@ -474,3 +474,101 @@ def test_finish_retires_waiting_and_swapped_requests():
     swap.reclaim(wait=True)
     swap.check_integrity()
     assert swap.num_free_host_pages == 16 and pool.num_free_pages == pool.num_pages - 1
+
+
+# ---- demotion and the lagged resume: paths reached by hand-built states ----------------------------
+def _tight(num_usable: int, budget: int, prefix: bool = True):
+    pool = PagePool(PoolConfig(num_usable + 1, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    sched = Scheduler(pool, max_num_batched_tokens=budget, preemption="swap", swap=HostSwap(pool, 64),
+                      prefix_cache=PrefixCache(pool) if prefix else None, watermark=0.0)
+
+    def step():
+        st = sched.schedule()
+        sched.update(st, toy_forward(pool, st))
+        for r in list(sched.running):
+            if r.num_output_tokens >= r.max_tokens:
+                sched.finish(r)
+        pool.check_integrity()
+        return st
+    return pool, sched, step
+
+
+def test_first_in_line_to_resume_while_nothing_runs_demotes_a_less_important_one():
+    """7 pages, budget 9. Z (priority 2) and L (0) share the prefix Q (pages 1, 2). H (1), a
+    23-token prompt, prefills in chunks: its second chunk swaps L out (L's own page to the host,
+    Q resident). Z's next page then swaps H out mid-prefill (4 pages). Z finishes: nothing runs,
+    H, first in line, needs its 4 pages and 2 for its next 8 tokens, 6 of the 5 free (L keeps Q):
+    L is demoted to recompute, its host copy dropped, and H resumes."""
+    pool, sched, step = _tight(7, 9)
+    q = list(range(1, 9))
+    z = sched.add("Z", q + [50], 6, priority=2)
+    step()
+    lo = sched.add("L", q + [70], 4, priority=0)
+    step()
+    h = sched.add("H", [60] * 23, 1, priority=1)
+    step()
+    assert step().preempted == [(lo, "swap")] and lo.preempted.page_table == [1, 2, 0]
+    assert step().preempted == [(h, "swap")] and h.num_computed == 15
+    step()                                                    # Z's last token: it finishes
+    assert z.status is Status.FINISHED and not sched.running and sched.swapped == [h, lo]
+    assert pool.num_free_pages == 5 and sched.swap.num_free_host_pages == 64 - 5
+    st = step()
+    assert st.resumed == [h] and st.requests == [h] and st.query_lens == [8]
+    assert lo.status is Status.WAITING and lo.preempted is None and lo.num_computed == 0
+    assert (lo.num_demotions, sched.num_demotions) == (1, 1)
+    assert lo.preempted_by == {"swap": 0, "recompute": 1} and sched.num_preemptions == {"swap": 1, "recompute": 1}
+    assert sched.swap.num_free_host_pages == 64           # L's copy dropped, H's swapped in (and reclaimed)
+    while sched.has_unfinished():
+        step()
+    assert [r.token_ids[r.num_prompt_tokens:] for r in (z, lo, h)] == expected([q + [50], q + [70], [60] * 23], [6, 4, 1])
+
+
+def test_demotion_never_takes_a_more_important_swapped_request():
+    """Every swapped request is less important than every running one in the scheduler's own flow
+    (victims are always the least important), so here the more important Y is preempted by hand.
+    6 pages, budget 6: Y (priority 1) prefills in chunks, C (1) reuses its first page, A (0) is a
+    16-token prompt. Y swapped out keeps page 1 (shared with C) resident. A's next chunk needs two
+    pages, one is free, and C, more important, runs: the search for a request to demote stops at
+    Y, which keeps its host copy and resident page, and A preempts itself."""
+    pool, sched, step = _tight(6, 6)
+    q = list(range(1, 9))
+    y = sched.add("Y", q + [3], 4, priority=1)
+    step()
+    c, a = sched.add("C", q + [5], 4, priority=1), sched.add("A", [20] * 16, 4, priority=0)
+    step()
+    step()
+    sched._preempt(y)
+    record = y.preempted
+    assert y.status is Status.SWAPPED and record.resident == [1] and pool.refcount(1) == 2
+    st = step()
+    assert st.requests == [c, a] and st.query_lens == [1, 5] and pool.num_free_pages == 1
+    st = step()
+    assert st.preempted == [(a, "swap")] and st.requests == [c]
+    assert y.status is Status.SWAPPED and y.preempted is record and not record.resumed
+    assert sched.num_demotions == 0 and pool.refcount(1) == 2     # Y's resident reference and C's
+    while sched.has_unfinished():
+        step()
+    assert [r.token_ids[r.num_prompt_tokens:] for r in (y, c, a)] == \
+        expected([q + [3], q + [5], [20] * 16], [4, 4, 4])
+
+
+def test_a_swapped_request_with_an_id_in_flight_resumes_only_once_it_is_known():
+    """Two pages. B (priority 1) and A each take one; both sample, ids not reported yet (advance).
+    B's next token needs a page: A is swapped out with its id in flight. B is retired; two pages
+    are free, yet A stays swapped until its id is resolved, then resumes decoding it."""
+    pool, sched, _ = _tight(2, 16, prefix=False)
+    b, a = sched.add("B", [1, 2, 3, 4], 3, priority=1), sched.add("A", [5, 6, 7], 3)
+    st = sched.schedule()
+    sched.advance(st, [b, a])
+    st = sched.schedule()
+    assert st.preempted == [(a, "swap")] and st.requests == [b] and a.num_pending == 1
+    sched.advance(st, [b])
+    sched.resolve({b: 11})
+    sched.finish(b)
+    assert pool.num_free_pages == 2
+    st = sched.schedule()
+    assert st.requests == [] and st.resumed == [] and a.status is Status.SWAPPED
+    sched.resolve({a: 12})
+    st = sched.schedule()
+    assert st.resumed == [a] and st.requests == [a] and st.query_lens == [1]
+    assert a.token_ids == [5, 6, 7, 12] and a.pages.num_tokens == 4
