@@ -78,3 +78,20 @@ def test_decode_of_a_page_table_with_null_page_raises(rng):
     q = queries(rng, 1, 2, 16, np.float16)
     with pytest.raises(ValueError, match="page_tables"):
         kernels.paged_decode(q, p.k, p.v, p.page_tables, p.context_lens)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_tolerance_catches_a_single_wrong_page(rng, dtype):
+    """A page table with one page swapped for a spare one, at a 2000-token context, fails
+    assert_close in every dtype (bf16's old 1.6e-2 absolute bound missed about a quarter), while
+    the right table passes."""
+    for _ in range(8):
+        p = make_paged(rng, [2000], num_kv_heads=2, head_dim=128, page_size=16, dtype=dtype, extra_pages=1)
+        q = queries(rng, 1, 8, 128, dtype)
+        ref = ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens)
+        assert_close(kernels.paged_decode(q, p.k, p.v, p.page_tables, p.context_lens), ref, dtype)
+        spare = np.setdiff1d(np.arange(1, p.kv.shape[0]), p.page_tables[0])   # the one page no table uses
+        wrong = p.page_tables.copy()
+        wrong[0, rng.integers(125)] = spare[0]
+        with pytest.raises(AssertionError):
+            assert_close(kernels.paged_decode(q, p.k, p.v, wrong, p.context_lens), ref, dtype)

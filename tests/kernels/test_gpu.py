@@ -6,7 +6,7 @@ import pytest
 from kernel_cases import ATOL, DTYPES, assert_close, make_paged, queries, query_start_loc
 
 from pagemem import kernels
-from pagemem.kernels.reference import ref_paged_decode, ref_paged_prefill
+from pagemem.kernels.reference import ref_paged_decode, ref_paged_prefill, ref_store_kv
 
 pytestmark = pytest.mark.gpu
 
@@ -217,7 +217,8 @@ def test_prefill_every_softmax_class(rng, dtype, context_len, softmax_regs):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_store_kv(rng, dtype):
-    """store_kv writes exactly the given slots, bit for bit, on a strided layer view."""
+    """store_kv writes exactly the given slots, bit for bit, on a strided layer view: what
+    ref_store_kv writes, nothing else."""
     import cupy as cp
     p = make_paged(rng, [64, 64], num_kv_heads=4, head_dim=128, page_size=16, dtype=dtype)
     kv = cp.asarray(p.kv)
@@ -226,18 +227,79 @@ def test_store_kv(rng, dtype):
     v = rng.standard_normal((50, 4, 128)).astype(dtype)
     kernels.store_kv(*_to_gpu(k, v), kv[:, 1, 0], kv[:, 1, 1], cp.asarray(slots))
     want = p.kv.copy()
-    kernels.store_kv(k, v, want[:, 1, 0], want[:, 1, 1], slots)
+    ref_store_kv(k, v, want[:, 1, 0], want[:, 1, 1], slots)
     np.testing.assert_array_equal(kv.get().view(np.uint8), want.view(np.uint8))
 
 
-def test_decode_on_a_side_stream(rng):
-    """The launch goes on the given stream; results are right after that stream's sync."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_store_kv_skips_null_page_and_out_of_pool_slots(rng, dtype):
+    """The rule CUDA-graph padding relies on: tokens whose slot is in NULL_PAGE, negative or past
+    the pool are skipped; the rest are written as ref_store_kv writes them. The pool is a view
+    inside a larger array with guard pages on both sides, so a write past either end shows."""
+    import cupy as cp
+    p = make_paged(rng, [64, 64], num_kv_heads=4, head_dim=128, page_size=16, dtype=dtype)
+    num_pages, guard = p.kv.shape[0], 3
+    fill = np.full((guard, *p.kv.shape[1:]), 7, dtype)
+    big = np.concatenate([fill, p.kv, fill])          # [guard + num_pages + guard, 2, 2, 16, 4, 128]
+    dev = cp.asarray(big)
+    pool = dev[guard:guard + num_pages]
+    valid = rng.permutation(np.arange(16, num_pages * 16))[:40]
+    padding = np.concatenate([rng.integers(0, 16, 4), [-1, -16 * guard],     # NULL_PAGE, before the pool
+                              num_pages * 16 + rng.integers(0, 16 * guard, 4)])  # past the pool
+    slots = rng.permutation(np.concatenate([valid, padding])).astype(np.int32)
+    k = rng.standard_normal((len(slots), 4, 128)).astype(dtype)
+    v = rng.standard_normal((len(slots), 4, 128)).astype(dtype)
+    kernels.store_kv(*_to_gpu(k, v), pool[:, 1, 0], pool[:, 1, 1], cp.asarray(slots))
+    want = big.copy()
+    keep = (slots >= 16) & (slots < num_pages * 16)
+    view = want[guard:guard + num_pages]
+    ref_store_kv(k[keep], v[keep], view[:, 1, 0], view[:, 1, 1], slots[keep])
+    np.testing.assert_array_equal(dev.get().view(np.uint8), want.view(np.uint8))   # NULL_PAGE's NaNs too
+
+
+_SPIN = r"""extern "C" __global__ void pagemem_test_spin(volatile const int* flag) {
+    while (*flag == 0) { }   // holds its stream until the host writes the flag (mapped pinned memory)
+}"""
+
+
+def test_decode_runs_on_the_given_stream(rng):
+    """The launch is queued on ``stream`` and only there: with that stream held by a kernel
+    spinning on a host flag, the legacy default stream drains, a copy of ``out`` made on a third
+    stream still sees the NaN it was filled with, and the stream's event is not done; released,
+    the stream finishes the decode with the reference result. Neither call blocks the host (a
+    hidden synchronize would wait on the spinning kernel: a watchdog releases it and the test fails)."""
+    import threading
     import cupy as cp
     p = make_paged(rng, LENS, num_kv_heads=2, head_dim=128, page_size=16)
     q = queries(rng, len(LENS), 8, 128, np.float16)
-    stream = cp.cuda.Stream(non_blocking=True)
+    stream, other = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
     with stream:
         args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
-    out = kernels.paged_decode(*args, stream=stream)
+        out = cp.full(q.shape, cp.nan, cp.float16)
+    kernels.paged_decode(*args, out=out.copy(), stream=stream)        # compile outside the test
+    spin = cp.RawKernel(_SPIN, "pagemem_test_spin")
+    flag_mem = cp.cuda.alloc_pinned_memory(4)
+    flag = np.frombuffer(flag_mem, np.int32, 1)
+    flag[0] = 0
     stream.synchronize()
+    watchdog = threading.Timer(30.0, flag.__setitem__, (0, 1))
+    watchdog.start()
+    try:
+        with stream:                                # RawKernel launches on the current stream
+            spin((1,), (1,), (np.uint64(flag_mem.ptr),))
+        kernels.paged_decode(*args, out=out, stream=stream)
+        done = cp.cuda.Event()
+        done.record(stream)
+        cp.cuda.Stream.null.synchronize()           # a launch on the default stream would be done now
+        with other:
+            probe = out.copy()
+        seen = probe.get(stream=other)
+        other.synchronize()                         # get(stream=...) only queues the copy
+        held = flag[0] == 0 and not done.done
+    finally:
+        flag[0] = 1
+        watchdog.cancel()
+    stream.synchronize()
+    assert held, "the host was blocked until the stream drained, or the decode ran on another stream"
+    assert np.isnan(seen).all(), "out was written while the given stream was held"
     assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens), np.float16)

@@ -175,3 +175,30 @@ def test_try_grow_grows_or_changes_nothing():
     write_tokens(pool, np.array([8]), [7.0])         # slot 8 = page 2, offset 0
     assert seq.try_grow(1) and seq.num_tokens == 6 and read_tokens(seq)[4] == 7.0
     pool.check_integrity()
+
+
+@pytest.mark.gpu
+def test_copy_on_write_on_a_gpu():
+    """fork, then append into the shared partial page of a CUDA pool: the page is copied (every
+    layer's K and V) on the given stream before the child writes, so each sequence keeps its tokens."""
+    import cupy as cp
+    pool = PagePool(PoolConfig(8, 4, 2, 2, 8, "float16", "cuda"))
+    rng = np.random.default_rng(0)
+    parent = SeqPages(pool)
+    parent.append(6)                                           # pages [1, 2], page 2 half full
+    data = rng.standard_normal(pool.kv.shape).astype(np.float16)
+    pool.kv[...] = cp.asarray(data)
+    cp.cuda.Device().synchronize()                             # the test's own writes, on the default stream
+    child = parent.fork()
+    stream = cp.cuda.Stream(non_blocking=True)
+    child.append(1, stream=stream)
+    with stream:
+        pool.kv[child.page_table[1], :, :, 2] = 9.0            # the child's new token, after the copy in stream order
+    stream.synchronize()
+    old, new = parent.page_table[1], child.page_table[1]
+    assert child.page_table[0] == parent.page_table[0] and new != old and pool.refcount(old) == 1
+    got = pool.kv.get()
+    np.testing.assert_array_equal(got[old], data[old])                       # the parent's page untouched
+    np.testing.assert_array_equal(got[new][:, :, :2], data[old][:, :, :2])   # its first two tokens copied
+    assert (got[new][:, :, 2] == 9).all()
+    pool.check_integrity()

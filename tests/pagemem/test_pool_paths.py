@@ -1,0 +1,131 @@
+"""Paths no other test reached: uncaching an evictable page, fragmentation against a hand count,
+PoolConfig.from_memory's CUDA branch and the backend's CUDA probes, each with a stand-in for the
+device (a module posing as CuPy, or the free-memory probe replaced)."""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import pagemem.backend as backend
+import pagemem.config as config
+from pagemem import PagePool, PoolConfig, SeqPages
+
+
+@pytest.mark.parametrize("eviction", ["lru", "fifo", "priority"])
+def test_uncache_of_an_evictable_page_makes_it_clean_free(eviction):
+    """An evictable page (refcount 0, still cached) that is uncached leaves the policy and joins the
+    back of the clean free queue; its key is gone, the free count is unchanged, and allocation hands
+    it out as a clean page (no eviction counted)."""
+    pool = PagePool(PoolConfig(5, 4, 1, 1, 4, "float32", "cpu"), eviction)
+    a, b, c, d = pool.allocate(4)
+    pool.cache_page(b, "kb")
+    pool.cache_page(c, "kc")
+    pool.free([b, c])                       # policy: b -> c; clean free queue empty
+    assert pool.num_free_pages == 2 and b in pool.policy
+    pool.uncache(b)                         # queue: b | policy: c
+    assert b not in pool.policy and list(pool._free) == [b] and pool.lookup("kb") is None
+    assert pool.num_free_pages == 2 and not pool.is_cached(b)
+    pool.check_integrity()
+    assert pool.allocate(1) == [b] and pool.num_evictions == 0
+    assert pool.allocate(1) == [c] and pool.num_evictions == 1
+    pool.check_integrity()
+
+
+def test_uncache_of_a_used_page_keeps_its_reference():
+    pool = PagePool(PoolConfig(5, 4, 1, 1, 4, "float32", "cpu"))
+    [p] = pool.allocate(1)
+    pool.cache_page(p, "k")
+    pool.uncache(p)
+    pool.uncache(p)                         # a page without a key: nothing to do
+    assert pool.refcount(p) == 1 and pool.lookup("k") is None
+    pool.free([p])
+    assert list(pool._free)[-1] == p and p not in pool.policy
+    pool.check_integrity()
+
+
+def test_fragmentation_against_a_hand_count():
+    """page_size 4: 5 tokens in 2 pages (3 empty slots), 8 in 2 (none), 1 in 1 (3 empty):
+    6 empty of 20 slots."""
+    pool = PagePool(PoolConfig(9, 4, 1, 1, 4, "float32", "cpu"))
+    seqs = [SeqPages(pool) for _ in range(3)]
+    for s, n in zip(seqs, (5, 8, 1)):
+        s.append(n)
+    stats = pool.stats(seqs)
+    assert stats.fragmentation == 6 / 20
+    assert (stats.num_used, stats.num_free, stats.utilization) == (5, 3, 5 / 8)
+    assert pool.stats().fragmentation == 0.0 and pool.stats(seqs[1:2]).fragmentation == 0.0
+
+
+def test_from_memory_on_cuda_takes_a_share_of_free_memory(monkeypatch):
+    """The CUDA branch with the free-memory probe replaced: num_pages = int(free * utilization)
+    // page_bytes; memory_bytes, when given, wins and the probe is not asked."""
+    asked = []
+
+    def probe():
+        asked.append(True)
+        return 10 << 20, 80 << 20                 # 10 MiB free of 80
+    monkeypatch.setattr(config, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(config, "free_device_memory", probe)
+    shape = dict(page_size=16, num_layers=16, num_kv_heads=8, head_dim=128, dtype="float16")  # 1 MiB pages
+    assert PoolConfig.from_memory(**shape, gpu_memory_utilization=0.55).num_pages == 5   # 5.5 MiB
+    assert PoolConfig.from_memory(**shape).num_pages == 9 and len(asked) == 2           # default 0.9
+    assert PoolConfig.from_memory(**shape, memory_bytes=3 << 20).num_pages == 3 and len(asked) == 2
+    with pytest.raises(ValueError, match="fewer than 2 pages"):
+        PoolConfig.from_memory(**shape, gpu_memory_utilization=0.15)                    # 1.5 MiB
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        PoolConfig.from_memory(**shape, gpu_memory_utilization=1.5)
+    assert len(asked) == 3                                                              # checked first
+
+
+class StandInCupy(SimpleNamespace):
+    """A module posing as CuPy: a device count (or a driver error), memory info, a device name."""
+
+    def __init__(self, count=1, error=None):
+        def get_count():
+            if error is not None:
+                raise error
+            return count
+        runtime = SimpleNamespace(getDeviceCount=get_count, memGetInfo=lambda: (3, 4),
+                                  getDeviceProperties=lambda i: {"name": b"Stand-in GPU"})
+        super().__init__(cuda=SimpleNamespace(runtime=runtime, Device=lambda: SimpleNamespace(id=0)))
+
+
+@pytest.mark.parametrize("cupy, reason", [
+    (None, "CuPy is not installed"),
+    (StandInCupy(error=RuntimeError("driver too old")), "CUDA driver is not usable: driver too old"),
+    (StandInCupy(count=0), "no CUDA device is visible"),
+    (StandInCupy(count=1), None),
+])
+def test_cuda_unavailable_reason_for_each_case(monkeypatch, cupy, reason):
+    monkeypatch.setitem(sys.modules, "cupy", cupy)      # None: `import cupy` raises ImportError
+    got = backend.cuda_unavailable_reason.__wrapped__()  # the uncached probe: the cache stays the real one's
+    assert got is None if reason is None else reason in got
+
+
+def test_backend_with_a_device_present(monkeypatch):
+    """With CUDA reported usable: "auto" resolves to it, array_module and module_of give CuPy,
+    the memory and name probes ask it."""
+    fake = StandInCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda: None)
+    assert backend.resolve_device("auto") == "cuda" == backend.resolve_device("cuda")
+    assert backend.array_module("cuda") is fake and backend.array_module("cpu") is np
+    assert backend.free_device_memory() == (3, 4)
+    assert backend.device_name_of("cuda") == "Stand-in GPU" and backend.device_name_of("cpu").startswith("CPU")
+
+    class DeviceArray:
+        __module__ = "cupy._core.core"
+
+        def get(self):
+            return np.arange(3)
+    assert backend.module_of(DeviceArray()) is fake and backend.module_of(np.zeros(1)) is np
+    assert backend.to_host(DeviceArray()).tolist() == [0, 1, 2]
+    x = np.zeros(2)
+    assert backend.to_host(x) is x
+    with pytest.raises(TypeError, match="numpy or cupy array"):
+        backend.module_of([1, 2])
+    with pytest.raises(TypeError, match="device must be a str"):
+        backend.resolve_device(None)
