@@ -30,45 +30,59 @@ SYNTHETIC = ("sharegpt", "alpaca")                   # pagemem.traces.DATASETS
 
 def add_parser(subparsers) -> None:
     """Register ``simulate`` and ``calibrate`` on the ``pagemem`` parser's subcommands."""
-    cmd = subparsers.add_parser("simulate", help="replay a trace through the scheduler on the CPU, timed by a step model")
+    shows = _Defaults
+    cmd = subparsers.add_parser("simulate", help="replay a trace through the scheduler on the CPU, timed by a step model",
+                                formatter_class=shows)
     cmd.set_defaults(func=simulate)
     src = cmd.add_argument_group("trace")
     src.add_argument("--trace", type=Path, default=None, help="JSONL trace (overrides --dataset)")
-    src.add_argument("--dataset", choices=RUN_DATASETS + SYNTHETIC, default="random")
-    src.add_argument("--num-prompts", type=_positive(int), default=128)
+    src.add_argument("--dataset", choices=RUN_DATASETS + SYNTHETIC, default="random",
+                     help="pagemem run's workloads, or lengths like the paper's ShareGPT / Alpaca")
+    src.add_argument("--num-prompts", type=_positive(int), default=128, help="requests")
     src.add_argument("--input-len", type=_positive(int), default=96, help="random / prefix-repetition")
     src.add_argument("--output-len", type=_positive(int), default=64, help="random / prefix-repetition")
     src.add_argument("--range-ratio", type=float, default=0.5, help="random / prefix-repetition")
     src.add_argument("--request-rate", type=_positive(float), default=math.inf,
                      help="Poisson arrivals, requests/s (default: all at once)")
     src.add_argument("--prefix-share", type=float, default=0.0, help="sharegpt / alpaca: share of requests with a shared prefix")
-    src.add_argument("--num-prefix-groups", type=_positive(int), default=4)
-    src.add_argument("--prefix-len", type=_positive(int), default=64)
+    src.add_argument("--num-prefix-groups", type=_positive(int), default=4, help="sharegpt / alpaca")
+    src.add_argument("--prefix-len", type=_positive(int), default=64, help="sharegpt / alpaca: shared tokens")
     src.add_argument("--save-trace", type=Path, default=None, help="write the trace replayed as JSONL")
     src.add_argument("--model", default=DEFAULT_MODEL, help="its vocabulary and context limit (weights not loaded)")
     _engine_flags(cmd)
     cmd.add_argument("--step-model", type=Path, default=None, help="JSON from pagemem calibrate (default: an estimate)")
     cmd.add_argument("--reservations", action="store_true", help="also the memory-waste table of reservation allocators")
-    cmd.add_argument("--max-model-len", type=_positive(int), default=2048, help="the 'max' reservation (default: %(default)s)")
-    cmd.add_argument("--seed", type=int, default=0)
+    cmd.add_argument("--max-model-len", type=_positive(int), default=2048, help="the 'max' reservation")
+    cmd.add_argument("--seed", type=int, default=0, help="of the trace and its prompts")
     cmd.add_argument("--json", type=Path, default=None, help="write every summary figure here")
     cmd.add_argument("--plot", type=Path, default=None, help="PNG of pool occupancy, swap traffic and queues")
-    cmd.add_argument("--no-progress", action="store_true")
-    cal = subparsers.add_parser("calibrate", help="measure the step-time model of a model on this device (a GPU)")
+    cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cal = subparsers.add_parser("calibrate", help="measure the step-time model of a model on this device (a GPU)",
+                                formatter_class=shows)
     cal.set_defaults(func=calibrate)
     cal.add_argument("--model", default="random:llama-3.2-1b", help="checkpoint folder or random:<preset>")
-    cal.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
-    cal.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    cal.add_argument("--page-size", type=_positive(int), default=16)
-    cal.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32, 64, 128, 256))
+    cal.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                     help="float16 on CUDA, float32 on the CPU when not given")
+    cal.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the engine runs")
+    cal.add_argument("--page-size", type=_positive(int), default=16, help="tokens a page")
+    cal.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32, 64, 128, 256), help="decode grid rows")
     cal.add_argument("--context-lens", type=_int_list, default=(128, 512, 1024, 2048), help="prompt tokens a sequence")
     cal.add_argument("--decode-steps", type=_positive(int), default=16, help="decode steps timed at each grid point")
     cal.add_argument("--prefill-tokens", type=_int_list, default=(2048, 8192, 16384), help="tokens of each prefill step")
-    cal.add_argument("--prefill-prompt-len", type=_positive(int), default=512)
+    cal.add_argument("--prefill-prompt-len", type=_positive(int), default=512, help="prompts the prefill steps are made of")
     cal.add_argument("--swap-pages", type=_positive(int), default=256, help="scattered pages of each timed swap")
-    cal.add_argument("--repeats", type=_positive(int), default=3)
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--repeats", type=_positive(int), default=3, help="of each prefill and swap timing (median)")
+    cal.add_argument("--seed", type=int, default=0, help="of the prompts")
     cal.add_argument("--out", type=Path, required=True, help="where the step model JSON goes")
+
+
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each default shown, except for flags that have none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -82,21 +96,22 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _engine_flags(cmd) -> None:
-    cmd.add_argument("--page-size", type=_positive(int), default=16)
+    cmd.add_argument("--page-size", type=_positive(int), default=16, help="tokens a page")
     pool = cmd.add_mutually_exclusive_group()
     pool.add_argument("--num-pages", type=_positive(int), default=None,
-                      help=f"pool pages, NULL_PAGE included (default: {DEMO_NUM_PAGES} for the tiny model)")
+                      help=f"pool pages, NULL_PAGE included (without it: {DEMO_NUM_PAGES} for the tiny model)")
     pool.add_argument("--kv-memory-gib", type=_positive(float), default=None,
                       help="pool size in GiB at the step model's bytes a token")
     cmd.add_argument("--swap-space", type=float, default=1.0, help="GiB of host memory for swapped pages")
-    cmd.add_argument("--max-num-seqs", type=_positive(int), default=256)
-    cmd.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048)
-    cmd.add_argument("--admit-batch", type=_positive(int), default=1)
-    cmd.add_argument("--preemption", choices=["swap", "recompute", "auto"], default="swap")
-    cmd.add_argument("--eviction", choices=["lru", "fifo", "priority"], default="lru")
+    cmd.add_argument("--max-num-seqs", type=_positive(int), default=256, help="sequences a step")
+    cmd.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048, help="tokens a step")
+    cmd.add_argument("--admit-batch", type=_positive(int), default=1, help="admit when this many slots are free")
+    cmd.add_argument("--preemption", choices=["swap", "recompute", "auto"], default="swap", help="as pagemem run's")
+    cmd.add_argument("--eviction", choices=["lru", "fifo", "priority"], default="lru", help="prefix-cache victims")
     cmd.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                      help="default: on for prefix-repetition or a --prefix-share")
-    cmd.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    cmd.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                     help="take sampled ids in a step late, as the engine does")
 
 
 def estimated_step_model() -> StepModel:
@@ -178,7 +193,7 @@ def simulate(args) -> dict:
     config = sim_config(args, model, prefix_default and args.trace is None)
     sim = Simulator(trace, model, config, prompts=prompts)
     result = _run(sim, len(trace), not args.no_progress)
-    summary = summarize_simulation(result, model=f"{args.model} (simulated)")
+    summary = summarize_simulation(result, model=f"{model.meta.get('model') or args.model} (simulated)")
     summary["step_model"] = model.meta
     summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     print(format_summary(summary))
@@ -189,12 +204,18 @@ def simulate(args) -> dict:
                                  max_num_batched_tokens=config.max_num_batched_tokens) for p in POLICIES]
         print()
         print(format_reservation_table(reports))
-        summary["reservations"] = [r._asdict() for r in reports]
+        summary["reservations"] = [_no_nan(r._asdict()) for r in reports]
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2))
     if args.plot is not None:
         save_timeline(result.steps, config.num_pages - 1, f"{args.model}, simulated: pool, swap and queues", args.plot)
     return summary
+
+
+def _no_nan(d: dict) -> dict:
+    """NaN (a share over no time under load) as None, which JSON has."""
+    fix = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+    return {k: ({kk: fix(vv) for kk, vv in v.items()} if isinstance(v, dict) else fix(v)) for k, v in d.items()}
 
 
 def _run(sim: Simulator, total: int, progress: bool):

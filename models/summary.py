@@ -66,7 +66,8 @@ def summarize_simulation(result, model: str = "simulated") -> dict:
                 "prefix_query_tokens": stats.num_query_tokens if stats else 0,
                 "prefix_hit_tokens": stats.num_hit_tokens if stats else 0}
     m = result.step_model
-    swap_bw = (m.pcie_out_gb_per_s, m.pcie_in_gb_per_s) if sw is not None else (None, None)
+    swap_bw = (m.pcie_out_gb_per_s if counters["pages_out"] else None,      # as the engine: a figure once
+               m.pcie_in_gb_per_s if counters["pages_in"] else None)         # pages have moved that way
     facts = RunFacts(model, "simulator (CPU), step model of " + str(m.meta.get("device", "an unnamed device")),
                      str(m.meta.get("dtype", "-")), result.elapsed_s, result.steps, counters,
                      result.config.num_pages - 1, result.config.page_size, result.page_bytes, swap_bw, pc is not None)
