@@ -79,3 +79,74 @@ def device_name() -> str:
         return f"CPU ({platform.processor() or platform.machine()})"
     import cupy as cp
     return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+
+
+# ---- host bookkeeping baselines, timed in the same groups as the pool's own calls ----------------
+class LinkedFreeList:
+    """vLLM's free-list design (FreeKVCacheBlockQueue in vllm/v1/core/kv_cache_utils.py): a doubly
+    linked list of free pages with O(1) pop from the front, append at the back and removal from the
+    middle (a prefix-cache hit reviving a page). Sketched here over two Python lists of neighbour
+    ids instead of block objects; 0 is the list's head and tail sentinel, as NULL_PAGE is never free."""
+
+    def __init__(self, num_pages: int) -> None:
+        # free list 0 -> 1 -> 2 -> ... -> num_pages - 1 -> 0 (sentinel at both ends)
+        self.prev = [num_pages - 1, *range(0, num_pages - 1)]   # prev[p]; prev[1] = 0 (the sentinel)
+        self.next = [*range(1, num_pages), 0]                   # next[p]; next[num_pages - 1] = 0
+        self.size = num_pages - 1
+
+    def popleft(self) -> int:
+        p = self.next[0]
+        self.remove(p)
+        return p
+
+    def remove(self, p: int) -> None:
+        a, b = self.prev[p], self.next[p]
+        self.next[a], self.prev[b] = b, a
+        self.size -= 1
+
+    def append(self, p: int) -> None:
+        last = self.prev[0]
+        self.next[last], self.prev[p], self.next[p], self.prev[0] = p, last, 0, p
+        self.size += 1
+
+
+class ListPool:
+    """The same allocate/free contract as PagePool's clean-page path with the plainest structures:
+    a Python list as a LIFO free stack and a list of refcounts, no checks, no prefix cache."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.free_pages = list(range(num_pages - 1, 0, -1))
+        self.refcount = [0] * num_pages
+
+    def allocate(self, n: int) -> list[int]:
+        pages = self.free_pages[-n:][::-1]
+        del self.free_pages[-n:]
+        for p in pages:
+            self.refcount[p] = 1
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            self.refcount[p] = 0
+        self.free_pages.extend(reversed(pages))
+
+
+class LinkedPool:
+    """allocate/free over LinkedFreeList with refcounts: vLLM's bookkeeping shape, without checks."""
+
+    def __init__(self, num_pages: int) -> None:
+        self.queue, self.refcount = LinkedFreeList(num_pages), [0] * num_pages
+
+    def allocate(self, n: int) -> list[int]:
+        pages = [self.queue.popleft() for _ in range(n)]
+        for p in pages:
+            self.refcount[p] = 1
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            self.refcount[p] = 0
+            self.queue.append(p)
+
+
+BASELINE_POOLS = {"python-list": ListPool, "vllm-linked-list": LinkedPool}
