@@ -12,11 +12,10 @@ in the order ``LLM.step`` calls them (pagemem/models/engine.py):
 So the rows, preemptions, swaps, resumes and finishes of each step are the engine's, for
 requests that end at their ``output_len`` (``ignore_eos``, no stop tokens, as ``pagemem run``
 serves). Sampled ids are a constant: only lengths and prompt ids matter to scheduling. The pool
-holds one float16 element per (page, slot), so a page costs 4 bytes a slot, not the model's K/V;
-the swap bookkeeping moves those through the real HostSwap. Time is the ``StepModel``'s:
-each step costs its decode, prefill and swap time at the model's real
-page bytes; tokens of a step are known when it ends, and requests join when the clock passes
-their arrival.
+holds one float16 K and V a slot (one layer, one head of size 1: 4 bytes a slot, not the model's
+K/V), which the swap bookkeeping moves through the real HostSwap. Time is the ``StepModel``'s:
+each step costs its decode, prefill and swap time at the model's real page bytes; a step's ids
+are known when it ends, and requests join when the clock passes their arrival.
 """
 from __future__ import annotations
 
@@ -415,16 +414,17 @@ class Simulator:
         self._finished_now.append(rid)
 
     def _record(self, cur: _Flight) -> None:
-        sched, sw = self.scheduler, self.swap
-        pool = self.pool
-        num_cached = len(pool.policy)
+        """The pool after the step, as the engine's StepRecord (counts read off the pool itself)."""
+        sched, sw, pool = self.scheduler, self.swap, self.pool
         seqs = list(map(_PAGES, sched.running))     # PagePool.stats(seqs)'s fragmentation, in C loops
         slots = sum(map(len, map(_TABLE, seqs))) * self.config.page_size
         tokens = sum(map(_TOKENS, seqs))
         frag = (slots - tokens) / slots if slots else 0.0
-        self.steps.append(SimStep(cur.done_t, cur.seconds, len(cur.step.requests), cur.step.num_tokens, cur.prefill,
-                                  pool.num_pages - 1 - pool.num_free_pages, frag, tokens, num_cached, len(sched.running), len(sched.waiting),
-                                  len(sched.swapped), sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0))
+        used = pool.num_pages - 1 - pool.num_free_pages
+        self.steps.append(SimStep(
+            cur.done_t, cur.seconds, len(cur.step.requests), cur.step.num_tokens, cur.prefill, used, frag, tokens,
+            len(pool.policy), len(sched.running), len(sched.waiting), len(sched.swapped),
+            sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0))
 
     def _decide(self, step: ScheduledStep | None, swapped_before: dict) -> None:
         """Record this step() call's decisions (an empty row list when nothing was scheduled)."""
