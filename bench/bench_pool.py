@@ -4,7 +4,7 @@ operations on a plain Python list (a free stack, refcounts, no checks), on vLLM'
 free list (bench/_harness.py), and a pack_batch written as a per-sequence Python loop.
 
 The pool's bookkeeping is host-side Python, so these run on the CPU whatever the device.
-Run: pytest bench/bench_pool.py --benchmark-only --benchmark-group-by=group
+Run: pytest bench/bench_pool.py --benchmark-only --benchmark-group-by=group --no-cov
 """
 from __future__ import annotations
 

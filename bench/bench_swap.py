@@ -6,7 +6,7 @@ enqueue included, host clock stopped after the copy's event (or the stream) comp
 "Back-to-back" rows issue K calls in a row, as a scheduler preempting several sequences does:
 the host work of each call overlaps the copies of the calls before it.
 
-Run:  pytest bench/bench_swap.py --benchmark-group-by=group   (pytest-benchmark tables)
+Run:  pytest bench/bench_swap.py --benchmark-group-by=group --no-cov   (pytest-benchmark tables)
       PYTHONPATH=. python bench/bench_swap.py [results.json]   (every figure of one run, one table)
 """
 from __future__ import annotations

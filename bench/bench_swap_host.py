@@ -10,7 +10,7 @@ Baselines: the same cycle on plain Python lists (a free stack of pages, one of h
 same NumPy copies, no checks, tickets or plans); allocate+free on a list and on vLLM's doubly
 linked free list (bench/_harness.py); the copy plan's host runs found by a Python loop.
 
-Run: pytest bench/bench_swap_host.py --benchmark-only --benchmark-group-by=group
+Run: pytest bench/bench_swap_host.py --benchmark-only --benchmark-group-by=group --no-cov
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import pytest
 
 import pagemem.backend as backend
 import pagemem.config as config
-from pagemem import PagePool, PoolConfig, SeqPages
+from pagemem import FIFO, PagePool, PoolConfig, SeqPages
 
 
 @pytest.mark.parametrize("eviction", ["lru", "fifo", "priority"])
@@ -129,3 +129,93 @@ def test_backend_with_a_device_present(monkeypatch):
         backend.module_of([1, 2])
     with pytest.raises(TypeError, match="device must be a str"):
         backend.resolve_device(None)
+
+
+def _corrupt(how: str) -> PagePool:
+    """A pool (pages 1-3 used, 3 cached under "k3", page 2 evictable under "k2") broken one way."""
+    pool = PagePool(PoolConfig(8, 4, 1, 1, 4, "float32", "cpu"))
+    pool.allocate(3)
+    pool.cache_page(3, "k3")
+    pool.cache_page(2, "k2")
+    pool.free([2])
+    if how == "null":
+        pool._refcount[0] = 1
+    elif how == "queue":
+        pool._free.append(pool._free[0])
+    elif how == "negative":
+        pool._refcount[1] = -1
+    elif how == "key":
+        pool._key_of[pool._free[0]] = "stray"
+        pool._page_of["stray"] = pool._free[0]
+    elif how == "index":
+        del pool._page_of["k3"]
+    return pool
+
+
+@pytest.mark.parametrize("how, match", [
+    ("null", "NULL_PAGE is referenced"), ("queue", "queue sizes: free 5 vs 4 distinct"),
+    ("negative", r"negative refcounts at \[1\]"), ("key", "a clean free page has a cache key"),
+    ("index", "cache index mismatch: 2 keys by page, 1 pages by key"),
+])
+def test_check_integrity_names_each_broken_invariant(how, match):
+    _corrupt("none").check_integrity()
+    with pytest.raises(RuntimeError, match=match):
+        _corrupt(how).check_integrity()
+
+
+def test_copy_page_and_cache_page_refuse_pages_in_the_wrong_state():
+    """copy_page needs a used source and a private, uncached destination; cache_page a used page.
+    Refused calls change nothing."""
+    pool = PagePool(PoolConfig(8, 4, 1, 1, 4, "float32", "cpu"))
+    a, b, c = pool.allocate(3)
+    pool.share([b])
+    pool.cache_page(c, "kc")
+    pool.kv[a] = 1.0
+    before = pool.kv.copy()
+    for src, dst in ((a, b), (a, c), (7, a)):          # dst shared; dst cached; src free
+        with pytest.raises(ValueError, match="copy_page"):
+            pool.copy_page(src, dst)
+    with pytest.raises(ValueError, match="cache_page: page 7 is free"):
+        pool.cache_page(7, "k7")
+    np.testing.assert_array_equal(pool.kv, before)
+    pool.uncache(c)
+    pool.copy_page(a, c)
+    assert (pool.kv[c] == 1.0).all()
+    pool.check_integrity()
+
+
+def test_fifo_heap_stays_small_over_revive_cycles():
+    """Reviving and freeing a cached page leaves a stale heap entry each time; the heap is
+    compacted past 2 x live + 64 entries, and the eviction order (first cached first) holds."""
+    fifo = FIFO()
+    for p in (1, 2, 3):
+        fifo.add(p)
+    for _ in range(500):                 # page 2 revived and freed again, 500 times
+        fifo.remove(2)
+        fifo.add(2)
+    assert len(fifo._heap) <= 2 * len(fifo) + 65
+    assert [fifo.pop_victim() for _ in range(3)] == [1, 2, 3]
+
+
+def test_swap_check_integrity_names_each_broken_invariant():
+    """HostSwap.check_integrity: a host slot held by two tickets, a spent ticket still live, and a
+    page held by an in-flight swap-out whose reference was dropped behind its back."""
+    from test_swap import InFlightSwap
+    from pagemem import HostSwap
+    pool = PagePool(PoolConfig(8, 4, 1, 1, 4, "float16", "cpu"))
+    swap = HostSwap(pool, 4)
+    t1, t2 = swap.swap_out(pool.allocate(1)), swap.swap_out(pool.allocate(1))
+    swap.check_integrity()
+    t2.host_slots[0] = t1.host_slots[0]
+    with pytest.raises(RuntimeError, match=r"host slots held twice: \[0\]"):
+        swap.check_integrity()
+    t2.host_slots[0], t1.state = 1, "in"
+    with pytest.raises(RuntimeError, match="a spent or foreign ticket is live"):
+        swap.check_integrity()
+    flight = InFlightSwap(pool, 2)
+    [p] = pool.allocate(1)
+    flight.swap_out([p])
+    flight.check_integrity()
+    pool._refcount[p] = 0
+    with pytest.raises(RuntimeError, match=rf"pages \[{p}\] held by in-flight swap-outs have refcount 0"):
+        flight.check_integrity()
