@@ -29,7 +29,9 @@ mirrors it: copy to staging, then scatter). Why gather below 8 MiB per run: meas
 as one copy per 1 MiB page and 21%/18% per 32 KiB page, against 96%/93% and 84%/87% gathered; the
 gather is one device pass (~3 TB/s, a few % of a PCIe transfer). Long runs (a contiguous sequence)
 skip it. Copies never block the host: the ids go up through pinned memory. Each call is planned on
-the host before its first CUDA call, then enqueued in one burst (``pagemem._swap_copy``).
+the host before its first CUDA call (and before it takes any host slot), then enqueued in one burst
+(``pagemem._swap_copy``). On the CPU the same plan is carried out with NumPy copies, so every path
+runs its own copies there too.
 
 ``path="direct"`` (by name only) moves every page with one kernel straight between the pool and
 pinned host memory, which is mapped into the device's address space: no staging buffer, no
