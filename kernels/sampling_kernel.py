@@ -4,8 +4,11 @@ specification).
 
 A row is read a few times from global memory and never sorted whole:
 
-    greedy, or temperature alone   one pass: argmax of z (+ Gumbel noise)
-    with min-p / top-k / top-p     pass A: max z; then the thresholds by radix selection on
+    greedy, or temperature alone   one pass: argmax of z (+ Gumbel noise); rows are split over
+                                   several blocks when there are few of them
+    with min-p / top-k / top-p     pass A: max z, the softmax sum and bounds that keep all but
+                                   the few tokens that can matter out of the histograms (see
+                                   ``cut_distance``); then the thresholds by radix selection on
                                    d = max z - z (>= 0, so its float bits order like d): 11-bit
                                    digits, a histogram of counts (top-k) and fixed-point masses
                                    exp(-d) * 2^32 (top-p) per level in shared memory; then one
@@ -25,84 +28,39 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 from numba import cuda, float32, float64, int32, int64, uint32, uint64
 
-from pagemem.kernels._arrays import as_device, launch
-from pagemem.kernels._device import SIM, bits_dtype, bits_to_f32, dtype_kind, f32_to_bits, load_scalar, make_block_reduce
+from pagemem.kernels._arrays import as_device, launch, num_sms
+from pagemem.kernels._device import SIM, bits_dtype, bits_to_f32, dtype_kind, f32_to_bits, make_block_reduce
 from pagemem.kernels.reference_sampling import MIN_P, POSITION, SEED_HI, SEED_LO, TEMPERATURE, TOP_K, TOP_P
+from pagemem.kernels.sampling_device import (INF, MASK, SH32, dist, gumbel, make_block_ops, make_quad_load, mass_of,
+                                             order_key, philox, pick, quad_mode, token_of, word_of)
 
-THREADS = 512
+THREADS = 256
 NB = 2048                                   # histogram bins: one 11-bit digit
-# Radix levels over the 32-bit keys: digits of 11, 11 and 10 bits (shifts 21, 10, 0), top first.
 CAP = 2048                                  # candidates finished in shared memory (a power of two)
-
-_MASK32 = 0xFFFFFFFF
+MAX_SPLIT = 16                              # blocks sharing one row on the one-pass path
+# Radix levels over the 32-bit keys: digits of 11, 11 and 10 bits (shifts 21, 10, 0), top first.
 
 
 def _dev(fn):
-    return fn if SIM else cuda.jit(device=True)(fn)
-
-
-M0, M1, W0, W1 = uint64(0xD2511F53), uint64(0xCD9E8D57), uint64(0x9E3779B9), uint64(0xBB67AE85)
-MASK = uint64(_MASK32)
-SH32 = uint64(32)
-
-
-@_dev
-def philox(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on uint32 values held in uint64: four output words."""
-    for r in range(10):
-        if r > 0:
-            k0 = (k0 + W0) & MASK
-            k1 = (k1 + W1) & MASK
-        p0 = M0 * c0
-        p1 = M1 * c2
-        c0, c1, c2, c3 = (p1 >> SH32) ^ c1 ^ k0, p1 & MASK, (p0 >> SH32) ^ c3 ^ k1, p0 & MASK
-    return c0, c1, c2, c3
-
-
-@_dev
-def gumbel(word):
-    """Gumbel(0, 1) noise from one 32-bit word."""
-    u = (float32(word >> uint64(9)) + float32(0.5)) * float32(2.0 ** -23)
-    return -math.log(-math.log(u))
-
-
-@_dev
-def word_of(i, pos, k0, k1):
-    """Token i's random word (one Philox call: used where tokens are visited one at a time)."""
-    w0, w1, w2, w3 = philox(uint64(i) >> uint64(2), pos, uint64(0), uint64(0), k0, k1)
-    e = i & 3
-    return w0 if e == 0 else (w1 if e == 1 else (w2 if e == 2 else w3))
-
-
-@_dev
-def order_key(v, i):
-    """uint64 whose order is v's (float32), then the lower token id: argmax by max()."""
-    b = uint64(f32_to_bits(v))
-    if b & uint64(0x80000000):
-        b = (~b) & MASK
-    else:
-        b = b | uint64(0x80000000)
-    return (b << SH32) | (MASK - uint64(i))
-
-
-@_dev
-def mass_of(d):
-    """Fixed-point probability mass relative to the top token: exp(-d) * 2^32, truncated."""
-    return uint64(math.exp(-d) * float32(4294967296.0))
+    # a device function under the simulator too, so that it sees the simulator's cuda module
+    return cuda.jit(device=True)(fn)
 
 
 @functools.cache
-def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
-    """One token per row of ``logits`` [n, V] (bits for 16-bit kinds) under ``params``
-    [NUM_FIELDS, n] int32 (kernels/reference_sampling.py), written to ``out`` [n] int32.
+def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: int = CAP):
+    """(sample_kernel, logprobs_kernel) for logits of ``logit_kind`` read in quads of ``mode``.
 
-    Launch: grid=n, block=threads (a power of two, at least 32 and at most NB); ``cap`` (a power
-    of two, at most CAP: smaller in tests, to reach the radix levels on small rows) bounds the
-    candidates finished in shared memory. Control flow is
-    uniform across a block: every branch depends on the row's settings or on values broadcast
-    through shared memory after a barrier. Accumulation in float32; masses in uint64.
+    sample_kernel(best, words, bits, params, vocab, split): the key of row r's drawn token
+    (``order_key``; token_of() gives the id) is atomically max-ed into ``best`` [n] uint64 (zeroed
+    by the caller). Launch: grid=(n, split), block=threads (a power of two in [32, NB]); rows
+    that draw in one pass spread their quads over the ``split`` blocks, the others run in block 0.
+    ``cap`` (a power of two in [threads, CAP]; smaller in tests, to reach the radix levels on
+    small rows) bounds the candidates finished in shared memory. Control flow is uniform across
+    a block: branches depend on the row's settings or on values broadcast through shared memory
+    after a barrier. Math in float32; masses in uint64.
     """
     NT, CAP_ = threads, cap
     if NT & (NT - 1) or not 32 <= NT <= NB:
@@ -111,64 +69,76 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
         raise ValueError(f"cap must be a power of two in [threads, {CAP}], got {cap}")
     C = NB // NT                       # bins a thread scans
     PER = CAP_ // NT                   # candidates a thread sums in order
-    load = load_scalar[logit_kind]
+    quad = make_quad_load(logit_kind, mode)
     block_max_f = make_block_reduce(NT, True)
-    INF = float32(math.inf)
+    block_sum_f = make_block_reduce(NT, False)
+    block_max_u64, block_excl_scan, kth_largest = make_block_ops(NT)
 
     @_dev
-    def block_max_u64(v, sv, slot, tid):
-        """Max of v over the block, through one shared slot (atomics: any thread order)."""
-        if tid == 0:
-            sv[slot] = uint64(0)
-        cuda.syncthreads()  # slot cleared before anyone adds to it
-        cuda.atomic.max(sv, slot, v)
-        cuda.syncthreads()  # every thread's value is in
-        out = sv[slot]
-        cuda.syncthreads()  # read before the slot is reused
-        return out
+    def softmax_stats(words, bits, r, vocab, inv_t, sf, tid):
+        """(max z of the row, sum of exp(z - max), this thread's own max z)."""
+        m = -INF
+        s = float32(0)
+        for q in range(tid, (vocab + 3) // 4, NT):
+            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
+            for e in range(4):
+                if 4 * q + e < vocab:
+                    z = pick(x0, x1, x2, x3, e) * inv_t
+                    if z > m:
+                        s = s * math.exp(m - z) + float32(1)
+                        m = z
+                    else:
+                        s += math.exp(z - m)
+        zmax = block_max_f(m, sf, tid)
+        w = s * math.exp(m - zmax) if m > -INF else float32(0)
+        return zmax, block_sum_f(w, sf, tid), m
 
     @_dev
-    def block_excl_scan(v, scan, tid):
-        """(exclusive prefix sum of v over thread ids, block total): Hillis-Steele in shared."""
-        scan[tid] = v
-        cuda.syncthreads()  # all values in
-        off = 1
-        while off < NT:
-            t = uint64(0)
-            if tid >= off:
-                t = scan[tid - off]
-            cuda.syncthreads()  # everyone read this level before it is overwritten
-            scan[tid] += t
-            cuda.syncthreads()  # level written
-            off <<= 1
-        incl = scan[tid]
-        total = scan[NT - 1]
-        cuda.syncthreads()  # read before scan is reused
-        return incl - v, total
+    def cut_distance(own_max, zmax, total, vocab, top_k, top_p, need_k, need_p, dmp, sf, sfk, tid):
+        """A distance past which no token can be kept, so histograms skip it. top-k: at least k
+        tokens are at least the k-th largest of the threads' own maxima. top-p alone: the tokens
+        past D hold at most vocab * e^-D of the top token's mass, below (1 - top_p) of the total
+        once D = log(vocab / ((1 - top_p) * total)); one unit of slack covers rounding."""
+        cut = dmp
+        if need_k and top_k <= NT:
+            mk = kth_largest(own_max, top_k, sf, sfk, tid)
+            cut = min(cut, (zmax - mk) * float32(1.000001) + float32(1e-6))
+        elif need_p and not need_k:
+            dp = math.log(float32(vocab)) - math.log((float32(1) - top_p) * total) + float32(1)
+            cut = min(cut, max(dp, float32(0)))
+        return cut
 
     @_dev
-    def histogram(logits, r, vocab, inv_t, zmax, dmp, limit, prefix, pmask, shift, dmask, hcount, hmass, tid):
-        """Counts and masses of the considered tokens (d <= dmp, key <= limit) whose key matches
-        ``prefix`` on ``pmask``, by the digit at ``shift``."""
+    def histogram(words, bits, r, vocab, inv_t, zmax, cut, dmp, limit, prefix, pmask, shift, dmask,
+                  hcount, hmass, tid):
+        """Counts and masses of the tokens with d <= cut and key <= limit whose key matches
+        ``prefix`` on ``pmask``, by the digit at ``shift``. Returns this thread's mass of the
+        tokens past the cut but within min-p (top-p's total counts them)."""
         for b in range(tid, NB, NT):
             hcount[b] = uint32(0)
             hmass[b] = uint64(0)
         cuda.syncthreads()  # bins cleared
-        for i in range(tid, vocab, NT):
-            d = zmax - load(logits[r, i]) * inv_t
-            if d <= dmp:
-                key = uint64(f32_to_bits(d))
-                if key <= limit and (key & pmask) == prefix:
-                    b = (key >> shift) & dmask
-                    cuda.atomic.add(hcount, b, uint32(1))
-                    cuda.atomic.add(hmass, b, mass_of(d))
+        outside = uint64(0)
+        for q in range(tid, (vocab + 3) // 4, NT):
+            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
+            for e in range(4):
+                if 4 * q + e < vocab:
+                    d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
+                    key = uint64(f32_to_bits(d))
+                    if d <= cut:
+                        if key <= limit and (key & pmask) == prefix:
+                            b = (key >> shift) & dmask
+                            cuda.atomic.add(hcount, b, uint32(1))
+                            cuda.atomic.add(hmass, b, mass_of(d))
+                    elif d <= dmp and key <= limit:
+                        outside += mass_of(d)
         cuda.syncthreads()  # histogram complete
+        return outside
 
     @_dev
     def find_bin(hcount, hmass, use_mass, target, before_c, before_m, scan, sv, tid):
         """The first bin at which the running count (or mass), after before_c (before_m), reaches
-        target. Returns (bin or NB when never reached, count and mass below that bin, count and
-        mass in it), the same in every thread."""
+        target: (bin or NB when never reached, count and mass below it, count and mass in it)."""
         tc = uint64(0)
         tm = uint64(0)
         for j in range(C):
@@ -191,8 +161,7 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
                 b = tid * C + j
                 cb = uint64(hcount[b])
                 mb = hmass[b]
-                step = mb if use_mass else cb
-                if (acc_m if use_mass else acc_c) + step >= target:
+                if (acc_m + mb if use_mass else acc_c + cb) >= target:
                     sv[0] = uint64(b)
                     sv[1] = acc_c - before_c
                     sv[2] = acc_m - before_m
@@ -207,29 +176,30 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
         return res
 
     @_dev
-    def gather(logits, r, vocab, inv_t, zmax, dmp, hi_key, cand, sv, tid):
-        """cand[:n] = (key << 32 | id) of every considered token with key <= hi_key, the rest
-        padded with the largest value, then sorted. Callers know from a histogram that n <= CAP
-        (were it more, which tokens got in would depend on the order of atomics)."""
+    def gather(words, bits, r, vocab, inv_t, zmax, cut, hi_key, cand, sv, tid):
+        """cand[:n] = (key << 32 | id) of every token with d <= cut and key <= hi_key, the rest
+        padded with the largest value, then sorted (bitonic). Callers know from a histogram that
+        n <= cap (were it more, which tokens got in would depend on the order of atomics)."""
         if tid == 0:
             sv[5] = uint64(0)
         for i in range(tid, CAP_, NT):
             cand[i] = ~uint64(0)
         cuda.syncthreads()  # counter and padding ready
-        for i in range(tid, vocab, NT):
-            d = zmax - load(logits[r, i]) * inv_t
-            if d <= dmp:
-                key = uint64(f32_to_bits(d))
-                if key <= hi_key:
-                    at = cuda.atomic.add(sv, 5, uint64(1))
-                    if at < uint64(CAP_):
-                        cand[at] = (key << SH32) | uint64(i)
+        for q in range(tid, (vocab + 3) // 4, NT):
+            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
+            for e in range(4):
+                if 4 * q + e < vocab:
+                    d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
+                    key = uint64(f32_to_bits(d))
+                    if d <= cut and key <= hi_key:
+                        at = cuda.atomic.add(sv, 5, uint64(1))
+                        if at < uint64(CAP_):
+                            cand[at] = (key << SH32) | uint64(4 * q + e)
         cuda.syncthreads()  # all gathered
         n = min(int64(sv[5]), int64(CAP_))
         size = 2
         while size < n:
             size <<= 1
-        # bitonic sort of cand[:size] ascending (the padding sorts last)
         k = 2
         while k <= size:
             j = k >> 1
@@ -302,16 +272,54 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
             best = max(best, order_key(gumbel(word_of(tok, pos, k0, k1)) - bits_to_f32(c >> SH32), tok))
         return block_max_u64(best, sv, 8, tid)
 
-    @cuda.jit
-    def sample_kernel(out, logits, params, vocab):
-        # out: [n] int32; logits: [n, V] (bits for 16-bit kinds); params: [NUM_FIELDS, n] int32
+    @_dev
+    def one_pass(words, bits, r, vocab, inv_t, greedy, pos, k0, k1, part, split, tid):
+        """This block's share of argmax(z + Gumbel noise), or of argmax(z) when greedy."""
+        best = uint64(0)
+        for q in range(part * NT + tid, (vocab + 3) // 4, NT * split):
+            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
+            w0, w1, w2, w3 = (uint64(0), uint64(0), uint64(0), uint64(0))
+            if not greedy:
+                w0, w1, w2, w3 = philox(uint64(q), pos, uint64(0), uint64(0), k0, k1)
+            for e in range(4):
+                i = 4 * q + e
+                if i < vocab:
+                    v = pick(x0, x1, x2, x3, e) * inv_t
+                    if not greedy:
+                        v += gumbel(pick(w0, w1, w2, w3, e))
+                    best = max(best, order_key(v, i))
+        return best
+
+    @_dev
+    def draw_pass(words, bits, r, vocab, inv_t, zmax, cut, limit, pos, k0, k1, tid):
+        """argmax of (Gumbel - d) over the tokens with d <= cut and key <= limit."""
+        best = uint64(0)
+        for q in range(tid, (vocab + 3) // 4, NT):
+            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
+            w0, w1, w2, w3 = philox(uint64(q), pos, uint64(0), uint64(0), k0, k1)
+            for e in range(4):
+                i = 4 * q + e
+                if i < vocab:
+                    d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
+                    if d <= cut and uint64(f32_to_bits(d)) <= limit:
+                        best = max(best, order_key(gumbel(pick(w0, w1, w2, w3, e)) - d, i))
+        return best
+
+    jit = cuda.jit if SIM else cuda.jit(max_registers=min(255, 65536 // NT))   # the block must fit an SM
+
+    @jit
+    def sample_kernel(best_out, words, bits, params, vocab, split):
+        # best_out: [n] uint64 (zeroed); words: [n, W] uint64 or bits again; bits: [n, V] (raw
+        # bits for 16-bit kinds); params: [NUM_FIELDS, n] int32
         r = cuda.blockIdx.x
+        part = cuda.blockIdx.y
         tid = cuda.threadIdx.x
         hcount = cuda.shared.array(NB, uint32)
         cand = cuda.shared.array(CAP, uint64)      # candidates; also the mass histogram
         scan = cuda.shared.array(NT, uint64)
         sv = cuda.shared.array(16, uint64)
         sf = cuda.shared.array(NT, float32)
+        sfk = cuda.shared.array(1, float32)
         temp = bits_to_f32(params[TEMPERATURE, r])
         top_k = params[TOP_K, r]
         top_p = bits_to_f32(params[TOP_P, r])
@@ -326,30 +334,17 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
         need_m = min_p > float32(0)
 
         if greedy or not (need_k or need_p or need_m):
-            # ---- one pass: argmax of z, plus Gumbel noise when sampling ----
-            best = uint64(0)
-            for base in range(tid * 4, vocab, NT * 4):
-                w0, w1, w2, w3 = (uint64(0), uint64(0), uint64(0), uint64(0))
-                if not greedy:
-                    w0, w1, w2, w3 = philox(uint64(base >> 2), pos, uint64(0), uint64(0), k0, k1)
-                for e in range(4):
-                    i = base + e
-                    if i < vocab:
-                        v = load(logits[r, i]) * inv_t
-                        if not greedy:
-                            v += gumbel(w0 if e == 0 else (w1 if e == 1 else (w2 if e == 2 else w3)))
-                        best = max(best, order_key(v, i))
-            best = block_max_u64(best, sv, 8, tid)
+            key = block_max_u64(one_pass(words, bits, r, vocab, inv_t, greedy, pos, k0, k1, part, split, tid),
+                                sv, 8, tid)
             if tid == 0:
-                out[r] = int32(MASK - (best & MASK))
+                cuda.atomic.max(best_out, r, key)
+            return
+        if part > 0:            # the filtered path runs in one block per row
             return
 
-        # ---- pass A: the row's max z ----
-        zmax = -INF
-        for i in range(tid, vocab, NT):
-            zmax = max(zmax, load(logits[r, i]) * inv_t)
-        zmax = block_max_f(zmax, sf, tid)
+        zmax, total, own_max = softmax_stats(words, bits, r, vocab, inv_t, sf, tid)
         dmp = -math.log(min_p) if need_m else INF
+        cut = cut_distance(own_max, zmax, total, vocab, top_k, top_p, need_k, need_p, dmp, sf, sfk, tid)
 
         # ---- thresholds: top-k (a count) first, then top-p (a mass) among what it kept ----
         limit = MASK                    # keys above it are out (an exact threshold found before)
@@ -368,9 +363,10 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
             for level in range(3):
                 shift = uint64(21 - 11 * level) if level < 2 else uint64(0)
                 dmask = uint64(0x7FF) if level < 2 else uint64(0x3FF)
-                histogram(logits, r, vocab, inv_t, zmax, dmp, limit, prefix, pmask, shift, dmask, hcount, cand, tid)
+                outside = histogram(words, bits, r, vocab, inv_t, zmax, cut, dmp, limit, prefix, pmask, shift,
+                                    dmask, hcount, cand, tid)
                 if use_mass and level == 0:
-                    tm = uint64(0)
+                    tm = outside
                     for j in range(C):
                         tm += cand[tid * C + j]
                     unused, total_m = block_excl_scan(tm, scan, tid)
@@ -380,7 +376,7 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
                     break
                 if bc + cb + nb <= uint64(CAP_):   # few enough: finish in shared memory
                     hi_key = prefix | (b << shift) | ((uint64(1) << shift) - uint64(1))
-                    n = gather(logits, r, vocab, inv_t, zmax, dmp, min(hi_key, limit), cand, sv, tid)
+                    n = gather(words, bits, r, vocab, inv_t, zmax, cut, min(hi_key, limit), cand, sv, tid)
                     break
                 prefix = prefix | (b << shift)
                 pmask = pmask | (dmask << shift)
@@ -392,30 +388,18 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
                 open_k = False
 
         if n >= 0:
-            tok = finish_in_shared(cand, n, top_k, open_k, top_p, need_p, total_m, pos, k0, k1, scan, sv, tid)
+            key = finish_in_shared(cand, n, top_k, open_k, top_p, need_p, total_m, pos, k0, k1, scan, sv, tid)
         else:
-            # ---- the draw: argmax of (Gumbel - d) over the kept tokens ----
-            best = uint64(0)
-            for base in range(tid * 4, vocab, NT * 4):
-                w0, w1, w2, w3 = philox(uint64(base >> 2), pos, uint64(0), uint64(0), k0, k1)
-                for e in range(4):
-                    i = base + e
-                    if i < vocab:
-                        d = zmax - load(logits[r, i]) * inv_t
-                        if d <= dmp and uint64(f32_to_bits(d)) <= limit:
-                            g = gumbel(w0 if e == 0 else (w1 if e == 1 else (w2 if e == 2 else w3)))
-                            best = max(best, order_key(g - d, i))
-            tok = block_max_u64(best, sv, 8, tid)
+            key = block_max_u64(draw_pass(words, bits, r, vocab, inv_t, zmax, cut, limit, pos, k0, k1, tid),
+                                sv, 8, tid)
         if tid == 0:
-            out[r] = int32(MASK - (tok & MASK))
-
-    block_sum_f = make_block_reduce(NT, False)
+            cuda.atomic.max(best_out, r, key)
 
     @_dev
-    def select_count(logits, r, vocab, inv_t, zmax, num, hcount, cand, scan, sv, tid):
-        """The ``num`` smallest keys (largest z), by the radix levels: (n, exact_key). n >= 0:
-        cand[:n] holds, sorted, every token with key <= a bound that keeps at least num of them;
-        n < 0: more than CAP tokens share the bound, whose exact key is returned."""
+    def select_count(words, bits, r, vocab, inv_t, zmax, cut, num, hcount, cand, scan, sv, tid):
+        """The ``num`` smallest keys (largest z) among d <= cut: (n, key). n >= 0: cand[:n] holds,
+        sorted, every token with key <= a bound that keeps at least num of them; n < 0: more than
+        cap tokens share the bound, whose exact key is returned."""
         prefix = uint64(0)
         pmask = uint64(0)
         bc = uint64(0)
@@ -423,21 +407,20 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
         for level in range(3):
             shift = uint64(21 - 11 * level) if level < 2 else uint64(0)
             dmask = uint64(0x7FF) if level < 2 else uint64(0x3FF)
-            histogram(logits, r, vocab, inv_t, zmax, INF, MASK, prefix, pmask, shift, dmask, hcount, cand, tid)
+            histogram(words, bits, r, vocab, inv_t, zmax, cut, cut, MASK, prefix, pmask, shift, dmask, hcount, cand, tid)
             b, cb, mb, nb, mbin = find_bin(hcount, cand, False, uint64(num), bc, bm, scan, sv, tid)
             if bc + cb + nb <= uint64(CAP_):
                 hi_key = prefix | (b << shift) | ((uint64(1) << shift) - uint64(1))
-                return gather(logits, r, vocab, inv_t, zmax, INF, hi_key, cand, sv, tid), prefix
+                return gather(words, bits, r, vocab, inv_t, zmax, cut, hi_key, cand, sv, tid), prefix
             prefix = prefix | (b << shift)
             pmask = pmask | (dmask << shift)
             bc += cb
             bm += mb
         return int64(-1), prefix
 
-    @cuda.jit
-    def logprobs_kernel(chosen, top_ids, top_lp, logits, params, tokens, vocab, num_top):
+    @jit
+    def logprobs_kernel(chosen, top_ids, top_lp, words, bits, params, tokens, vocab, num_top):
         # chosen: [n] f32; top_ids: [n, >= num_top] int32; top_lp: [n, >= num_top] f32
-        # logits: [n, V] bits; params: [NUM_FIELDS, n] int32; tokens: [n] int32
         r = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         hcount = cuda.shared.array(NB, uint32)
@@ -445,31 +428,30 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
         scan = cuda.shared.array(NT, uint64)
         sv = cuda.shared.array(16, uint64)
         sf = cuda.shared.array(NT, float32)
+        sfk = cuda.shared.array(1, float32)
         temp = bits_to_f32(params[TEMPERATURE, r])
         inv_t = float32(1) / temp if temp > float32(0) else float32(1)
-        zmax = -INF
-        for i in range(tid, vocab, NT):
-            zmax = max(zmax, load(logits[r, i]) * inv_t)
-        zmax = block_max_f(zmax, sf, tid)
-        acc = float32(0)
-        for i in range(tid, vocab, NT):
-            acc += math.exp(load(logits[r, i]) * inv_t - zmax)
-        log_sum = math.log(block_sum_f(acc, sf, tid))
+        zmax, total, own_max = softmax_stats(words, bits, r, vocab, inv_t, sf, tid)
+        log_sum = math.log(total)
         if tid == 0:
-            chosen[r] = load(logits[r, tokens[r]]) * inv_t - zmax - log_sum
+            tok = tokens[r]
+            x0, x1, x2, x3 = quad(words, bits, r, tok // 4, vocab)
+            chosen[r] = -dist(pick(x0, x1, x2, x3, tok % 4), inv_t, zmax) - log_sum
         if num_top == 0:
             return
-        n, key = select_count(logits, r, vocab, inv_t, zmax, num_top, hcount, cand, scan, sv, tid)
+        mk = kth_largest(own_max, num_top, sf, sfk, tid)
+        cut = (zmax - mk) * float32(1.000001) + float32(1e-6)
+        n, key = select_count(words, bits, r, vocab, inv_t, zmax, cut, num_top, hcount, cand, scan, sv, tid)
         if n >= 0:
             for j in range(tid, min(n, int64(num_top)), NT):
                 top_ids[r, j] = int32(cand[j] & MASK)
                 top_lp[r, j] = -bits_to_f32(cand[j] >> SH32) - log_sum
             return
-        # More than CAP tokens tie at the bound: the strictly smaller keys first (fewer than
+        # More than cap tokens tie at the bound: the strictly smaller keys first (fewer than
         # num_top), then the tied tokens with the lowest ids, found in id order, tile by tile.
         below = int64(0)
         if key > uint64(0):
-            below = gather(logits, r, vocab, inv_t, zmax, INF, key - uint64(1), cand, sv, tid)
+            below = gather(words, bits, r, vocab, inv_t, zmax, cut, key - uint64(1), cand, sv, tid)
         for j in range(tid, below, NT):
             top_ids[r, j] = int32(cand[j] & MASK)
             top_lp[r, j] = -bits_to_f32(cand[j] >> SH32) - log_sum
@@ -480,8 +462,10 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
                 break
             i = base + tid
             hit = uint64(0)
-            if i < vocab and uint64(f32_to_bits(zmax - load(logits[r, i]) * inv_t)) == key:
-                hit = uint64(1)
+            if i < vocab:
+                x0, x1, x2, x3 = quad(words, bits, r, i // 4, vocab)
+                if uint64(f32_to_bits(dist(pick(x0, x1, x2, x3, i % 4), inv_t, zmax))) == key:
+                    hit = uint64(1)
             rank, count = block_excl_scan(hit, scan, tid)
             if hit and filled + int64(rank) < num_top:
                 top_ids[r, filled + int64(rank)] = int32(i)
@@ -491,19 +475,53 @@ def make_sample_kernel(logit_kind: int, threads: int = THREADS, cap: int = CAP):
     return sample_kernel, logprobs_kernel
 
 
-def sample_cuda(logits, params, out, stream, threads: int = THREADS, cap: int = CAP):
-    """Enqueue one draw per row (checked arguments: see ``pagemem.kernels.sample``); returns out."""
+@cuda.jit
+def finish_kernel(out, best):
+    """out[r] = the token id held in row r's order key."""
+    r = cuda.grid(1)
+    if r < out.shape[0]:
+        out[r] = token_of(best[r])
+
+
+def _views(logits):
+    """(mode, words view, bits view) of logits [n, V]: uint64 words when rows are 8-byte aligned."""
     kind = dtype_kind(logits.dtype, "logits")
-    kernel = make_sample_kernel(kind, threads, cap)[0]
-    launch(kernel, logits.shape[0], threads, stream, as_device(out), as_device(logits, bits_dtype(kind)),
-           as_device(params), logits.shape[1])
+    bits = as_device(logits, bits_dtype(kind))
+    row_bytes = logits.strides[0]
+    ptr = logits.__array_interface__["data"][0] if isinstance(logits, np.ndarray) else logits.data.ptr
+    aligned = row_bytes % 8 == 0 and ptr % 8 == 0 and logits.shape[1] * logits.itemsize % 8 == 0
+    mode = quad_mode(kind, aligned)
+    return kind, mode, (as_device(logits, np.uint64) if aligned else bits), bits
+
+
+def default_split(num_rows: int) -> int:
+    """Blocks per row on the one-pass path: enough for two blocks an SM, at most MAX_SPLIT."""
+    if SIM:
+        return 1
+    return max(1, min(MAX_SPLIT, -(-2 * num_sms() // num_rows)))
+
+
+def sample_cuda(logits, params, out, stream, threads: int = THREADS, cap: int = CAP, split: int | None = None):
+    """Enqueue one draw per row (checked arguments: see ``pagemem.kernels.sample``); returns out."""
+    kind, mode, words, bits = _views(logits)
+    n = logits.shape[0]
+    split = default_split(n) if split is None else split
+    if isinstance(logits, np.ndarray):
+        best = np.zeros(n, np.uint64)
+    else:
+        import cupy as cp
+        with stream if stream is not None else cp.cuda.get_current_stream():
+            best = cp.zeros(n, np.uint64)        # a memset on the launch stream
+    kernel = make_sample_kernel(kind, mode, threads, cap)[0]
+    launch(kernel, (n, split), threads, stream, as_device(best), words, bits, as_device(params), logits.shape[1], split)
+    launch(finish_kernel, -(-n // 128), 128, stream, as_device(out), as_device(best))
     return out
 
 
 def logprobs_cuda(logits, params, token_ids, num_top: int, chosen, top_ids, top_lp, stream,
                   threads: int = THREADS, cap: int = CAP):
     """Enqueue the log-probabilities of ``token_ids`` and the ``num_top`` largest per row."""
-    kind = dtype_kind(logits.dtype, "logits")
-    kernel = make_sample_kernel(kind, threads, cap)[1]
+    kind, mode, words, bits = _views(logits)
+    kernel = make_sample_kernel(kind, mode, threads, cap)[1]
     launch(kernel, logits.shape[0], threads, stream, as_device(chosen), as_device(top_ids), as_device(top_lp),
-           as_device(logits, bits_dtype(kind)), as_device(params), as_device(token_ids), logits.shape[1], num_top)
+           words, bits, as_device(params), as_device(token_ids), logits.shape[1], num_top)

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     cmd = sub.add_parser("run", help="serve a synthetic workload and summarize the pool's work")
     cmd.set_defaults(func=run)
-    cmd.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or random:<preset> (default: %(default)s)")
+    cmd.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, GGUF file or random:<preset> (default: %(default)s)")
     cmd.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
     cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     cmd.add_argument("--page-size", type=_positive(int), default=16)

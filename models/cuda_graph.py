@@ -84,8 +84,11 @@ class DecodeGraphs:
         n = len(seqs)
         max_pages = max(len(s.page_table) for s in seqs)
         key = (_bucket(n, self.buckets), self._page_bucket(max_pages))
-        if key not in self.graphs and not self._try_capture(key):
-            return None
+        if key not in self.graphs:
+            if feed is not None:       # capturing draws into self.ids, which may hold the fed ids
+                feed = (feed[0], feed[1], feed[2].copy())
+            if not self._try_capture(key):
+                return None
         host, dev = self.static[key]
         uploaded = self.uploaded.get(key)
         if uploaded is not None:

@@ -131,10 +131,10 @@ def test_sample_checks_its_arguments():
 needs_sim = pytest.mark.skipif(not SIM, reason="runs the CUDA kernel in the Numba simulator (CPU runs)")
 
 
-def _kernel_draws(logits, params, cap=2048):
+def _kernel_draws(logits, params, cap=2048, split=1):
     from pagemem.kernels.sampling_kernel import sample_cuda
     out = np.full(logits.shape[0], -1, dtype=np.int32)
-    sample_cuda(logits, params, out, None, threads=32, cap=cap)
+    sample_cuda(logits, params, out, None, threads=32, cap=cap, split=split)
     return out
 
 
@@ -185,7 +185,8 @@ def test_kernel_cuts_exactly_at_each_threshold(cap):
     """Logits 0.01 apart, so the cut falls inside a histogram bin; at a position where a token
     just past the cut would win the draw, the kernel must still draw a kept token (the oracle's)."""
     z = (-0.01 * np.arange(64)).astype(np.float32)
-    cases = [dict(top_k=40), dict(top_p=0.6), dict(min_p=float(np.exp(-0.3))), dict(top_k=50, top_p=0.7)]
+    cases = [dict(top_k=40), dict(top_k=20), dict(top_p=0.6), dict(min_p=float(np.exp(-0.3))),
+             dict(top_k=50, top_p=0.7), dict(top_k=12, top_p=0.9)]
     logits, cols = np.tile(z, (len(cases), 1)), []
     for i, c in enumerate(cases):
         keep = ref_kept_mask(z.astype(np.float64), c.get("top_k", 0), c.get("top_p", 1.0), c.get("min_p", 0.0))
@@ -211,12 +212,15 @@ def test_kernel_never_draws_outside_a_tied_kept_set():
 
 
 @needs_sim
-def test_kernel_greedy_and_fp16_logits(rng):
-    logits = rng.standard_normal((3, 70)).astype(np.float16)
-    params = pack_params([0.0, 1.0, 0.5], [0, 1, 0], [1.0, 1.0, 0.9], [0.0, 0.0, 0.0], [1, 2, 3], [0, 0, 0])
-    got = _kernel_draws(logits, params)
+@pytest.mark.parametrize("vocab", [70, 72])
+def test_kernel_greedy_and_fp16_logits(rng, vocab):
+    """fp16 rows read as words (72: 8-byte rows) or as scalars (70), the one-pass rows spread
+    over two blocks."""
+    logits = rng.standard_normal((4, vocab)).astype(np.float16)
+    params = pack_params([0.0, 1.0, 0.5, 1.0], [0, 1, 0, 0], [1.0, 1.0, 0.9, 1.0], [0.0] * 4, [1, 2, 3, 4], [0] * 4)
+    got = _kernel_draws(logits, params, split=2)
     assert got[:2].tolist() == logits[:2].astype(np.float32).argmax(axis=1).tolist()
-    assert got[2] == _gumbel_oracle(logits[2:].astype(np.float32), params[:, 2:])[0]
+    np.testing.assert_array_equal(got[2:], _gumbel_oracle(logits[2:].astype(np.float32), params[:, 2:]))
 
 
 @needs_sim
