@@ -51,12 +51,15 @@ def _dev(fn):
 
 @functools.cache
 def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: int = CAP):
-    """(sample_kernel, logprobs_kernel) for logits of ``logit_kind`` read in quads of ``mode``.
+    """(one_pass_kernel, sample_kernel, logprobs_kernel) for logits of ``logit_kind`` read in
+    quads of ``mode``.
 
-    sample_kernel(best, words, bits, params, vocab, split): the key of row r's drawn token
-    (``order_key``; token_of() gives the id) is atomically max-ed into ``best`` [n] uint64 (zeroed
-    by the caller). Launch: grid=(n, split), block=threads (a power of two in [32, NB]); rows
-    that draw in one pass spread their quads over the ``split`` blocks, the others run in block 0.
+    one_pass_kernel(best, words, bits, params, vocab, split), grid=(n, split), then
+    sample_kernel(best, words, bits, params, vocab), grid=n: each writes the rows of its kind, so
+    that the key of row r's drawn token (``order_key``; token_of() gives the id) is atomically
+    max-ed into ``best`` [n] uint64 (zeroed by the caller). block=threads (a power of two in
+    [32, NB]); one-pass rows spread their quads over ``split`` blocks; the lean one-pass kernel
+    keeps many warps an SM, the filtered one two blocks.
     ``cap`` (a power of two in [threads, CAP]; smaller in tests, to reach the radix levels on
     small rows) bounds the candidates finished in shared memory. Control flow is uniform across
     a block: branches depend on the row's settings or on values broadcast through shared memory
@@ -305,14 +308,45 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
                         best = max(best, order_key(gumbel(pick(w0, w1, w2, w3, e)) - d, i))
         return best
 
-    jit = cuda.jit if SIM else cuda.jit(max_registers=min(255, 65536 // NT))   # the block must fit an SM
+    # Two blocks an SM for the filtered path (its shared memory allows it); the one-pass kernel
+    # holds few registers and needs no cap.
+    jit = cuda.jit if SIM else cuda.jit(max_registers=max(32, min(255, 32768 // NT)))
+
+    @_dev
+    def row_settings(params, r, vocab):
+        """(greedy, inv_t, filtered, top_k, top_p, min_p, k0, k1, pos) of row r."""
+        temp = bits_to_f32(params[TEMPERATURE, r])
+        top_k = params[TOP_K, r]
+        top_p = bits_to_f32(params[TOP_P, r])
+        min_p = bits_to_f32(params[MIN_P, r])
+        greedy = temp == float32(0) or top_k == 1
+        inv_t = float32(1) if greedy else float32(1) / temp
+        filtered = not greedy and ((top_k > 0 and top_k < vocab) or top_p < float32(1) or min_p > float32(0))
+        k0 = uint64(params[SEED_LO, r]) & MASK
+        k1 = uint64(params[SEED_HI, r]) & MASK
+        pos = uint64(params[POSITION, r]) & MASK
+        return greedy, inv_t, filtered, top_k, top_p, min_p, k0, k1, pos
+
+    @cuda.jit
+    def one_pass_kernel(best_out, words, bits, params, vocab, split):
+        # best_out: [n] uint64 (zeroed); words: [n, W] uint64 or bits again; bits: [n, V] (raw
+        # bits for 16-bit kinds); params: [NUM_FIELDS, n] int32. Grid (n, split): rows that
+        # draw in one pass (greedy, or temperature alone); the others exit at once.
+        r = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        sv = cuda.shared.array(16, uint64)
+        greedy, inv_t, filtered, top_k, top_p, min_p, k0, k1, pos = row_settings(params, r, vocab)
+        if filtered:
+            return
+        key = block_max_u64(one_pass(words, bits, r, vocab, inv_t, greedy, pos, k0, k1, cuda.blockIdx.y, split, tid),
+                            sv, 8, tid)
+        if tid == 0:
+            cuda.atomic.max(best_out, r, key)
 
     @jit
-    def sample_kernel(best_out, words, bits, params, vocab, split):
-        # best_out: [n] uint64 (zeroed); words: [n, W] uint64 or bits again; bits: [n, V] (raw
-        # bits for 16-bit kinds); params: [NUM_FIELDS, n] int32
+    def sample_kernel(best_out, words, bits, params, vocab):
+        # As one_pass_kernel, for the rows with top-k, top-p or min-p: grid n, one block a row.
         r = cuda.blockIdx.x
-        part = cuda.blockIdx.y
         tid = cuda.threadIdx.x
         hcount = cuda.shared.array(NB, uint32)
         cand = cuda.shared.array(CAP, uint64)      # candidates; also the mass histogram
@@ -320,27 +354,12 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
         sv = cuda.shared.array(16, uint64)
         sf = cuda.shared.array(NT, float32)
         sfk = cuda.shared.array(1, float32)
-        temp = bits_to_f32(params[TEMPERATURE, r])
-        top_k = params[TOP_K, r]
-        top_p = bits_to_f32(params[TOP_P, r])
-        min_p = bits_to_f32(params[MIN_P, r])
-        k0 = uint64(params[SEED_LO, r]) & MASK
-        k1 = uint64(params[SEED_HI, r]) & MASK
-        pos = uint64(params[POSITION, r]) & MASK
-        greedy = temp == float32(0) or top_k == 1
-        inv_t = float32(1) if greedy else float32(1) / temp
+        greedy, inv_t, filtered, top_k, top_p, min_p, k0, k1, pos = row_settings(params, r, vocab)
+        if not filtered:
+            return
         need_k = top_k > 0 and top_k < vocab
         need_p = top_p < float32(1)
         need_m = min_p > float32(0)
-
-        if greedy or not (need_k or need_p or need_m):
-            key = block_max_u64(one_pass(words, bits, r, vocab, inv_t, greedy, pos, k0, k1, part, split, tid),
-                                sv, 8, tid)
-            if tid == 0:
-                cuda.atomic.max(best_out, r, key)
-            return
-        if part > 0:            # the filtered path runs in one block per row
-            return
 
         zmax, total, own_max = softmax_stats(words, bits, r, vocab, inv_t, sf, tid)
         dmp = -math.log(min_p) if need_m else INF
@@ -472,7 +491,7 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
                 top_lp[r, filled + int64(rank)] = tie_lp
             filled += int64(count)
 
-    return sample_kernel, logprobs_kernel
+    return one_pass_kernel, sample_kernel, logprobs_kernel
 
 
 @cuda.jit
@@ -512,8 +531,10 @@ def sample_cuda(logits, params, out, stream, threads: int = THREADS, cap: int = 
         import cupy as cp
         with stream if stream is not None else cp.cuda.get_current_stream():
             best = cp.zeros(n, np.uint64)        # a memset on the launch stream
-    kernel = make_sample_kernel(kind, mode, threads, cap)[0]
-    launch(kernel, (n, split), threads, stream, as_device(best), words, bits, as_device(params), logits.shape[1], split)
+    one_pass, filtered = make_sample_kernel(kind, mode, threads, cap)[:2]
+    args = (as_device(best), words, bits, as_device(params), logits.shape[1])
+    launch(one_pass, (n, split), threads, stream, *args, split)
+    launch(filtered, n, threads, stream, *args)
     launch(finish_kernel, -(-n // 128), 128, stream, as_device(out), as_device(best))
     return out
 
@@ -522,6 +543,6 @@ def logprobs_cuda(logits, params, token_ids, num_top: int, chosen, top_ids, top_
                   threads: int = THREADS, cap: int = CAP):
     """Enqueue the log-probabilities of ``token_ids`` and the ``num_top`` largest per row."""
     kind, mode, words, bits = _views(logits)
-    kernel = make_sample_kernel(kind, mode, threads, cap)[1]
+    kernel = make_sample_kernel(kind, mode, threads, cap)[2]
     launch(kernel, logits.shape[0], threads, stream, as_device(chosen), as_device(top_ids), as_device(top_lp),
            words, bits, as_device(params), as_device(token_ids), logits.shape[1], num_top)

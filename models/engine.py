@@ -67,6 +67,7 @@ class StepRecord:
     num_swapped: int
     pages_out: int           # cumulative pages swapped out
     pages_in: int
+    num_prefill_tokens: int = 0   # tokens of rows still in their prompt (decode rows excluded)
 
 
 @dataclass(slots=True)
@@ -421,6 +422,7 @@ class LLM:
         return {"pages_out": sw.num_pages_out if sw else 0, "pages_in": sw.num_pages_in if sw else 0,
                 "preempt_swap": self.scheduler.num_preemptions["swap"],
                 "preempt_recompute": self.scheduler.num_preemptions["recompute"],
+                "demotions": self.scheduler.num_demotions,
                 "evictions": self.pool.num_evictions,
                 "prefix_query_tokens": pc.num_query_tokens if pc else 0,
                 "prefix_hit_tokens": pc.num_hit_tokens if pc else 0}
@@ -429,9 +431,9 @@ class LLM:
         s = self.pool.stats([r.pages for r in self.scheduler.running])
         sw = self.swap
         self.stats.steps.append(StepRecord(
-            now - self.stats.start_t, seconds, len(step.requests), step.num_tokens, s.num_used, s.fragmentation, s.num_cached, len(self.scheduler.running),
-            len(self.scheduler.waiting), len(self.scheduler.swapped),
-            sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0))
+            now - self.stats.start_t, seconds, len(step.requests), step.num_tokens, s.num_used, s.fragmentation,
+            s.num_cached, len(self.scheduler.running), len(self.scheduler.waiting), len(self.scheduler.swapped),
+            sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0, step.num_prefill_tokens))
 
     def is_finished(self, req: Request) -> bool:
         """Whether ``req`` (from add_request) has stopped: by a stop rule, its length, or abort."""
