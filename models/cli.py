@@ -33,14 +33,11 @@ def _positive(kind):
 
 # Subcommands other than ``run``: module -> its ``add_parser(subparsers)``, which registers the
 # command and sets ``func`` (a callable of the parsed args) as the parser's default.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("pagemem.models.chat_cli", "pagemem.models.sim_cli")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("pagemem.models.chat_cli", "pagemem.models.sim_cli", "pagemem.models.serve_cli")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagemem", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("run", help="serve a synthetic workload and summarize the pool's work")
-    cmd.set_defaults(func=run)
+def add_engine_args(cmd: argparse.ArgumentParser) -> None:
+    """The engine's flags (model, pool, scheduler), shared by ``run`` and ``serve``."""
     cmd.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, GGUF file or random:<preset> (default: %(default)s)")
     cmd.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
     cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -60,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: on for --dataset prefix-repetition")
     cmd.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="queue the next step before the sampled ids reach the host (default: on)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagemem", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("run", help="serve a synthetic workload and summarize the pool's work")
+    cmd.set_defaults(func=run)
+    add_engine_args(cmd)
     cmd.add_argument("--num-prompts", type=_positive(int), default=128)
     cmd.add_argument("--input-len", type=_positive(int), default=96)
     cmd.add_argument("--output-len", type=_positive(int), default=64)
