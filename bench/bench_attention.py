@@ -9,6 +9,10 @@ Every working set is larger than the 50 MB L2, so repeated calls measure HBM, no
     python bench/bench_attention.py            # one table: CUDA-event medians, every variant
     python bench/bench_attention.py --tune     # decode launch settings, old vs new, head_dim 64 and 128
     python bench/bench_attention.py --prefill  # the prefill line only
+    python bench/bench_attention.py --matrix [--quick] [out.json]
+                                               # decode over a matrix of model shapes: plan/run, one-shot,
+                                               # torch SDPA on contiguous K/V and the copy ceiling, same run;
+                                               # host us per run / one-shot / plan (--quick: a minute)
 """
 from __future__ import annotations
 
@@ -38,45 +42,63 @@ class Case(NamedTuple):
 
 
 def make_case(num_seqs: int, context_len: int, num_new: int = 1, seed: int = 0, head_dim: int = D,
-              layers: int = LAYERS) -> Case:
+              layers: int = LAYERS, hq: int = HQ, hkv: int = HKV, page: int = PAGE, dtype: str = "float16") -> Case:
     """Paged K/V for num_seqs sequences of context_len tokens, num_new of them new queries."""
     D = head_dim  # noqa: N806
     import cupy as cp
+    import ml_dtypes
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     rng = cp.random.default_rng(seed)
-    pages_per_seq = -(-context_len // PAGE)
+    pages_per_seq = -(-context_len // page)
     num_pages = num_seqs * pages_per_seq + 1
-    kv = cp.empty((num_pages, layers, 2, PAGE, HKV, D), dtype=cp.float16)
+    kv = cp.empty((num_pages, layers, 2, page, hkv, D), dtype=dt)
     for i in range(layers):   # one layer at a time: no float32 copy of the whole pool
-        kv[:, i] = rng.standard_normal((num_pages, 2, PAGE, HKV, D), dtype=cp.float32).astype(cp.float16)
+        kv[:, i] = rng.standard_normal((num_pages, 2, page, hkv, D), dtype=cp.float32).astype(dt)
     kv[0] = cp.nan                                                        # NULL_PAGE poisoned
     perm = np.random.default_rng(seed).permutation(np.arange(1, num_pages, dtype=np.int32))
     page_tables = cp.asarray(perm.reshape(num_seqs, pages_per_seq))
-    q = rng.standard_normal((num_seqs * num_new, HQ, D), dtype=cp.float32).astype(cp.float16)
+    q = rng.standard_normal((num_seqs * num_new, hq, D), dtype=cp.float32).astype(dt)
     qsl = cp.arange(0, num_seqs * num_new + 1, num_new, dtype=cp.int32)
     lens = cp.full(num_seqs, context_len, dtype=cp.int32)
-    kv_bytes = 2 * num_seqs * context_len * HKV * D * 2
+    kv_bytes = 2 * num_seqs * context_len * hkv * D * dt.itemsize
     return Case(q, kv[:, 1, 0], kv[:, 1, 1], page_tables, lens, qsl, kv_bytes)
 
 
-def contiguous_kv(case: Case, num_seqs: int, context_len: int):
-    """The same K/V as torch tensors [num_seqs, HKV, context_len, D] (what SDPA reads)."""
+def _torch(x):
+    """A CuPy array as a torch tensor on the same memory (bf16 through its bits)."""
     import torch
+    if x.dtype.name == "bfloat16":
+        return torch.as_tensor(x.view(np.int16), device="cuda").view(torch.bfloat16)
+    return torch.as_tensor(x, device="cuda")
+
+
+def _cupy(t):
+    import cupy as cp
+    import ml_dtypes
+    import torch
+    if t.dtype == torch.bfloat16:
+        return cp.asarray(t.contiguous().view(torch.int16)).view(ml_dtypes.bfloat16)
+    return cp.asarray(t.contiguous())
+
+
+def contiguous_kv(case: Case, num_seqs: int, context_len: int):
+    """The same K/V as torch tensors [num_seqs, hkv, context_len, D] (what SDPA reads)."""
     out = []
+    hkv, d = case.k.shape[2], case.k.shape[3]
     for cache in (case.k, case.v):
-        x = cache[case.page_tables.ravel()].reshape(num_seqs, -1, HKV, D)[:, :context_len]
-        out.append(torch.as_tensor(x.transpose(0, 2, 1, 3).copy(), device="cuda"))
+        x = cache[case.page_tables.ravel()].reshape(num_seqs, -1, hkv, d)[:, :context_len]
+        out.append(_torch(x.transpose(0, 2, 1, 3).copy()))
     return out
 
 
 def sdpa_decode(case: Case, num_seqs: int, context_len: int):
     """A callable running torch SDPA decode on contiguous K/V, and its output as CuPy."""
-    import cupy as cp
-    import torch
     import torch.nn.functional as F
     k, v = contiguous_kv(case, num_seqs, context_len)
-    q = torch.as_tensor(case.q, device="cuda").reshape(num_seqs, HQ, 1, D)
+    hq, d = case.q.shape[1], case.q.shape[2]
+    q = _torch(case.q).reshape(num_seqs, hq, 1, d)
     run = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-    return run, cp.asarray(run().reshape(num_seqs, HQ, D))
+    return run, _cupy(run().reshape(num_seqs, hq, d))
 
 
 def decode_variants(case: Case, sweep: bool = False):
@@ -279,10 +301,107 @@ def tune_decode(shapes=TUNE_SHAPES) -> None:
         del case, out, want
 
 
+# ---- the shape matrix ----------------------------------------------------------------------------
+# (num_seqs, context_len, q heads, kv heads, head_dim, page_size, dtype, window): Llama-3 8B/70B heads
+# (32/8, d128), Llama-3.2-1B (32/8, d64), Qwen2.5-7B (28/4: GQA 7), Qwen2.5-0.5B (14/2, d64),
+# Llama-2-7B (32/32: MHA), Phi-3 (32/32, d96), Gemma-7B-like (16/16, d256), Mistral's window.
+QUICK_MATRIX = [(64, 2048, 32, 8, 128, 16, "float16", 0), (256, 512, 32, 8, 128, 16, "float16", 0),
+                (8, 8192, 32, 8, 128, 16, "float16", 0), (1, 32768, 32, 8, 128, 16, "float16", 0),
+                (256, 512, 32, 8, 64, 16, "float16", 0), (1024, 256, 32, 8, 64, 16, "float16", 0),
+                (64, 2048, 28, 4, 128, 16, "float16", 0), (64, 2048, 14, 2, 64, 16, "float16", 0),
+                (32, 2048, 32, 32, 128, 16, "float16", 0), (32, 2048, 16, 16, 256, 16, "float16", 0),
+                (64, 2048, 32, 8, 128, 16, "bfloat16", 0), (8, 8192, 32, 8, 128, 16, "float16", 4096)]
+FULL_MATRIX = QUICK_MATRIX + [
+    (32, 2048, 32, 32, 96, 16, "float16", 0), (32, 2048, 32, 32, 80, 16, "float16", 0),
+    (32, 2048, 32, 8, 112, 16, "float16", 0), (64, 2048, 24, 8, 128, 16, "float16", 0),
+    (64, 2048, 40, 8, 128, 16, "float16", 0), (64, 2048, 48, 8, 128, 16, "float16", 0),
+    (64, 2048, 16, 8, 128, 16, "float16", 0), (64, 2048, 32, 8, 128, 8, "float16", 0),
+    (64, 2048, 32, 8, 128, 32, "float16", 0), (32, 2048, 32, 8, 128, 16, "float32", 0),
+    (1024, 1024, 32, 8, 128, 16, "float16", 0), (1024, 128, 32, 8, 128, 16, "float16", 0),
+    (1, 131072, 32, 8, 128, 16, "float16", 0), (128, 1, 32, 8, 128, 16, "float16", 0),
+    (16, 4096, 64, 8, 128, 16, "float16", 0)]
+
+
+def sdpa_window(case: Case, num_seqs: int, ctx: int, window: int):
+    """SDPA over each sequence's last ``window`` tokens (decode's view of a sliding window)."""
+    import torch.nn.functional as F
+    k, v = contiguous_kv(case, num_seqs, ctx)
+    k, v = k[:, :, ctx - window:], v[:, :, ctx - window:]
+    hq, d = case.q.shape[1], case.q.shape[2]
+    q = _torch(case.q).reshape(num_seqs, hq, 1, d)
+    run = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    return run, _cupy(run().reshape(num_seqs, hq, d))
+
+
+def matrix_row(row, copy: float) -> dict:
+    import cupy as cp
+    from pagemem import kernels
+    num_seqs, ctx, hq, hkv, d, page, dtype, window = row
+    case = make_case(num_seqs, ctx, head_dim=d, hq=hq, hkv=hkv, page=page, dtype=dtype)
+    sdpa, want = sdpa_window(case, num_seqs, ctx, window) if window else sdpa_decode(case, num_seqs, ctx)
+    out = cp.empty_like(case.q)
+    plan = kernels.plan_decode(case.page_tables, case.context_lens, hq, case.k, sliding_window=window or None)
+    run = lambda: plan.run(case.q, case.k, case.v, out)                    # noqa: E731
+    one = lambda: kernels.paged_decode(case.q, case.k, case.v, case.page_tables, case.context_lens,  # noqa: E731
+                                       out=out, sliding_window=window or None)
+    tol = 2e-2 if dtype == "bfloat16" else 2e-3
+    check_close("plan.run", run(), want, tol)
+    check_close("paged_decode", one(), want, tol)
+    read = case.kv_bytes * (min(window, ctx) / ctx if window else 1)
+    t = {name: cuda_event_time_ms(lambda f=f: [f() for _ in range(10)], iters=10) / 10
+         for name, f in (("run", run), ("oneshot", one), ("sdpa", sdpa))}
+    res = dict(shape=f"{num_seqs}x{ctx}", heads=f"{hq}/{hkv}", head_dim=d, page=page, dtype=dtype, window=window,
+               parts=plan.num_partitions, **{f"{k}_us": v * 1e3 for k, v in t.items()},
+               run_tbps=read / t["run"] / 1e9, sdpa_tbps=read / t["sdpa"] / 1e9, vs_sdpa=t["sdpa"] / t["run"],
+               of_copy=read / (t["run"] * 1e-3) / copy, run_host_us=host_us_per_call(run),
+               oneshot_host_us=host_us_per_call(one))
+    del case, plan, out
+    return res
+
+
+def plan_host_us(num_seqs: int = 1024, ctx: int = 128, calls: int = 50) -> float:
+    """Host time of plan_decode for a batch of num_seqs sequences (one step's set-up)."""
+    import time
+    from pagemem import kernels
+    case = make_case(num_seqs, ctx, head_dim=64)
+    host = np.full(num_seqs, ctx, np.int32)
+    kernels.plan_decode(case.page_tables, case.context_lens, HQ, case.k, host_context_lens=host)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        kernels.plan_decode(case.page_tables, case.context_lens, HQ, case.k, host_context_lens=host)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def run_matrix(quick: bool, json_path: str | None) -> None:
+    import json
+    copy = device_copy_bandwidth()
+    print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s; us per call: CUDA-event median of 10 "
+          f"back-to-back calls; host us: enqueue cost per call")
+    print(f"{'shape':>11} {'heads':>6} {'d':>4} {'pg':>3} {'dtype':>8} {'win':>5} {'parts':>5} {'run us':>8} "
+          f"{'1-shot':>8} {'sdpa us':>8} {'TB/s':>5} {'sdpa':>5} {'vs sdpa':>7} {'of copy':>7} {'host run':>8} "
+          f"{'host 1-sh':>9}")
+    rows = []
+    for row in QUICK_MATRIX if quick else FULL_MATRIX:
+        r = matrix_row(row, copy)
+        rows.append(r)
+        print(f"{r['shape']:>11} {r['heads']:>6} {r['head_dim']:>4} {r['page']:>3} {r['dtype']:>8} {r['window']:>5} "
+              f"{r['parts']:>5} {r['run_us']:>8.1f} {r['oneshot_us']:>8.1f} {r['sdpa_us']:>8.1f} {r['run_tbps']:>5.2f} "
+              f"{r['sdpa_tbps']:>5.2f} {r['vs_sdpa']:>6.2f}x {r['of_copy']:>6.0%} {r['run_host_us']:>8.1f} "
+              f"{r['oneshot_host_us']:>9.1f}", flush=True)
+    plan_us = plan_host_us()
+    print(f"host time of plan_decode for 1024 sequences: {plan_us:.1f} us")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"device": device_name(), "copy_tbps": copy / 1e12, "rows": rows,
+                                               "plan_1024_host_us": plan_us}, indent=2))
+
+
 # ---- script mode: one table ---------------------------------------------------------------------
 def main() -> None:
     if "--tune" in sys.argv:
         return tune_decode()
+    if "--matrix" in sys.argv:
+        paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+        return run_matrix("--quick" in sys.argv, paths[0] if paths else None)
     copy = device_copy_bandwidth()
     print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s (read + write)")
     print("# us: CUDA-event median of 1 call (host launch cost included) / of 10 back-to-back calls")

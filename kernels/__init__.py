@@ -8,6 +8,7 @@ enqueued on ``stream`` (a CuPy stream; default CuPy's current stream) without sy
 
     store_kv        k, v [num_tokens, num_kv_heads, head_dim] -> their slots of the cache
     paged_decode    q [num_seqs, num_q_heads, head_dim], one new token per sequence
+    plan_decode     the same, planned once per step and run once per layer (DecodePlan.run)
     paged_prefill   q [num_tokens, num_q_heads, head_dim], ragged new tokens (query_start_loc)
     rms_norm        x [num_tokens, hidden] (optionally added into a residual first), one kernel
     apply_rope      x [num_tokens, heads, head_dim] rotated in place by each token's position
@@ -34,7 +35,7 @@ from pagemem.kernels._checks import check_attention, check_int_array, check_same
 from pagemem.kernels.reference_sampling import MAX_LOGPROBS, NUM_FIELDS
 from pagemem.kernels.reference_sampling import pack_params as pack_sampling_params
 
-__all__ = ["store_kv", "paged_decode", "paged_prefill", "prefill_is_fused", "rms_norm", "apply_rope", "silu_mul",
+__all__ = ["store_kv", "paged_decode", "plan_decode", "paged_prefill", "prefill_is_fused", "rms_norm", "apply_rope", "silu_mul",
            "sample", "sample_logprobs", "pack_sampling_params", "NUM_FIELDS", "MAX_LOGPROBS"]
 
 
@@ -63,6 +64,13 @@ def paged_decode(q, k_cache, v_cache, page_tables, context_lens, scale=None, out
         return _cpu.paged_decode_cpu(q, k_cache, v_cache, page_tables, context_lens, scale, out, window, dims)
     from pagemem.kernels.decode import paged_decode_cuda
     return paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale, out, stream, window, dims)
+
+
+def plan_decode(page_tables, context_lens, num_q_heads, k_cache, **kwargs):
+    """A DecodePlan: paged_decode's checks, partitioning and launch set-up done once for a step's
+    batch; ``plan.run(q, k_cache, v_cache, out=None)`` per layer. See kernels/decode_plan.py."""
+    from pagemem.kernels.decode_plan import plan_decode as _plan
+    return _plan(page_tables, context_lens, num_q_heads, k_cache, **kwargs)
 
 
 def paged_prefill(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale=None, out=None,

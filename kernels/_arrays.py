@@ -137,6 +137,15 @@ def launch(kernel, grid, block, stream, *args) -> None:
     raw(_dim3(grid), _dim3(block), args, stream)
 
 
+def compiled_launcher(kernel, args):
+    """The CuPy launcher ``launch`` made for ``kernel`` with these argument types (after a first
+    launch), or None (the simulator, PAGEMEM_RAW_LAUNCH=0, or not launched yet)."""
+    if SIM:
+        return None
+    raw = _compiled.get((kernel, *map(_arg_key, args)))
+    return raw if isinstance(raw, _RawKernel) else None
+
+
 class _NumbaKernel:
     """Numba's own launch of a compiled kernel (the RAW_LAUNCH=0 path)."""
 
@@ -160,15 +169,24 @@ class _RawKernel:
         self.function = self.module.get_function(compiled.entry_name)
 
     def __call__(self, grid, block, args, stream) -> None:
-        params = []
+        self.function(grid, block, tuple(self.params_and_pointers(args)[0]), stream=stream)
+
+    @staticmethod
+    def params_and_pointers(args) -> tuple[list, list]:
+        """(the flattened kernel parameters, for each argument the index of its data pointer in
+        them, or None for a scalar): a caller may then swap pointers and launch again."""
+        params, at = [], []
         for a in args:
             if isinstance(a, (int, np.integer)):
+                at.append(None)
                 params.append(np.int64(a))
             elif isinstance(a, (float, np.floating)):
+                at.append(None)
                 params.append(np.float32(a))
             else:
+                at.append(len(params) + 4)          # meminfo, parent, size, itemsize, data, ...
                 params.extend(_array_params(a))
-        self.function(grid, block, tuple(params), stream=stream)
+        return params, at
 
 
 def _array_params(a) -> tuple:

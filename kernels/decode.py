@@ -1,18 +1,9 @@
-"""CUDA launcher of paged decode: picks the kernel constants, the split-K partitioning and the
-launch config, then enqueues on the caller's stream without synchronizing."""
+"""Paged decode's launch rules (split-K partitioning, block sizes, grid order) and its one-shot
+CUDA launcher; the plan that applies them lives in kernels/decode_plan.py."""
 from __future__ import annotations
 
-import contextlib
-import functools
-
-import numpy as np
-from numba import float32
-
-from pagemem.kernels._arrays import as_device, as_flat_words, launch, num_sms
 from pagemem.kernels._checks import AttnDims
-from pagemem.kernels._device import bits_dtype, dtype_kind
-from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
-                                     make_decode_reduce_kernel, make_paged_decode_kernel)
+from pagemem.kernels._device import dtype_kind
 
 THREADS = 128
 # Split-K launches (few sequences, long contexts) use 256 threads: H100, bench_attention.py,
@@ -47,63 +38,12 @@ def split_rule(num_blocks: int, span: int, page_size: int, sms: int,
     return -(-span // part_tokens), part_tokens
 
 
-@functools.cache
-def _dummy(xp):
-    return xp.zeros((1, 1, 1, 2), dtype=np.float32)
-
-
 def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, stream,
-                      window: int, dims: AttnDims, num_partitions: int | None = None,
-                      threads: int | None = None, lanes: int | None = None,
-                      tokens_per_group: int = TOKENS_PER_GROUP, max_registers: int | None = MAX_REGISTERS,
-                      heads_major: bool | None = None):
-    """Enqueue decode attention; ``out`` [num_seqs, num_q_heads, head_dim] is written, returned.
-    Tuning overrides (tests and bench): ``num_partitions`` replaces split_rule, ``threads`` is the
-    block size (a multiple of 32), ``lanes`` the lanes per token, ``tokens_per_group`` the tokens
-    each lane group loads per step, ``max_registers`` the ptxas cap (None: uncapped),
-    ``heads_major`` the grid order (None: KV heads fastest whenever num_seqs fits grid.y)."""
-    if isinstance(q, np.ndarray):
-        xp = np
-    else:
-        import cupy as xp
-    heads = heads_per_block(dims.group)
-    lanes = lanes or choose_lanes(dims.head_dim, heads, dims.cache_kind)
-    span = page_tables.shape[1] * dims.page_size
-    span = min(span, window) if window else span
-    num_blocks = dims.num_seqs * dims.num_kv_heads * (dims.group // heads)
-    if num_partitions is None:
-        resident = max(1, 65536 // ((threads or THREADS_SPLIT) * (max_registers or 255)))  # register file
-        parts, part_tokens = split_rule(num_blocks, span, dims.page_size, num_sms(), resident)
-    else:
-        parts, part_tokens = num_partitions, -(-span // num_partitions)
-    threads = threads or (THREADS_SPLIT if parts > 1 else THREADS)
-    out_kind = dtype_kind(out.dtype, "out")
-    if heads_major is None:
-        heads_major = HEADS_MAJOR and dims.num_seqs <= MAX_GRID_Y
-    kernel = make_paged_decode_kernel(dims.head_dim, dims.page_size, dims.group, heads, dims.cache_kind,
-                                      dims.q_kind, out_kind, parts > 1, lanes, threads, tokens_per_group,
-                                      max_registers, bool(heads_major))
-    ctx = stream if stream is not None and xp is not np else contextlib.nullcontext()
-    with ctx:  # temporaries come from the pool arena of the launch stream
-        part_out, part_ml = _partials(xp, dims, parts)
-    out_b = as_device(out, bits_dtype(out_kind))
-    head_blocks = dims.num_kv_heads * (dims.group // heads)
-    grid = (head_blocks, dims.num_seqs, parts) if heads_major else (dims.num_seqs, head_blocks, parts)
-    (k_flat, strides), (v_flat, _) = as_flat_words(k_cache), as_flat_words(v_cache)  # same strides
-    launch(kernel, grid, threads, stream, out_b, as_device(part_out), as_device(part_ml),
-           as_device(q, bits_dtype(dims.q_kind)), k_flat, v_flat, as_device(page_tables),
-           as_device(context_lens), float32(scale), window, part_tokens, *strides)
-    if parts > 1:
-        reduce = make_decode_reduce_kernel(dims.head_dim, out_kind)
-        launch(reduce, (dims.num_seqs, dims.num_q_heads), dims.head_dim, stream,
-               out_b, as_device(part_out), as_device(part_ml), parts)
-    return out
-
-
-def _partials(xp, dims: AttnDims, parts: int):
-    """part_out [num_seqs, num_q_heads, parts, head_dim] f32 and part_ml [.., parts, 2] f32."""
-    if parts == 1:
-        d = _dummy(xp)
-        return d, d
-    shape = (dims.num_seqs, dims.num_q_heads, parts)
-    return xp.empty((*shape, dims.head_dim), np.float32), xp.empty((*shape, 2), np.float32)
+                      window: int, dims: AttnDims, **tuning):
+    """Enqueue decode attention (arguments checked by the caller): a one-shot DecodePlan, run
+    once. Tuning overrides (tests and bench): num_partitions (replaces split_rule), threads (a
+    multiple of 32), lanes, tokens_per_group, max_registers (None: uncapped), heads_major."""
+    from pagemem.kernels.decode_plan import DecodePlan
+    plan = DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, dtype_kind(out.dtype, "out"),
+                      stream, tuning, kernel=True)
+    return plan.run(q, k_cache, v_cache, out)

@@ -107,9 +107,11 @@ def add_norm(config: ModelConfig, w: dict, name: str, residual: Array, x: Array)
 
 # ---- one layer ----------------------------------------------------------------------------------
 def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | None,
-              batch: PagedBatch, pool: PagePool, mm=matmul_t, groups: list | None = None) -> Array:
+              batch: PagedBatch, pool: PagePool, mm=matmul_t, groups: list | None = None,
+              plans: dict | None = None) -> Array:
     """Self-attention of the new tokens over their sequences' pages. x [T, H] -> [T, H].
-    ``groups``: attention_groups(batch, pool) when the caller computed it once for every layer."""
+    ``groups``: attention_groups(batch, pool) when the caller computed it once for every layer;
+    ``plans``: the step's decode plans by sliding window, filled on first use and shared by layers."""
     p, T, d = f"layers.{layer}.", x.shape[0], config.head_dim
     nh, nkv = config.num_heads, config.num_kv_heads
     qkv = linear(x, w[p + "qkv.weight"], w.get(p + "qkv.bias"), mm)         # [T, (nh + 2 * nkv) * d]
@@ -122,23 +124,27 @@ def attention(config: ModelConfig, w: dict, layer: int, x: Array, rope: tuple | 
     kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
     scale, window = 1.0 / math.sqrt(d), config.layer_window(layer)
     groups = attention_groups(batch, pool) if groups is None else groups
-    out = _paged_attention(q, k_cache, v_cache, batch, scale, window, groups)  # [T, nh, d]
+    out = _paged_attention(q, k_cache, v_cache, batch, scale, window, groups, plans)  # [T, nh, d]
     return linear(out.reshape(T, nh * d).astype(x.dtype, copy=False), w[p + "o.weight"], w.get(p + "o.bias"), mm)
 
 
 def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch, scale: float,
-                     window: int | None, groups: list[tuple[int, int]]) -> Array:
-    """Decode rows (one new token each, packed first) through paged_decode, the rest through
-    paged_prefill in ``groups`` of rows (attention_groups). Decode rows never ride along with a
-    prompt. q [T, nh, d] -> [T, nh, d]."""
+                     window: int | None, groups: list[tuple[int, int]], plans: dict | None = None) -> Array:
+    """Decode rows (one new token each, packed first) through a decode plan made once per step
+    (per sliding window), the rest through paged_prefill in ``groups`` of rows
+    (attention_groups). Decode rows never ride along with a prompt. q [T, nh, d] -> [T, nh, d]."""
     nd, n = batch.num_decode_seqs, batch.num_seqs
     pt, ctx, qsl = batch.page_tables, batch.context_lens, batch.query_start_loc
+    plans = {} if plans is None else plans
+    if nd and window not in plans:
+        host = None if batch.host_context_lens is None else batch.host_context_lens[:nd]
+        plans[window] = kernels.plan_decode(pt[:nd], ctx[:nd], q.shape[1], k_cache, scale=scale,
+                                            sliding_window=window, host_context_lens=host)
     if nd == n:
-        return kernels.paged_decode(q, k_cache, v_cache, pt, ctx, scale=scale, sliding_window=window)
+        return plans[window].run(q, k_cache, v_cache)
     out = module_of(q).empty_like(q)
     if nd:
-        kernels.paged_decode(q[:nd], k_cache, v_cache, pt[:nd], ctx[:nd], scale=scale, out=out[:nd],
-                             sliding_window=window)
+        plans[window].run(q[:nd], k_cache, v_cache, out[:nd])
     if batch.host_query_lens is None:        # a PagedBatch built by hand: one call for every row
         kernels.paged_prefill(q[nd:], k_cache, v_cache, pt[nd:], ctx[nd:], qsl[nd:] - nd, scale=scale,
                               out=out[nd:], sliding_window=window, max_query_len=batch.max_query_len or None)
@@ -225,10 +231,10 @@ def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, po
         x = x + w["pos_embed.weight"][positions]
     else:
         rope = (positions, w["rope.inv_freq"])
-    groups = attention_groups(batch, pool)
+    groups, plans = attention_groups(batch, pool), {}
     h = norm(config, w, "layers.0.attn_norm", x)                            # x: the residual stream
     for layer in range(config.num_layers):
-        a = attention(config, w, layer, h, rope, batch, pool, mm, groups)
+        a = attention(config, w, layer, h, rope, batch, pool, mm, groups, plans)
         x, h = add_norm(config, w, f"layers.{layer}.mlp_norm", x, a)
         m = mlp(config, w, layer, h, mm)
         if layer + 1 < config.num_layers:

@@ -1,0 +1,218 @@
+"""Plan once per step, run once per layer: paged decode for runtimes that call it layer by layer
+(the split of FlashInfer's ``BatchDecodeWithPagedKVCacheWrapper.plan`` / ``run``).
+
+``plan_decode`` does the work that is the same for every layer of a step: it checks the batch
+(page tables, context lengths, head counts, dtypes, window), picks the kernel, the split-K
+partitioning and the launch configuration, allocates the partial-output scratch, and converts
+the batch's arrays for the kernel once. ``DecodePlan.run(q, k_cache, v_cache, out)`` then checks
+only that the per-layer arrays have the planned shapes, dtypes and strides, and launches: after
+its first call, through a prepared argument tuple in which only the four per-layer pointers
+change (no Numba dispatch, no per-call argument marshalling).
+
+Every layer's cache view of a page-major pool (``PagePool.layer_kv``) has the same shape and
+strides, so one plan serves all layers. A plan holds its batch arrays: keep them unchanged while
+the plan is used.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import float32
+
+from pagemem.kernels import _arrays, cpu as _cpu
+from pagemem.kernels._arrays import as_device, as_flat_words, launch, num_sms
+from pagemem.kernels._checks import AttnDims, check_attention, check_host_lens, check_same_device, check_window
+from pagemem.kernels._device import bits_dtype, dtype_kind
+from pagemem.kernels.decode import THREADS, THREADS_SPLIT, split_rule
+from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
+                                             make_decode_reduce_kernel, make_paged_decode_kernel)
+
+MAX_GRID_Y = 65535
+
+
+class DecodePlan:
+    """One step's decode attention, ready to run on each layer's (q, k_cache, v_cache).
+
+    Attributes a caller may read: ``dims`` (AttnDims), ``num_partitions``, ``grid``, ``threads``.
+    """
+
+    def __init__(self, dims: AttnDims, k_cache, page_tables, context_lens, scale: float, window: int,
+                 out_kind: int, stream, tuning: dict, kernel: bool | None = None) -> None:
+        self.dims, self.scale, self.window, self.stream = dims, float(scale), window, stream
+        self.on_gpu = not isinstance(page_tables, np.ndarray)
+        # The CUDA kernel runs for CuPy arrays, and for NumPy ones under the simulator when asked
+        # (``kernel=True``: the simulator tests); NumPy arrays otherwise take the CPU path.
+        self.kernel_path = self.on_gpu if kernel is None else bool(kernel)
+        self.page_tables, self.context_lens = page_tables, context_lens
+        self.cache_shape, self.cache_strides = tuple(k_cache.shape), tuple(k_cache.strides)
+        self.cache_dtype, self.out_kind = np.dtype(k_cache.dtype), out_kind
+        self.q_shape = (dims.num_seqs, dims.num_q_heads, dims.head_dim)
+        self._raw = None
+        if self.kernel_path:
+            self._plan_launch(k_cache, tuning)
+
+    # ---- planning ---------------------------------------------------------------------------------
+    def _plan_launch(self, k_cache, tuning: dict) -> None:
+        if self.on_gpu:
+            import cupy as xp
+        else:
+            xp = np
+        d = self.dims
+        heads = heads_per_block(d.group)
+        lanes = tuning.get("lanes") or choose_lanes(d.head_dim, heads, d.cache_kind)
+        span = self.page_tables.shape[1] * d.page_size
+        span = min(span, self.window) if self.window else span
+        num_blocks = d.num_seqs * d.num_kv_heads * (d.group // heads)
+        threads = tuning.get("threads")
+        max_registers = tuning.get("max_registers", MAX_REGISTERS)
+        if tuning.get("num_partitions") is None:
+            resident = max(1, 65536 // ((threads or THREADS_SPLIT) * (max_registers or 255)))
+            parts, part_tokens = split_rule(num_blocks, span, d.page_size, num_sms(), resident)
+        else:
+            parts = tuning["num_partitions"]
+            part_tokens = -(-span // parts)
+        self.num_partitions, self.threads = parts, threads or (THREADS_SPLIT if parts > 1 else THREADS)
+        heads_major = tuning.get("heads_major")
+        if heads_major is None:
+            heads_major = d.num_seqs <= MAX_GRID_Y
+        self.kernel = make_paged_decode_kernel(d.head_dim, d.page_size, d.group, heads, d.cache_kind, d.q_kind,
+                                               self.out_kind, parts > 1, lanes, self.threads,
+                                               tuning.get("tokens_per_group", TOKENS_PER_GROUP), max_registers,
+                                               bool(heads_major))
+        head_blocks = d.num_kv_heads * (d.group // heads)
+        self.grid = (head_blocks, d.num_seqs, parts) if heads_major else (d.num_seqs, head_blocks, parts)
+        with self.stream if self.stream is not None and self.on_gpu else _null():
+            if parts > 1:
+                shape = (d.num_seqs, d.num_q_heads, parts)
+                self.part_out = xp.empty((*shape, d.head_dim), np.float32)
+                self.part_ml = xp.empty((*shape, 2), np.float32)
+            else:
+                self.part_out = self.part_ml = xp.zeros((1, 1, 1, 2), np.float32)
+        self.reduce = make_decode_reduce_kernel(d.head_dim, self.out_kind) if parts > 1 else None
+        self._fixed = (as_device(self.part_out), as_device(self.part_ml))
+        self._batch = (as_device(self.page_tables), as_device(self.context_lens), float32(self.scale), self.window,
+                       part_tokens)
+        self._strides = as_flat_words(k_cache)[1]
+
+    # ---- running ----------------------------------------------------------------------------------
+    def run(self, q, k_cache, v_cache, out=None):
+        """Attention of each sequence's new token (q [num_seqs, num_q_heads, head_dim]) over this
+        layer's cache; writes ``out`` (default: a new array of q's dtype) and returns it. Enqueued
+        on the plan's stream; nothing waits."""
+        self._check(q, k_cache, v_cache, out)
+        if out is None:
+            out = _empty(q.shape, q.dtype, self.on_gpu)
+        if not self.kernel_path:
+            return _cpu.paged_decode_cpu(q, k_cache, v_cache, self.page_tables, self.context_lens, self.scale,
+                                         out, self.window, self.dims)
+        if self._raw is None or (q.strides, out.strides) != self._layer_strides:
+            self._first_launch(q, k_cache, v_cache, out)
+        else:
+            ptrs = (out.data.ptr, q.data.ptr, k_cache.data.ptr, v_cache.data.ptr)
+            params = list(self._params)
+            for at, p in zip(self._ptr_at, ptrs):
+                params[at] = np.uintp(p)
+            self._raw.function(self._grid3, self._block3, tuple(params), stream=self._launch_stream())
+            if self.reduce is not None:
+                rp = list(self._reduce_params)
+                rp[self._reduce_ptr_at] = np.uintp(ptrs[0])
+                self._reduce_raw.function(self._reduce_grid, self._reduce_block, tuple(rp),
+                                          stream=self._launch_stream())
+        return out
+
+    def _check(self, q, k_cache, v_cache, out) -> None:
+        """The per-layer arrays match the plan: cheap tuple and dtype comparisons only."""
+        if tuple(q.shape) != self.q_shape or (out is not None and tuple(out.shape) != self.q_shape):
+            raise ValueError(f"q, out: expected shape {self.q_shape} (the plan's), got {tuple(q.shape)}"
+                             + ("" if out is None else f" and {tuple(out.shape)}"))
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if tuple(c.shape) != self.cache_shape or tuple(c.strides) != self.cache_strides or c.dtype != self.cache_dtype:
+                raise ValueError(f"{name}: expected the planned cache {self.cache_shape} {self.cache_dtype} with "
+                                 f"strides {self.cache_strides}, got {tuple(c.shape)} {c.dtype} {tuple(c.strides)}")
+        if dtype_kind(q.dtype, "q") != self.dims.q_kind or (out is not None and dtype_kind(out.dtype, "out") != self.out_kind):
+            raise TypeError(f"q, out: dtypes differ from the plan's (q {q.dtype}"
+                            + ("" if out is None else f", out {out.dtype}") + ")")
+        if isinstance(q, np.ndarray) == self.on_gpu or isinstance(k_cache, np.ndarray) == self.on_gpu:
+            raise TypeError("q: the plan was made for " + ("CuPy" if self.on_gpu else "NumPy") + " arrays")
+
+    def _args(self, q, k_cache, v_cache, out) -> tuple:
+        (k_flat, _), (v_flat, _) = as_flat_words(k_cache), as_flat_words(v_cache)
+        return (as_device(out, bits_dtype(self.out_kind)), *self._fixed, as_device(q, bits_dtype(self.dims.q_kind)),
+                k_flat, v_flat, *self._batch, *self._strides)
+
+    def _first_launch(self, q, k_cache, v_cache, out) -> None:
+        """Launch through the generic path (compiling if needed), then keep the compiled kernel
+        and the argument tuple, with where each per-layer pointer sits in it."""
+        args = self._args(q, k_cache, v_cache, out)
+        self._layer_strides = (q.strides, out.strides)       # the prepared tuple holds them
+        launch(self.kernel, self.grid, self.threads, self.stream, *args)
+        if self.reduce is not None:
+            rargs = (args[0], *self._fixed, self.num_partitions)
+            launch(self.reduce, self.dims[:2], self.dims.head_dim, self.stream, *rargs)
+        raw = _arrays.compiled_launcher(self.kernel, args)
+        if raw is None:          # the simulator, or launches through Numba: keep the generic path
+            return
+        self._params, at = raw.params_and_pointers(args)
+        self._ptr_at = (at[0], at[3], at[4], at[5])          # out, q, k_flat, v_flat
+        self._grid3, self._block3 = _arrays._dim3(self.grid), _arrays._dim3(self.threads)
+        if self.reduce is not None:
+            rraw = _arrays.compiled_launcher(self.reduce, rargs)
+            if rraw is None:
+                return
+            self._reduce_params, rat = rraw.params_and_pointers(rargs)
+            self._reduce_ptr_at = rat[0]
+            self._reduce_raw = rraw
+            self._reduce_grid, self._reduce_block = _arrays._dim3(tuple(self.dims[:2])), _arrays._dim3(self.dims.head_dim)
+        self._raw = raw
+
+    def _launch_stream(self):
+        if self.stream is not None:
+            return self.stream
+        import cupy
+        return cupy.cuda.get_current_stream()
+
+
+def plan_decode(page_tables, context_lens, num_q_heads: int, k_cache, *, q_dtype=None, out_dtype=None,
+                scale=None, sliding_window=None, host_context_lens=None, stream=None, **tuning) -> DecodePlan:
+    """A DecodePlan for the batch ``page_tables`` [num_seqs, max_pages] int32 and
+    ``context_lens`` [num_seqs] int32 (kept by the plan), ``num_q_heads`` query heads, and caches
+    shaped, typed and strided like ``k_cache`` (any layer's view). ``q_dtype`` and ``out_dtype``
+    default to the cache's. ``host_context_lens`` (NumPy; optional on the GPU, where the device
+    values cannot be read without a sync) is checked against the page tables; on the CPU the
+    context lengths are checked directly. ``tuning``: kernel overrides for tests and benchmarks
+    (num_partitions, threads, lanes, tokens_per_group, max_registers, heads_major)."""
+    check_same_device(page_tables=page_tables, context_lens=context_lens, k_cache=k_cache)
+    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1:
+        raise ValueError(f"num_q_heads must be an int >= 1, got {num_q_heads!r}")
+    num_seqs = page_tables.shape[0] if page_tables.ndim == 2 else -1
+    q_dtype = np.dtype(k_cache.dtype if q_dtype is None else q_dtype)
+    probe = _Shape((max(num_seqs, 0), int(num_q_heads), k_cache.shape[3] if k_cache.ndim == 4 else 0), q_dtype)
+    dims = check_attention(probe, k_cache, k_cache, page_tables, context_lens, None, num_seqs)
+    out_kind = dtype_kind(q_dtype if out_dtype is None else out_dtype, "out_dtype")
+    window = check_window(sliding_window)
+    scale = float(1.0 / np.sqrt(dims.head_dim)) if scale is None else float(scale)
+    host = context_lens if isinstance(context_lens, np.ndarray) else host_context_lens
+    if host is not None:
+        check_host_lens(page_tables.shape, dims.page_size, host)
+    return DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, out_kind, stream, tuning)
+
+
+class _Shape:
+    """Stands for q in the shared attention checks: only its shape and dtype are read."""
+
+    def __init__(self, shape, dtype) -> None:
+        self.shape, self.dtype, self.ndim = shape, dtype, len(shape)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _empty(shape, dtype, on_gpu: bool):
+    if not on_gpu:
+        return np.empty(shape, dtype)
+    import cupy
+    return cupy.empty(shape, dtype)
