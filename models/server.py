@@ -73,8 +73,10 @@ def create_app(engine: EngineLoop, config: ServerConfig) -> FastAPI:
 
 # ---- endpoints ------------------------------------------------------------------------------
 async def health(request: Request) -> JSONResponse:
-    alive = request.app.state.engine.alive
-    return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+    engine: EngineLoop = request.app.state.engine
+    if engine.alive:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "engine stopped", "reason": engine.failure}, status_code=503)
 
 
 async def models(request: Request) -> JSONResponse:
@@ -89,6 +91,7 @@ async def metrics(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
+    arrival = time.perf_counter()
     engine, cfg = request.app.state.engine, request.app.state.config
     req = parse(CompletionRequest, await _json(request))
     _check_model(req.model, cfg)
@@ -96,17 +99,18 @@ async def completions(request: Request) -> Response:
     specs, num_prompt = await run_in_threadpool(completion_specs, req, tokenizer, cfg.limits)
     reply = Reply("completion", len(specs), num_prompt, cfg.model_name, tokenizer,
                   return_token_ids=req.return_token_ids, tokens_as_ids=req.return_tokens_as_token_ids)
-    return await _serve(request, engine, Job(specs), reply, req.stream, stream_usage(req))
+    return await _serve(request, engine, Job(specs, arrival), reply, req.stream, stream_usage(req))
 
 
 async def chat_completions(request: Request) -> Response:
+    arrival = time.perf_counter()
     engine, cfg = request.app.state.engine, request.app.state.config
     req = parse(ChatRequest, await _json(request))
     _check_model(req.model, cfg)
     specs, num_prompt = await run_in_threadpool(chat_specs, req, engine.llm.model, cfg.limits, cfg.chat_template)
     reply = Reply("chat", len(specs), num_prompt, cfg.model_name, engine.llm.model.tokenizer,
                   return_token_ids=req.return_token_ids, tokens_as_ids=req.return_tokens_as_token_ids)
-    return await _serve(request, engine, Job(specs), reply, req.stream, stream_usage(req))
+    return await _serve(request, engine, Job(specs, arrival), reply, req.stream, stream_usage(req))
 
 
 async def debug_pool(request: Request) -> JSONResponse:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -64,10 +65,10 @@ class Job:
     both only by ``loop.call_soon_threadsafe``.
     """
 
-    def __init__(self, specs: list[ChoiceSpec]) -> None:
+    def __init__(self, specs: list[ChoiceSpec], arrival: float | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.specs = specs
-        self.arrival = time.perf_counter()
+        self.arrival = time.perf_counter() if arrival is None else arrival   # when the HTTP call came
         self.accepted: asyncio.Future = self.loop.create_future()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -148,13 +149,25 @@ class EngineLoop:
         while not self._stopping:
             self._wake.clear()
             self._drain()
-            if self.llm.has_unfinished():
-                self._step()
-            else:
+            try:
+                if self.llm.has_unfinished():
+                    self._step()
+                    continue
                 if self.llm.swap is not None:
                     self.llm.swap.reclaim(wait=True)   # finished swap-outs give their pages back
                 self._publish()
-                self._wake.wait()
+            except Exception as e:  # noqa: BLE001 -- a broken step fails its requests, not the server
+                self._failed(e)
+                continue
+            self._wake.wait()
+        self._refuse_queued()
+
+    def _refuse_queued(self) -> None:
+        """The thread is ending: calls still in the inbox are refused, not left waiting."""
+        while self._inbox:
+            kind, arg = self._inbox.popleft()
+            if kind == "add":
+                _settle(arg.loop, arg.accepted, None, EngineFailure(f"the engine has stopped: {self.failure or 'shut down'}"))
 
     def _drain(self) -> None:
         while self._inbox:
@@ -177,7 +190,7 @@ class EngineLoop:
             self._check(job)
             texts = [TextStream(decode, spec.stop) for spec in job.specs]
             reqs = self._queue_all(job.specs)
-        except (QueueFull, ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 -- every refusal goes back to the call (QueueFull, ValueError, ...)
             _settle(job.loop, job.accepted, None, e)
             return
         for i, (spec, req, text) in enumerate(zip(job.specs, reqs, texts)):
@@ -212,16 +225,9 @@ class EngineLoop:
             self._retire(ch, "abort")
 
     def _step(self) -> None:
-        try:
-            self.llm.step()
-            self._num_failures = 0
-        except Exception as e:  # noqa: BLE001 -- a broken step fails its requests, not the server
-            log.exception("engine step failed")
-            self._num_failures += 1
-            self._fail_all(EngineFailure(f"the engine step failed: {type(e).__name__}: {e}"))
-            if self._num_failures >= MAX_FAILED_STEPS:    # the engine itself is broken: stop serving
-                self.failure, self._stopping = f"{MAX_FAILED_STEPS} steps failed in a row, the last with {e!r}", True
-            return
+        """One engine step, then each live choice's new tokens to its call."""
+        self.llm.step()
+        self._num_failures = 0
         out: list[tuple[Job, object]] = []
         for ch in list(self._choices.values()):
             delta = self._advance(ch)
@@ -268,17 +274,23 @@ class EngineLoop:
         tpot = (now - ch.first_t) / (num_out - 1) if ch.first_t is not None and num_out > 1 else None
         self.metrics.observe(reason, ttft, tpot, ch.req.num_prompt_tokens, num_out)
 
-    def _fail_all(self, error: EngineFailure) -> None:
-        """After a failed step: retire every live request, and tell each call."""
+    def _failed(self, e: Exception) -> None:
+        """A step (or taking in its tokens) raised: every live request is retired, each call
+        told. After MAX_FAILED_STEPS in a row the engine is deemed broken and the thread ends."""
+        log.exception("engine step failed")
+        self._num_failures += 1
+        error = EngineFailure(f"the engine step failed: {type(e).__name__}: {e}")
         jobs = {}
         for ch in list(self._choices.values()):
-            if not self.llm.is_finished(ch.req):
-                self.llm.abort(ch.req)
-            self.llm.pop_output(ch.req)
+            with contextlib.suppress(Exception):        # retire the rest even if one cannot be
+                if not self.llm.is_finished(ch.req):
+                    self.llm.abort(ch.req)
+                self.llm.pop_output(ch.req)
             self._retire(ch, "error")
             jobs[id(ch.job)] = ch.job
         self._post([(job, error) for job in jobs.values()])
-        self._publish()
+        if self._num_failures >= MAX_FAILED_STEPS:
+            self.failure, self._stopping = f"{MAX_FAILED_STEPS} steps failed in a row, the last with {e!r}", True
 
     def _post(self, items: list[tuple[Job, object]]) -> None:
         """Hand events to their jobs' event loops: one callback per loop per step."""

@@ -32,6 +32,7 @@ class TextStream:
         self._prefix = self._read = 0      # ids[prefix:read]: the window's part already in text
         self.text = ""
         self.stopped = False
+        self.ended = False                 # flush() was called: no more ids will come
 
     def add(self, ids: Sequence[int]) -> None:
         """Take the next output ids; extend ``text`` by what they complete."""
@@ -47,6 +48,7 @@ class TextStream:
     def flush(self) -> None:
         """The choice has ended: take in what the last ids decode to, unfinished characters
         (U+FFFD) included, as a decode of all the ids would."""
+        self.ended = True
         if self.stopped:
             return
         old = self._decode(self._ids[self._prefix:self._read])
@@ -56,8 +58,9 @@ class TextStream:
             self._append(new[len(old):])
 
     def ready(self) -> str:
-        """``text`` less a tail that could be the start of a stop string (all of it once stopped)."""
-        if self.stopped or not self._stop:
+        """``text`` less a tail that could be the start of a stop string (all of it once stopped
+        or ended)."""
+        if self.stopped or self.ended or not self._stop:
             return self.text
         return self.text[:len(self.text) - _held(self.text, self._stop, self._longest)]
 

@@ -1,0 +1,148 @@
+"""pagemem serve under load on loopback (random:tiny on the CPU): 64 concurrent streaming clients
+of mixed lengths on a pool small enough to force preemption by swap, some of them leaving
+mid-stream. Every client that stays gets the greedy tokens of an offline LLM.generate of its
+request; every page is free at the end and both integrity checks pass; /metrics shows the swaps
+and preemptions the engine counted. And a request that arrives while another runs joins the
+running batch; a client that leaves has its request aborted."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx2
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pagemem.models import LLM, SamplingParams
+from pagemem.models.server_process import ServerProcess
+
+SMALL_POOL = ["--model", "random:tiny", "--device", "cpu", "--num-pages", "48", "--page-size", "8",
+              "--preemption", "swap", "--swap-space", "0.05", "--max-num-batched-tokens", "128",
+              "--debug-endpoints", "--log-level", "warning"]
+NUM_CLIENTS = 64
+QUITTERS = set(range(3, NUM_CLIENTS, 8))      # these read 3 chunks, then close the stream
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError(f"{name}{labels} not in /metrics")
+
+
+def wait_idle(url: str, timeout: float = 60.0) -> dict:
+    """The /debug/pool report once no request is left in the engine (polls; fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = httpx2.get(url + "/debug/pool", timeout=30).raise_for_status().json()
+        if not report["has_unfinished"] and report["num_live_choices"] == 0:
+            return report
+        assert time.monotonic() < deadline, f"the engine is still busy: {report}"
+        time.sleep(0.05)
+
+
+def workload():
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, 256, rng.integers(8, 61)).tolist() for _ in range(NUM_CLIENTS)]
+    lengths = [120 if i in QUITTERS else int(rng.integers(4, 49)) for i in range(NUM_CLIENTS)]
+    return prompts, lengths
+
+
+async def one_client(client, prompt: list[int], max_tokens: int, quit_after: int | None):
+    """(token ids received, finish reason) of one streaming client."""
+    stream = await client.completions.create(model="random:tiny", prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0.0, stream=True,
+                                             extra_body={"ignore_eos": True, "return_token_ids": True})
+    ids, reason, chunks = [], None, 0
+    async for chunk in stream:
+        c = chunk.choices[0]
+        ids += c.token_ids
+        reason = c.finish_reason or reason
+        chunks += 1
+        if quit_after is not None and chunks >= quit_after:
+            await stream.close()
+            break
+    return ids, reason
+
+
+async def all_clients(base_url: str, prompts, lengths):
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    try:
+        return await asyncio.gather(*(one_client(client, p, n, 3 if i in QUITTERS else None)
+                                      for i, (p, n) in enumerate(zip(prompts, lengths))))
+    finally:
+        await client.close()
+
+
+def test_64_streaming_clients_on_a_small_pool(tmp_path):
+    prompts, lengths = workload()
+    ref = LLM("random:tiny", device="cpu", num_pages=1024, swap_space=0).generate(
+        prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths])
+    with ServerProcess(SMALL_POOL, tmp_path / "load.log") as srv:
+        results = asyncio.run(all_clients(srv.base_url, prompts, lengths))
+        report = wait_idle(srv.url)
+        text = httpx2.get(srv.url + "/metrics").text
+    for i, ((ids, reason), want) in enumerate(zip(results, ref)):
+        if i in QUITTERS:
+            assert reason is None and 0 < len(ids) < lengths[i] and ids == want.token_ids[:len(ids)], i
+        else:
+            assert (ids, reason) == (want.token_ids, "length"), i
+    assert report["num_used"] == report["num_cached"] == 0 and report["num_free"] == report["num_pages"]
+    c = report["counters"]
+    assert c["preempt_swap"] > 0 and c["pages_out"] > 0
+    assert metric(text, "pagemem_preemptions_total", mode="swap") == c["preempt_swap"]
+    assert metric(text, "pagemem_preemptions_total", mode="recompute") == c["preempt_recompute"]
+    for direction, key in (("out", "pages_out"), ("in", "pages_in")):
+        assert metric(text, "pagemem_swap_pages_total", direction=direction) == c[key]
+        assert metric(text, "pagemem_swap_bytes_total", direction=direction) == c[key] * report["page_bytes"]
+    assert metric(text, "pagemem_pages", state="used") == 0
+    assert metric(text, "pagemem_pages", state="free") == report["num_pages"]
+    assert metric(text, "pagemem_requests_running") == metric(text, "pagemem_requests_swapped") == 0
+    assert metric(text, "pagemem_requests_finished_total", finish_reason="abort") == len(QUITTERS)
+    assert metric(text, "pagemem_requests_finished_total", finish_reason="length") == NUM_CLIENTS - len(QUITTERS)
+    assert metric(text, "pagemem_time_to_first_token_seconds_count") == NUM_CLIENTS
+    assert metric(text, "pagemem_generation_tokens_total") >= sum(n for i, n in enumerate(lengths) if i not in QUITTERS)
+
+
+ROOMY = ["--model", "random:tiny", "--device", "cpu", "--num-pages", "256", "--page-size", "16",
+         "--debug-endpoints", "--log-level", "warning"]
+
+
+def test_a_new_request_joins_the_running_batch_and_a_leaving_client_aborts(tmp_path):
+    with ServerProcess(ROOMY, tmp_path / "roomy.log") as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
+        long = client.completions.create(model="random:tiny", prompt="a", max_tokens=4000, temperature=0.0,
+                                         stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+        next(iter(long))                                   # 4000 tokens to go
+        short = client.completions.create(model="random:tiny", prompt="b", max_tokens=4, temperature=0.0,
+                                          extra_body={"ignore_eos": True})
+        assert short.choices[0].finish_reason == "length"
+        during = httpx2.get(srv.url + "/debug/pool").json()
+        assert during["num_live_choices"] == 1             # done while the long one still runs: it joined
+        long.close()                                       # the client leaves mid-stream
+        report = wait_idle(srv.url)
+        text = httpx2.get(srv.url + "/metrics").text
+    assert report["num_used"] == 0 and report["num_free"] == report["num_pages"]
+    assert metric(text, "pagemem_requests_finished_total", finish_reason="abort") == 1
+    assert metric(text, "pagemem_generation_tokens_total") - 4 < 4000      # aborted well before its end
+
+
+@pytest.mark.gpu
+def test_greedy_streams_on_a_gpu_equal_the_offline_engine(tmp_path):
+    """The same 64 clients with the engine on CUDA (CUDA graphs, async scheduling, swap on real
+    streams), in float32 so that batch composition cannot flip a near-tie."""
+    prompts, lengths = workload()
+    args = list(SMALL_POOL) + ["--dtype", "float32"]
+    args[args.index("--device") + 1] = "cuda"
+    ref = LLM("random:tiny", dtype="float32", device="cuda", num_pages=1024, swap_space=0, cuda_graph=False).generate(
+        prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths])
+    with ServerProcess(args, tmp_path / "gpu.log") as srv:
+        results = asyncio.run(all_clients(srv.base_url, prompts, lengths))
+        report = wait_idle(srv.url)
+    for i, ((ids, _), want) in enumerate(zip(results, ref)):
+        assert ids == want.token_ids[:len(ids)] and (i in QUITTERS or ids == want.token_ids), i
+    assert report["num_used"] == 0 and report["counters"]["pages_out"] > 0
