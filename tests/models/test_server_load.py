@@ -124,11 +124,17 @@ def test_a_new_request_joins_the_running_batch_and_a_leaving_client_aborts(tmp_p
         during = httpx2.get(srv.url + "/debug/pool").json()
         assert during["num_live_choices"] == 1             # done while the long one still runs: it joined
         long.close()                                       # the client leaves mid-stream
+        wait_idle(srv.url)
+        first = metric(httpx2.get(srv.url + "/metrics").text, "pagemem_generation_tokens_total") - 4
+        with pytest.raises(httpx2.ReadTimeout):             # a plain call whose client gives up waiting
+            httpx2.post(srv.url + "/v1/completions", json={"prompt": "c", "max_tokens": 4000, "ignore_eos": True},
+                        timeout=httpx2.Timeout(30, read=0.5))
         report = wait_idle(srv.url)
         text = httpx2.get(srv.url + "/metrics").text
     assert report["num_used"] == 0 and report["num_free"] == report["num_pages"]
-    assert metric(text, "pagemem_requests_finished_total", finish_reason="abort") == 1
-    assert metric(text, "pagemem_generation_tokens_total") - 4 < 4000      # aborted well before its end
+    assert metric(text, "pagemem_requests_finished_total", finish_reason="abort") == 2
+    second = metric(text, "pagemem_generation_tokens_total") - 4 - first
+    assert first < 4000 and second < 4000                   # each aborted well before its end
 
 
 @pytest.mark.gpu
