@@ -22,9 +22,14 @@ TINY = ["--model", "random:tiny", "--device", "cpu", "--num-pages", "256", "--pa
 PROMPT = "The quick brown fox"
 
 
+TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
-    with ServerProcess(TINY, tmp_path_factory.mktemp("serve") / "tiny.log") as srv:
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "chat.jinja").write_text(TEMPLATE)
+    with ServerProcess(TINY + ["--chat-template", str(folder / "chat.jinja")], folder / "tiny.log") as srv:
         yield srv
 
 
@@ -170,12 +175,23 @@ def test_completion_logprobs(client):
     assert [x.tokens for x in streamed] == [lp.tokens]             # all on the choice's last chunk
 
 
-def test_usage_chunk_when_asked(client):
-    chunks = list(client.completions.create(model="random:tiny", prompt="ab", max_tokens=5, temperature=0.0,
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
-    assert chunks[-1].usage.prompt_tokens == 3
+def test_chat_through_a_given_template_streamed_or_not_with_n_and_usage(client):
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    plain_conv = [conv[0], {"role": "user", "content": "Hi"}]
+    params = SamplingParams(temperature=1.0, seed=21, max_tokens=12)
+    want = offline_tiny().chat(plain_conv, params, chat_template=TEMPLATE)[0]
+    kw = dict(model="random:tiny", messages=conv, max_tokens=12, temperature=1.0, seed=21, n=2)
+    r = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+    assert texts[0] == want.text and texts[1] != texts[0]
+    prompt_ids = chat_prompt(offline_tiny().model, plain_conv, params, chat_template=TEMPLATE)[0]
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = ["", ""]
+    for ch in chunks[:-1]:
+        streamed[ch.choices[0].index] += ch.choices[0].delta.content or ""
+    assert streamed == texts
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
 # ---- chat on SmolLM2-135M-Instruct ----------------------------------------------------------
@@ -261,8 +277,6 @@ def test_bad_requests_get_openai_errors_and_touch_no_other_request(tiny_server, 
         assert assert_error(http.post("/v1/completions", json={"prompt": "x" * 5000}), 400,
                             "prompt")["code"] == "context_length_exceeded"
         assert_error(http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404, "model")
-        no_template = assert_error(http.post("/v1/chat/completions", json={"messages": CHAT}), 400, "messages")
-        assert "no chat template" in no_template["message"]
         assert_error(http.post("/v1/chat/completions", json={"messages": [{"content": "hi"}]}), 400, "messages")
         assert_error(http.post("/v1/chat/completions", json={"messages": CHAT, "top_logprobs": 2}), 400, "top_logprobs")
         assert http.get("/health").status_code == 200
@@ -284,6 +298,9 @@ def test_a_full_waiting_queue_gets_503_with_retry_after(tmp_path):
         r = httpx2.post(srv.url + "/v1/completions", json={"prompt": "b", "max_tokens": 2}, timeout=30)
         assert assert_error(r, 503)["code"] == "queue_full"
         assert int(r.headers["retry-after"]) >= 1
+        no_template = assert_error(httpx2.post(srv.url + "/v1/chat/completions", json={"messages": CHAT}), 400,
+                                   "messages")            # random:tiny has none, and none was given
+        assert "no chat template" in no_template["message"]
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="random:tiny", prompt="c", max_tokens=2)
         assert e.value.status_code == 503
