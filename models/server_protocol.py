@@ -12,6 +12,7 @@ choice i > 0 draws with a seed mixed from s and i.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -70,7 +71,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -93,7 +94,10 @@ class Limits(NamedTuple):
 
 
 def parse(kind: type[BaseModel], body: Any) -> BaseModel:
-    """``body`` (decoded JSON) as a ``kind``, or an APIError 400 naming the first bad field."""
+    """``body`` (decoded JSON) as a ``kind``, or an APIError 400 naming the first bad field.
+    A field given as null takes its default."""
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if v is not None}
     try:
         req = kind.model_validate(body)
     except ValidationError as e:
@@ -142,7 +146,8 @@ def sampling_params(req: _Common, max_tokens: int, logprobs: int | None, seed: i
                               min_p=req.min_p, max_tokens=max_tokens, stop_token_ids=tuple(req.stop_token_ids or ()),
                               seed=seed, ignore_eos=req.ignore_eos, logprobs=logprobs)
     except (TypeError, ValueError) as e:
-        raise APIError(400, str(e).replace("SamplingParams.", "")) from None
+        field = re.match(r"SamplingParams\.(\w+)", str(e))
+        raise APIError(400, str(e).replace("SamplingParams.", ""), param=field and field.group(1)) from None
 
 
 def choice_seed(seed: int | None, i: int) -> int | None:
@@ -157,7 +162,10 @@ def completion_specs(req: CompletionRequest, tokenizer, limits: Limits) -> tuple
     prompts = _prompt_list(req.prompt)
     specs, num_prompt = [], 0
     for p in prompts:
-        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        try:
+            ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
+        except (TypeError, ValueError) as e:        # e.g. a lone surrogate, which UTF-8 cannot encode
+            raise APIError(400, f"prompt cannot be tokenized: {e}", param="prompt") from None
         if not ids:
             raise APIError(400, "prompt is empty (no tokens)", param="prompt")
         _check_context(len(ids), req.max_tokens, limits, "prompt")

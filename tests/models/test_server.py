@@ -250,6 +250,7 @@ BAD_COMPLETIONS = [   # (body, param the error names)
     ({"prompt": [1, 99999]}, None),                                  # a token id past the vocabulary
     ({"prompt": "x" * 5000}, "prompt"), ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),   # past the context
     ({"prompt": [1] * 100, "max_tokens": 3990}, None),              # fits the context, not the pool
+    (b'{"prompt": "\\ud800"}', "prompt"), ({"prompt": "x", "top_k": 2**40}, "top_k"),   # not UTF-8; past the kernel's range
 ]
 
 
@@ -272,7 +273,9 @@ def test_bad_requests_get_openai_errors_and_touch_no_other_request(tiny_server, 
         r = http.post("/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"})
         assert "not valid JSON" in assert_error(r, 400)["message"]
         for body, param in BAD_COMPLETIONS:
-            err = assert_error(http.post("/v1/completions", json=body), 400, param)
+            kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+                else {"json": body}
+            err = assert_error(http.post("/v1/completions", **kw), 400, param)
             assert err["type"] == "invalid_request_error"
         assert assert_error(http.post("/v1/completions", json={"prompt": "x" * 5000}), 400,
                             "prompt")["code"] == "context_length_exceeded"
@@ -280,6 +283,9 @@ def test_bad_requests_get_openai_errors_and_touch_no_other_request(tiny_server, 
         assert_error(http.post("/v1/chat/completions", json={"messages": [{"content": "hi"}]}), 400, "messages")
         assert_error(http.post("/v1/chat/completions", json={"messages": CHAT, "top_logprobs": 2}), 400, "top_logprobs")
         assert http.get("/health").status_code == 200
+        nulls = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": None, "temperature": None,
+                                                   "stop": None, "ignore_eos": True})
+        assert nulls.status_code == 200 and nulls.json()["usage"]["completion_tokens"] == 16   # null: the default
     for chunk in chunks:
         got += chunk.choices[0].token_ids
     assert got == want
