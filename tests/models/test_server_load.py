@@ -3,7 +3,8 @@ of mixed lengths on a pool small enough to force preemption by swap, some of the
 mid-stream. Every client that stays gets the greedy tokens of an offline LLM.generate of its
 request; every page is free at the end and both integrity checks pass; /metrics shows the swaps
 and preemptions the engine counted. And a request that arrives while another runs joins the
-running batch; a client that leaves has its request aborted."""
+running batch; a client that leaves has its request aborted. A failed engine step fails the
+calls it was serving and no other; an engine whose steps keep failing stops taking calls."""
 from __future__ import annotations
 
 import asyncio
@@ -152,3 +153,49 @@ def test_greedy_streams_on_a_gpu_equal_the_offline_engine(tmp_path):
     for i, ((ids, _), want) in enumerate(zip(results, ref)):
         assert ids == want.token_ids[:len(ids)] and (i in QUITTERS or ids == want.token_ids), i
     assert report["num_used"] == 0 and report["counters"]["pages_out"] > 0
+
+
+def test_a_failed_step_fails_its_calls_only_and_a_broken_engine_stops():
+    """The engine loop in this process, on an engine whose step raises when told to."""
+    from pagemem.models.server_engine import MAX_FAILED_STEPS, ChoiceSpec, EngineFailure, EngineLoop, Job
+
+    llm = LLM("random:tiny", device="cpu", num_pages=64, swap_space=0)
+    real_step, failing = llm.step, set()
+
+    def step():
+        step.calls += 1
+        if step.calls in failing or "always" in failing:
+            raise RuntimeError("planted step failure")
+        return real_step()
+    step.calls = 0
+    llm.step = step                                    # this test's own engine only
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    want = LLM("random:tiny", device="cpu", num_pages=64, swap_space=0).generate([[1, 2, 3]], params)[0].token_ids
+
+    async def call(engine) -> list:
+        job = Job([ChoiceSpec([1, 2, 3], params)])
+        engine.submit(job)
+        await job.accepted
+        items = []
+        while not items or not (isinstance(items[-1], EngineFailure) or items[-1].finish_reason):
+            items.append(await asyncio.wait_for(job.events.get(), 60))
+        return items
+
+    async def scenario(engine):
+        failing.add(3)
+        first = await call(engine)                     # its third step fails
+        second = await call(engine)                    # served as if nothing had happened
+        failing.add("always")
+        broken = [await call(engine) for _ in range(MAX_FAILED_STEPS)]   # every step fails from now on
+        with pytest.raises(EngineFailure):
+            await call(engine)                         # refused at once: the engine has stopped
+        return first, second, broken
+
+    engine = EngineLoop(llm, max_waiting=8)
+    engine.start()
+    first, second, broken = asyncio.run(scenario(engine))
+    assert isinstance(first[-1], EngineFailure) and all(isinstance(b[-1], EngineFailure) for b in broken)
+    assert [t for d in second for t in d.token_ids] == want and second[-1].finish_reason == "length"
+    assert not engine.alive and "3 steps failed in a row" in engine.failure
+    llm.pool.check_integrity()
+    assert llm.pool.stats().num_used == 0
