@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pagemem.models.chat import chat_prompt
-from pagemem.models.cli import _positive
+from pagemem.models.cli import _positive, check_device, named_for_flags
 
 
 def add_parser(subparsers) -> None:
@@ -45,8 +45,12 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
     template = _read_template(args.chat_template)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, num_pages=args.num_pages,
-              preemption="recompute", swap_space=0)
+    check_device(args.device)
+    try:
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, num_pages=args.num_pages,
+                  preemption="recompute", swap_space=0)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise named_for_flags(e) from None
     conversation = [{"role": "system", "content": args.system}] if args.system else []
     turns = [args.prompt] if args.prompt is not None else _lines(stdin, out)
     replies = []

@@ -111,25 +111,31 @@ class ModelConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            hf = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: invalid JSON ({e})") from None
+        hf = _read_json(file)
         try:
             config = cls.from_dict(hf)
-        except (KeyError, TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:
             raise type(e)(f"{file}: {e}") from None
         gen = file.parent / "generation_config.json"
         if gen.is_file():
-            extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+            gen_cfg = _read_json(gen)
+            try:
+                extra = _ids(gen_cfg.get("eos_token_id") if isinstance(gen_cfg, dict) else None, "eos_token_id")
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{gen}: {e}") from None
             eos = config.eos_token_ids + tuple(i for i in extra if i not in config.eos_token_ids)
             config = dataclasses.replace(config, eos_token_ids=eos)
         return config
 
     @classmethod
     def from_dict(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Parse a config.json dictionary."""
+        """Parse a config.json dictionary. A missing or mistyped field is a ValueError or TypeError
+        naming it as config.json spells it."""
+        if not isinstance(hf, dict):
+            raise TypeError(f"a config must be a JSON object, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise TypeError(f"'architectures' must be a list of model class names, got {archs!r}")
         supported = [ARCHITECTURES[a] for a in archs if a in ARCHITECTURES]
         if not archs and hf.get("model_type") in ARCHITECTURES.values():  # a bare config, no model class
             supported = [hf["model_type"]]
@@ -138,14 +144,57 @@ class ModelConfig:
                              f"supported: {', '.join(ARCHITECTURES)}")
         arch = supported[0]
         fields = _gpt2_fields(hf) if arch == "gpt2" else _llama_fields(hf, arch)
-        return cls(arch=arch, dtype=_dtype(hf), bos_token_id=hf.get("bos_token_id"),
-                   eos_token_ids=_ids(hf.get("eos_token_id")), **fields)
+        bos = hf.get("bos_token_id")
+        if bos is not None:
+            bos = _int(hf, "bos_token_id", minimum=0)
+        return cls(arch=arch, dtype=_dtype(hf), bos_token_id=bos,
+                   eos_token_ids=_ids(hf.get("eos_token_id"), "eos_token_id"), **fields)
 
 
-def _ids(value) -> tuple[int, ...]:
+_REQUIRED = object()
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
+
+
+def _int(hf: dict, key: str, default=_REQUIRED, minimum: int = 1) -> int:
+    """hf[key] as an int >= minimum (``default`` when absent or null); the error names the key."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"missing field {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"field {key!r} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"field {key!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value, key: str) -> float:
+    """A config float (a JSON number); NaN and infinities are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"field {key!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"field {key!r} must be finite, got {value!r}")
+    return float(value)
+
+
+def _ids(value, key: str) -> tuple[int, ...]:
+    """An id or a list of ids (``eos_token_id``) as a tuple of ints >= 0."""
     if value is None:
         return ()
-    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"field {key!r} must be an int or a list of ints, got {value!r}")
+        if v < 0:
+            raise ValueError(f"field {key!r} must hold ids >= 0, got {v}")
+    return tuple(values)
 
 
 def _dtype(hf: dict) -> str:
@@ -158,67 +207,83 @@ def _gpt2_fields(hf: dict) -> dict:
         raise ValueError("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are unsupported")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"GPT-2 activation_function {hf['activation_function']!r} is unsupported")
-    hidden, heads = hf["n_embd"], hf["n_head"]
+    hidden, heads = _int(hf, "n_embd"), _int(hf, "n_head")
     if hidden % heads:
         raise ValueError(f"n_embd={hidden} is not a multiple of n_head={heads}")
     return dict(
-        vocab_size=hf["vocab_size"], hidden_size=hidden, intermediate_size=hf.get("n_inner") or 4 * hidden,
-        num_layers=hf["n_layer"], num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-        max_position_embeddings=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True), attention_bias=True, mlp_bias=True,
+        vocab_size=_int(hf, "vocab_size"), hidden_size=hidden, intermediate_size=_int(hf, "n_inner", 4 * hidden),
+        num_layers=_int(hf, "n_layer"), num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        max_position_embeddings=_int(hf, "n_positions"),
+        norm_eps=_float(hf.get("layer_norm_epsilon", 1e-5), "layer_norm_epsilon"),
+        tie_word_embeddings=_bool(hf, "tie_word_embeddings", True), attention_bias=True, mlp_bias=True,
     )
 
 
 def _llama_fields(hf: dict, arch: str) -> dict:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {hf['hidden_act']!r} is unsupported (only silu)")
-    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hidden // heads
+    hidden, heads = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
     theta, scaling = _rope(hf)
     window, layers = _sliding(hf, arch)
     return dict(
-        vocab_size=hf["vocab_size"], hidden_size=hidden, intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=hf.get("tie_word_embeddings", False),
-        attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)), sliding_window=window, sliding_layers=layers,
+        vocab_size=_int(hf, "vocab_size"), hidden_size=hidden, intermediate_size=_int(hf, "intermediate_size"),
+        num_layers=_int(hf, "num_hidden_layers"), num_heads=heads,
+        num_kv_heads=_int(hf, "num_key_value_heads", heads), head_dim=_int(hf, "head_dim", hidden // heads),
+        max_position_embeddings=_int(hf, "max_position_embeddings", 2048),
+        norm_eps=_float(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=_bool(hf, "tie_word_embeddings", False),
+        attention_bias=arch == "qwen2" or _bool(hf, "attention_bias", False),
+        mlp_bias=_bool(hf, "mlp_bias", False), sliding_window=window, sliding_layers=layers,
     )
+
+
+def _bool(hf: dict, key: str, default: bool) -> bool:
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise TypeError(f"field {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def _rope(hf: dict) -> tuple[float, RopeScaling]:
     """(theta, scaling) from 5.x ``rope_parameters`` or 4.x ``rope_theta`` + ``rope_scaling``."""
-    params = dict(hf.get("rope_parameters") or {})
-    params.update(hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    params = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        part = hf.get(key) or {}
+        if not isinstance(part, dict):
+            raise TypeError(f"field {key!r} must be an object, got {part!r}")
+        params.update(part)
+    theta = _float(params.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is unsupported; supported: {', '.join(ROPE_TYPES)}")
     if rope_type == "default":
         return theta, RopeScaling()
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    kwargs = {k: params[k] for k in keys if k in params}
-    if "factor" not in kwargs:
+    if "factor" not in params:
         raise ValueError(f"rope type {rope_type!r} needs a 'factor'")
+    kwargs = {k: _float(params[k], k) for k in ("factor", "low_freq_factor", "high_freq_factor") if k in params}
+    if "original_max_position_embeddings" in params:
+        kwargs["original_max_position_embeddings"] = _int(params, "original_max_position_embeddings")
     return theta, RopeScaling(rope_type=rope_type, **kwargs)
 
 
 def _sliding(hf: dict, arch: str) -> tuple[int | None, tuple[bool, ...]]:
     """Mistral slides on every layer; Qwen2 only with use_sliding_window, on its ``layer_types``
     (5.x) or on layers >= max_window_layers (4.x)."""
-    window = hf.get("sliding_window")
-    if window is None or (arch == "qwen2" and not hf.get("use_sliding_window", False)):
+    if hf.get("sliding_window") is None or arch == "llama" or \
+            (arch == "qwen2" and not _bool(hf, "use_sliding_window", False)):
         return None, ()
-    if arch == "llama":
-        return None, ()
+    window = _int(hf, "sliding_window")
     types = hf.get("layer_types")
     if types:
-        return int(window), tuple(t == "sliding_attention" for t in types)
+        if not isinstance(types, list):
+            raise TypeError(f"field 'layer_types' must be a list, got {types!r}")
+        return window, tuple(t == "sliding_attention" for t in types)
     if arch == "qwen2":
-        first = hf.get("max_window_layers", 0)
-        return int(window), tuple(i >= first for i in range(hf["num_hidden_layers"]))
-    return int(window), ()
+        first = _int(hf, "max_window_layers", 0, minimum=0)
+        return window, tuple(i >= first for i in range(_int(hf, "num_hidden_layers")))
+    return window, ()
 
 
 def rope_inv_freq(config: ModelConfig) -> list[float]:

@@ -7,6 +7,8 @@ the sampler picks tokens. Each step: schedule -> pack_batch -> forward -> sample
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -15,10 +17,13 @@ import numpy as np
 
 from pagemem.models.model import Model, load_model
 from pagemem import kernels
-from pagemem.models.sampling import SamplingParams, pack_rows, request_seed, stop_reason
+from pagemem.models.sampling import SEED_LIMIT, SamplingParams, pack_rows, request_seed, stop_reason
 from pagemem import PagePool, PoolConfig, pack_batch
+from pagemem.backend import resolve_device, to_dtype
+from pagemem.config import check_fraction, check_int
+from pagemem.eviction import make_policy
 from pagemem.prefix_cache import PrefixCache
-from pagemem.scheduler import Request, Scheduler, Status
+from pagemem.scheduler import PREEMPTION_MODES, Request, Scheduler, Status
 from pagemem.swap import HostSwap
 
 CPU_POOL_BYTES = 1 << 30   # default pool size on the CPU, where free memory is not probed
@@ -104,16 +109,14 @@ class LLM:
                  preemption: str = "recompute", eviction: str = "lru", enable_prefix_caching: bool = False,
                  seed: int = 0, watermark: float = 0.01, cuda_graph: bool = True, admit_batch: int = 1,
                  async_scheduling: bool = True) -> None:
-        if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) \
-                or page_size < 1 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two >= 1, got {page_size!r}")
+        page_size, num_pages, swap_space, max_num_seqs, max_num_batched_tokens, admit_batch, seed, watermark = \
+            _check_engine_args(
+                model, dtype, device, page_size, num_pages, gpu_memory_utilization, swap_space, max_num_seqs,
+                max_num_batched_tokens, preemption, eviction, seed, watermark, admit_batch,
+                dict(enable_prefix_caching=enable_prefix_caching, cuda_graph=cuda_graph, async_scheduling=async_scheduling))
         self.model = model if isinstance(model, Model) else load_model(model, dtype, device, seed)
         self.xp = self.model.xp
-        if swap_space < 0:
-            raise ValueError(f"swap_space must be >= 0 GiB, got {swap_space}")
-        if preemption in ("swap", "auto") and swap_space == 0:
-            raise ValueError(f"preemption={preemption!r} needs swap_space > 0")
-        self.pool = PagePool(self._pool_config(num_pages, page_size, gpu_memory_utilization), eviction)
+        self.pool = PagePool(default_pool_config(self.model, num_pages, page_size, gpu_memory_utilization), eviction)
         self.swap = HostSwap(self.pool, num_bytes=max(int(swap_space * 2**30), self.pool.config.page_bytes)) \
             if swap_space > 0 else None
         self.prefix_cache = PrefixCache(self.pool, root=self.model.name) if enable_prefix_caching else None
@@ -167,17 +170,6 @@ class LLM:
             with self.stream:
                 self.graphs.capture_all(max_context_len)
 
-    def _pool_config(self, num_pages: int | None, page_size: int, utilization: float) -> PoolConfig:
-        probe = self.model.pool_config(2, page_size)
-        if num_pages is not None:
-            return self.model.pool_config(num_pages, page_size)
-        c = self.model.config
-        kw = dict(page_size=page_size, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads,
-                  head_dim=c.head_dim, dtype=probe.dtype, device=self.model.device)
-        if self.model.device == "cuda":
-            return PoolConfig.from_memory(gpu_memory_utilization=utilization, **kw)
-        return PoolConfig.from_memory(memory_bytes=CPU_POOL_BYTES, **kw)
-
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams, priority: int = 0) -> Request:
         """Tokenize (if text), check it fits the model and the pool, and queue it."""
@@ -211,7 +203,10 @@ class LLM:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in prompt order."""
+        """Run every prompt to completion; outputs in prompt order. Every prompt is checked before
+        any is queued: a call that raises leaves the engine as it was."""
+        if not isinstance(use_tqdm, (bool, np.bool_)):
+            raise TypeError(f"use_tqdm must be a bool, got {type(use_tqdm).__name__} {use_tqdm!r}")
         prompts, plist = _prompt_list(prompts), _params_list(params)
         if plist is None:
             plist = [SamplingParams()] * len(prompts)
@@ -548,6 +543,84 @@ def _inputs(reqs: list[Request], lens: list[int]) -> tuple[np.ndarray, np.ndarra
     positions = np.concatenate([np.arange(r.num_computed, r.num_computed + n, dtype=np.int32)
                                 for r, n in zip(reqs, lens)])
     return tokens, positions
+
+
+def default_pool_config(model: Model, num_pages: int | None, page_size: int, utilization: float) -> PoolConfig:
+    """The pool LLM builds for ``model``: ``num_pages`` pages when given; else on CUDA
+    ``utilization`` of the free device memory (after the weights), on the CPU 1 GiB. A CPU pool
+    larger than the machine's memory is refused (ValueError naming num_pages)."""
+    if num_pages is not None:
+        config = model.pool_config(num_pages, page_size)
+        limit = host_memory_bytes()
+        if model.device == "cpu" and limit is not None and num_pages * config.page_bytes > limit:
+            raise ValueError(f"num_pages {num_pages}: a pool of {num_pages * config.page_bytes / 2**30:.1f} GiB "
+                             f"({config.page_bytes} bytes a page) is more than this machine's "
+                             f"{limit / 2**30:.1f} GiB of memory")
+        return config
+    c = model.config
+    kw = dict(page_size=page_size, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads,
+              head_dim=c.head_dim, dtype=model.dtype.name, device=model.device)
+    if model.device == "cuda":
+        return PoolConfig.from_memory(gpu_memory_utilization=utilization, **kw)
+    return PoolConfig.from_memory(memory_bytes=CPU_POOL_BYTES, **kw)
+
+
+def host_memory_bytes() -> int | None:
+    """The machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_swap_space(value, name: str = "swap_space") -> float:
+    """GiB of host memory for swapped pages: a finite real >= 0, at most the machine's memory."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number of GiB >= 0, got {value}")
+    limit = host_memory_bytes()
+    if limit is not None and value * 2**30 > limit:
+        raise ValueError(f"{name} {value:g} GiB is more than this machine's {limit / 2**30:.1f} GiB of memory")
+    return value
+
+
+def _check_engine_args(model, dtype, device, page_size, num_pages, utilization, swap_space, max_num_seqs,
+                       max_num_batched_tokens, preemption, eviction, seed, watermark, admit_batch, flags):
+    """LLM's arguments checked before anything is loaded: TypeError/ValueError naming the
+    argument. Returns (page_size, num_pages, swap_space, max_num_seqs, max_num_batched_tokens,
+    admit_batch, seed, watermark) as plain Python values."""
+    if isinstance(model, (bytes, bytearray)) or not isinstance(model, (str, os.PathLike, Model)):
+        raise TypeError(f"model must be a path, 'random:<preset>' or a Model, got {type(model).__name__} {model!r}")
+    page_size = check_int(page_size, "page_size", 1)
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two >= 1, got {page_size}")
+    num_pages = None if num_pages is None else check_int(num_pages, "num_pages", 2)
+    check_fraction(utilization, "gpu_memory_utilization")
+    swap_space = check_swap_space(swap_space)
+    counts = [check_int(v, n, 1) for n, v in (("max_num_seqs", max_num_seqs), ("admit_batch", admit_batch),
+                                               ("max_num_batched_tokens", max_num_batched_tokens))]
+    seed = check_int(seed, "seed", 0, SEED_LIMIT - 1)
+    if isinstance(watermark, (bool, np.bool_)) or not isinstance(watermark, (int, float, np.integer, np.floating)):
+        raise TypeError(f"watermark must be a number, got {type(watermark).__name__} {watermark!r}")
+    if not 0.0 <= watermark < 1.0:
+        raise ValueError(f"watermark must be in [0, 1), got {watermark}")
+    if not isinstance(preemption, str) or preemption not in PREEMPTION_MODES:
+        raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
+    if preemption != "recompute" and swap_space == 0:
+        raise ValueError(f"preemption={preemption!r} needs swap_space > 0")
+    if isinstance(eviction, str) or eviction is None:
+        make_policy(eviction)
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    want = to_dtype(dtype) if dtype is not None else None
+    where = resolve_device(device)
+    if isinstance(model, Model) and (want not in (None, model.dtype) or (device != "auto" and where != model.device)):
+        raise ValueError(f"dtype={dtype!r} / device={device!r} differ from the given Model's "
+                         f"({model.dtype.name} on {model.device}); leave them out or load the model again")
+    return page_size, num_pages, swap_space, counts[0], counts[2], counts[1], seed, float(watermark)
 
 
 def _token_id_list(prompt) -> list[int]:

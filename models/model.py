@@ -1,6 +1,7 @@
 """Model: a loaded checkpoint (config, device weights, tokenizer) and ``load_model`` to build one."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +16,7 @@ from pagemem.models.transformer import forward, fuse_projections, matmul_t, rope
 from pagemem.models.weights import load_weights
 from pagemem import PagedBatch, PagePool, PoolConfig
 from pagemem.backend import array_module, resolve_device, to_dtype
+from pagemem.config import check_int
 
 Array = Any
 RANDOM_PREFIX = "random:"
@@ -54,23 +56,31 @@ class Model:
                           dtype=dtype or self.dtype.name, device=self.device)
 
 
-def load_model(path_or_random: str | Path, dtype: str | None = None, device: str = "auto",
+def load_model(path_or_random: str | os.PathLike, dtype: str | None = None, device: str = "auto",
                seed: int = 0) -> Model:
     """Load a Hugging Face checkpoint folder, a GGUF file (``*.gguf``), or ``random:<preset>``
-    weights drawn from ``seed``.
+    weights drawn from ``seed`` (an int >= 0).
 
-    ``dtype`` defaults to float32 on the CPU and float16 on CUDA.
+    ``dtype`` defaults to float32 on the CPU and float16 on CUDA; bfloat16 runs on CUDA only
+    (NumPy has no bfloat16 arithmetic: its matmul would compute in float32).
     """
+    if isinstance(path_or_random, bytes) or not isinstance(path_or_random, (str, os.PathLike)):
+        raise TypeError(f"model must be a path (str or Path) or 'random:<preset>', got "
+                        f"{type(path_or_random).__name__} {path_or_random!r}")
+    seed = check_int(seed, "seed", 0)
     device = resolve_device(device)
     dtype = to_dtype(dtype or ("float16" if device == "cuda" else "float32"))
+    if device == "cpu" and dtype == to_dtype("bfloat16"):
+        raise ValueError("dtype bfloat16 runs on CUDA only: NumPy has no bfloat16 arithmetic; "
+                         "on the CPU use float32 or float16")
     xp = array_module(device)
-    name = str(path_or_random)
+    name = os.fspath(path_or_random)
     if name.startswith(RANDOM_PREFIX):
         config = preset_config(name[len(RANDOM_PREFIX):])
         weights = random_weights(config, dtype, xp, seed)
         tokenizer: Tokenizer = ByteTokenizer(config.vocab_size)
     else:
-        config, weights, tokenizer = _load_checkpoint(Path(path_or_random), dtype, xp)
+        config, weights, tokenizer = _load_checkpoint(Path(name), dtype, xp)
     fuse_projections(config, weights)
     if not config.is_gpt2 and "rope.inv_freq" not in weights:   # a GGUF may bring its own (Llama 3)
         weights["rope.inv_freq"] = rope_buffer(config, xp)
@@ -83,8 +93,8 @@ def _load_checkpoint(path: Path, dtype: np.dtype, xp) -> tuple[ModelConfig, dict
         from pagemem.models.gguf import load_gguf
         return load_gguf(path, dtype, xp)
     if not path.is_dir():
-        raise FileNotFoundError(f"path_or_random: {path} is not a folder, nor a .gguf file "
-                                f"(nor 'random:<preset>')")
+        raise FileNotFoundError(f"model {str(path)!r} is not a folder, nor a .gguf file, nor 'random:<preset>' "
+                                f"(a model is a checkpoint folder, a GGUF file or random weights)")
     config = ModelConfig.from_hf(path)
     weights = load_weights(path, config, dtype, xp)
     return config, weights, load_tokenizer(path, config.vocab_size, config.bos_token_id, config.eos_token_ids)

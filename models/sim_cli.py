@@ -18,7 +18,8 @@ import json
 import math
 from pathlib import Path
 
-from pagemem.models.cli import DEFAULT_MODEL, DEMO_NUM_PAGES, _positive, make_workload
+from pagemem.models.cli import (DEFAULT_MODEL, DEMO_NUM_PAGES, SEED, _positive, _power_of_two, _ranged,
+                                 check_device, check_output_path, check_plot_path, make_workload)
 from pagemem.models.summary import format_summary, save_timeline, summarize_simulation
 from pagemem.reservation import POLICIES, paged_account, simulate_reservation
 from pagemem.simulator import SimConfig, Simulator, StepModel
@@ -41,10 +42,11 @@ def add_parser(subparsers) -> None:
     src.add_argument("--num-prompts", type=_positive(int), default=128, help="requests")
     src.add_argument("--input-len", type=_positive(int), default=96, help="random / prefix-repetition")
     src.add_argument("--output-len", type=_positive(int), default=64, help="random / prefix-repetition")
-    src.add_argument("--range-ratio", type=float, default=0.5, help="random / prefix-repetition")
-    src.add_argument("--request-rate", type=_positive(float), default=math.inf,
+    src.add_argument("--range-ratio", type=_ranged(float, 0, 1, hi_open=True), default=0.5,
+                     help="random / prefix-repetition: lengths len*(1-r) .. len*(1+r)")
+    src.add_argument("--request-rate", type=_positive(float, allow_inf=True), default=math.inf,
                      help="Poisson arrivals, requests/s (default: all at once)")
-    src.add_argument("--prefix-share", type=float, default=0.0, help="sharegpt / alpaca: share of requests with a shared prefix")
+    src.add_argument("--prefix-share", type=_ranged(float, 0, 1), default=0.0, help="sharegpt / alpaca: share of requests with a shared prefix")
     src.add_argument("--num-prefix-groups", type=_positive(int), default=4, help="sharegpt / alpaca")
     src.add_argument("--prefix-len", type=_positive(int), default=64, help="sharegpt / alpaca: shared tokens")
     src.add_argument("--save-trace", type=Path, default=None, help="write the trace replayed as JSONL")
@@ -53,7 +55,7 @@ def add_parser(subparsers) -> None:
     cmd.add_argument("--step-model", type=Path, default=None, help="JSON from pagemem calibrate (default: an estimate)")
     cmd.add_argument("--reservations", action="store_true", help="also the memory-waste table of reservation allocators")
     cmd.add_argument("--max-model-len", type=_positive(int), default=2048, help="the 'max' reservation")
-    cmd.add_argument("--seed", type=int, default=0, help="of the trace and its prompts")
+    cmd.add_argument("--seed", type=SEED, default=0, help="of the trace and its prompts")
     cmd.add_argument("--json", type=Path, default=None, help="write every summary figure here")
     cmd.add_argument("--plot", type=Path, default=None, help="PNG of pool occupancy, swap traffic and queues")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,7 +66,7 @@ def add_parser(subparsers) -> None:
     cal.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                      help="float16 on CUDA, float32 on the CPU when not given")
     cal.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the engine runs")
-    cal.add_argument("--page-size", type=_positive(int), default=16, help="tokens a page")
+    cal.add_argument("--page-size", type=_power_of_two, default=16, help="tokens a page")
     cal.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32, 64, 128, 256), help="decode grid rows")
     cal.add_argument("--context-lens", type=_int_list, default=(128, 512, 1024, 2048), help="prompt tokens a sequence")
     cal.add_argument("--decode-steps", type=_positive(int), default=16, help="decode steps timed at each grid point")
@@ -72,7 +74,7 @@ def add_parser(subparsers) -> None:
     cal.add_argument("--prefill-prompt-len", type=_positive(int), default=512, help="prompts the prefill steps are made of")
     cal.add_argument("--swap-pages", type=_positive(int), default=256, help="scattered pages of each timed swap")
     cal.add_argument("--repeats", type=_positive(int), default=3, help="of each prefill and swap timing (median)")
-    cal.add_argument("--seed", type=int, default=0, help="of the prompts")
+    cal.add_argument("--seed", type=SEED, default=0, help="of the prompts")
     cal.add_argument("--out", type=Path, required=True, help="where the step model JSON goes")
 
 
@@ -96,13 +98,13 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _engine_flags(cmd) -> None:
-    cmd.add_argument("--page-size", type=_positive(int), default=16, help="tokens a page")
+    cmd.add_argument("--page-size", type=_power_of_two, default=16, help="tokens a page")
     pool = cmd.add_mutually_exclusive_group()
-    pool.add_argument("--num-pages", type=_positive(int), default=None,
+    pool.add_argument("--num-pages", type=_ranged(int, 2), default=None,
                       help=f"pool pages, NULL_PAGE included (without it: {DEMO_NUM_PAGES} for the tiny model)")
     pool.add_argument("--kv-memory-gib", type=_positive(float), default=None,
                       help="pool size in GiB at the step model's bytes a token")
-    cmd.add_argument("--swap-space", type=float, default=1.0, help="GiB of host memory for swapped pages")
+    cmd.add_argument("--swap-space", type=_ranged(float, 0), default=1.0, help="GiB of host memory for swapped pages")
     cmd.add_argument("--max-num-seqs", type=_positive(int), default=256, help="sequences a step")
     cmd.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048, help="tokens a step")
     cmd.add_argument("--admit-batch", type=_positive(int), default=1, help="admit when this many slots are free")
@@ -185,7 +187,12 @@ def sim_config(args, model: StepModel, prefix_default: bool) -> SimConfig:
 
 def simulate(args) -> dict:
     """Run the simulation the flags describe; print (and write) the summary; return it."""
-    model = StepModel.load(args.step_model) if args.step_model is not None else estimated_step_model()
+    for path, flag in ((args.json, "--json"), (args.save_trace, "--save-trace")):
+        check_output_path(path, flag)
+    check_plot_path(args.plot)
+    if args.trace is not None and not args.trace.is_file():
+        raise FileNotFoundError(f"--trace {args.trace}: No such file (a JSONL trace is expected)")
+    model = _load_step_model(args.step_model) if args.step_model is not None else estimated_step_model()
     trace, prompts = build_trace(args)
     if args.save_trace is not None:
         save_trace(args.save_trace, trace)
@@ -210,6 +217,16 @@ def simulate(args) -> dict:
     if args.plot is not None:
         save_timeline(result.steps, config.num_pages - 1, f"{args.model}, simulated: pool, swap and queues", args.plot)
     return summary
+
+
+def _load_step_model(path: Path) -> StepModel:
+    """--step-model's file, a bad one refused with a ValueError naming the flag."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--step-model: no file at {path}")
+    try:
+        return StepModel.load(path)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ValueError(f"--step-model {path}: not a step model from pagemem calibrate ({type(e).__name__}: {e})") from None
 
 
 def _no_nan(d: dict) -> dict:
@@ -244,6 +261,8 @@ def format_reservation_table(reports) -> str:
 def calibrate(args) -> StepModel:
     """Measure the step model with the real engine and write it to ``--out``."""
     from pagemem.models.engine import LLM
+    check_output_path(args.out, "--out")
+    check_device(args.device)
     ps, steps = args.page_size, args.decode_steps
     per_seq = -(-(max(args.context_lens) + steps + 2) // ps)
     prefill_seqs = -(-max(args.prefill_tokens) // args.prefill_prompt_len)

@@ -14,6 +14,7 @@ transposed views, not copies. A tied LM head is the embedding array itself.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -96,9 +97,14 @@ def checkpoint_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: the index's shards, or model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no 'weight_map'")
+        try:
+            doc = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index}: invalid JSON ({e})") from None
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' of tensor names to file names")
         files = [path / f for f in sorted(set(weight_map.values()))]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
@@ -124,18 +130,36 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
     infos = {}
     for name, meta in header.items():
-        try:
-            (start, end), dtype, shape = meta["data_offsets"], meta["dtype"], tuple(meta["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{file}: corrupt safetensors header entry for tensor {name!r}: {meta!r}") from None
+        start, end, dtype, shape = _entry(meta, name, file)
         if 8 + n + end > size:
             raise ValueError(f"{file}: truncated: tensor {name!r} needs bytes up to {8 + n + end}, "
                              f"the file has {size}")
         infos[name] = TensorInfo(file, dtype, shape, 8 + n + start)
     return infos
+
+
+def _entry(meta, name: str, file: Path) -> tuple[int, int, str, tuple[int, ...]]:
+    """(start, end, dtype, shape) of one header entry: offsets 0 <= start <= end, a dtype name, a
+    shape of ints >= 0 whose size (in a known dtype) fills end - start bytes exactly."""
+    bad = ValueError(f"{file}: corrupt safetensors header entry for tensor {name!r}: {meta!r}")
+    try:
+        (start, end), dtype, shape = meta["data_offsets"], meta["dtype"], tuple(meta["shape"])
+    except (KeyError, TypeError, ValueError):
+        raise bad from None
+    ints = (start, end, *shape)
+    if not isinstance(dtype, str) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in ints) \
+            or start > end:
+        raise bad
+    itemsize = _ST_DTYPES[dtype].itemsize if dtype in _ST_DTYPES else None
+    if itemsize is not None and math.prod(shape) * itemsize != end - start:
+        raise ValueError(f"{file}: tensor {name!r} of shape {list(shape)} {dtype} holds "
+                         f"{math.prod(shape) * itemsize} bytes, its offsets give {end - start}")
+    return start, end, dtype, shape
 
 
 def read_tensor(info: TensorInfo, name: str, handle=None) -> np.ndarray:

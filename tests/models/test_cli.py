@@ -1,13 +1,18 @@
-"""The pagemem CLI: the main job runs with no flags; bad input exits non-zero with a message."""
+"""The pagemem CLI: the main job runs with no flags, its tokens are the greedy tokens of its
+workload, and its figures agree with the engine's own counters."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from pagemem.models.cli import main
+from _oracle import assert_same_greedy, ours
+from pagemem.models import engine
+from pagemem.models.cli import build_parser, main, make_workload
+from pagemem.models.generate import generate
 
 SUMMARY_KEYS = {
     "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
@@ -15,36 +20,73 @@ SUMMARY_KEYS = {
     "bytes_swapped_in", "swap_out_gb_per_s", "swap_in_gb_per_s", "preemptions_swap", "preemptions_recompute",
     "prefix_hit_rate",
 }
+# random:tiny's page: 2 layers x (K, V) x 16 tokens x 2 K/V heads x head_dim 16 x 4 bytes (float32)
+TINY_PAGE_BYTES = 2 * 2 * 16 * 2 * 16 * 4
+
+
+@pytest.fixture
+def engines(monkeypatch):
+    """Every LLM the CLI builds in this test, with each generate() call's (prompts, params, outputs)."""
+    made = []
+
+    class Recording(engine.LLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls = []
+            made.append(self)
+
+        def generate(self, prompts, params=None, **kwargs):
+            outs = super().generate(prompts, params, **kwargs)
+            self.calls.append((prompts, params, outs))
+            return outs
+
+    monkeypatch.setattr(engine, "LLM", Recording)
+    return made
 
 
 def test_run_with_no_flags_shows_the_pool_at_work():
+    """The default run on the tiny model preempts and swaps: the printed counts say so."""
     proc = subprocess.run([sys.executable, "-m", "pagemem.models.cli", "run"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "output tokens/s" in proc.stdout and "preemptions" in proc.stdout
+    swaps = re.search(r"^preemptions +swap (\d+), recompute (\d+)$", proc.stdout, re.M)
+    out = re.search(r"^swapped out +(\d+) pages", proc.stdout, re.M)
+    back = re.search(r"^swapped in +(\d+) pages", proc.stdout, re.M)
+    assert swaps and out and back, proc.stdout
+    assert int(swaps[1]) > 0 and int(out[1]) > 0 and int(back[1]) == int(out[1])
+    assert re.search(r"^requests +128 in ", proc.stdout, re.M)
     assert "requests: 100%" in proc.stderr            # the progress bar
 
 
-def test_json_holds_every_summary_figure_and_plot_is_written(tmp_path):
+def test_json_holds_every_summary_figure_and_plot_is_written(tmp_path, engines):
     path, png = tmp_path / "s.json", tmp_path / "p.png"
     assert main(["run", "--num-prompts", "24", "--json", str(path), "--plot", str(png), "--no-progress"]) == 0
     s = json.loads(path.read_text())
+    (llm,) = engines
     assert SUMMARY_KEYS <= s.keys()
-    assert s["num_requests"] == 24 and s["preemptions_swap"] > 0 and s["pages_swapped_out"] > 0
-    assert s["bytes_swapped_out"] == s["pages_swapped_out"] * s["page_bytes"]
+    assert s["num_requests"] == 24 and s["preemptions_swap"] > 0
+    assert s["pages_swapped_out"] == llm.swap.num_pages_out > 0 and s["pages_swapped_in"] == llm.swap.num_pages_in
+    assert s["page_bytes"] == TINY_PAGE_BYTES
+    assert s["bytes_swapped_out"] == llm.swap.num_pages_out * TINY_PAGE_BYTES
+    assert s["bytes_swapped_in"] == llm.swap.num_pages_in * TINY_PAGE_BYTES
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_no_async_scheduling_gives_the_same_tokens_and_swaps(tmp_path):
-    """--no-async-scheduling reaches the engine; the default run still completes and swaps with it
-    (token identity between the two modes is checked in tests/models/test_engine.py)."""
-    runs = {}
-    for flag in ("--async-scheduling", "--no-async-scheduling"):
-        path = tmp_path / f"{flag}.json"
-        assert main(["run", "--num-prompts", "24", "--json", str(path), "--no-progress", flag]) == 0
-        runs[flag] = json.loads(path.read_text())
-    a, b = runs["--async-scheduling"], runs["--no-async-scheduling"]
-    assert a["config"]["async_scheduling"] is True and b["config"]["async_scheduling"] is False
-    assert a["output_tokens"] == b["output_tokens"] and a["pages_swapped_out"] > 0 and b["pages_swapped_out"] > 0
+@pytest.mark.parametrize("flag", ["--async-scheduling", "--no-async-scheduling"])
+def test_run_generates_the_workloads_greedy_tokens(tmp_path, engines, flag):
+    """The run's outputs are the greedy tokens of its workload (pagemem.models.generate on the
+    same prompts, compared with the near-tie rule of tests/models/_oracle.py), with async
+    scheduling on and off; the flag reaches the engine."""
+    argv = ["run", "--num-prompts", "24", "--no-progress", flag]
+    assert main(argv) == 0
+    (llm,) = engines
+    assert llm.async_scheduling is (flag == "--async-scheduling")
+    (prompts, params, outs), = llm.calls
+    want_prompts, want_lens = make_workload(build_parser().parse_args(argv), llm.model.config.vocab_size, reserved=8)
+    assert prompts == want_prompts and [p.max_tokens for p in params] == want_lens
+    want = generate(llm.model, prompts, params)
+    assert_same_greedy(ours(llm.model), prompts, [(o.token_ids, o.finish_reason) for o in outs],
+                       [(w, "length") for w in want])
+    assert llm.swap.num_pages_out > 0                    # under pressure: tokens survive swap
 
 
 def test_prefix_repetition_dataset_hits_the_cache(tmp_path):
@@ -57,18 +99,22 @@ def test_prefix_repetition_dataset_hits_the_cache(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "random:nope"], "unknown preset"),
-    (["--model", "/no/such/folder"], "is not a folder"),
-    (["--num-pages", "3", "--input-len", "200"], "needs"),
-    (["--input-len", "5000"], "exceeds the model's context"),
+    (["--model", "random:nope"], "unknown preset 'nope'"),
+    (["--model", "/no/such/folder"], "--model '/no/such/folder' is not a folder, nor a .gguf file"),
+    (["--num-pages", "3", "--input-len", "200"], r"needs \d+ pages of 16 tokens; the pool has 2 \(--num-pages 3\)"),
+    (["--input-len", "5000"], "--input-len 5000 and --output-len 64 with --range-ratio 0.5 allow requests of "
+                              "7500 \\+ 96 tokens; the model's context is 4096 tokens"),
+    (["--output-len", "90", "--input-len", "2700"], "--output-len 90 .* the model's context is 4096 tokens"),
 ])
 def test_bad_input_is_a_message_and_exit_2(capsys, argv, message):
+    """Each message names the flags the user gave (not max_tokens=, path_or_random:, ...)."""
     assert main(["run", "--no-progress", "--num-prompts", "2", *argv]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert re.fullmatch(f"pagemem: error: .*{message}.*\n", err), err
 
 
 @pytest.mark.parametrize("flag", ["--input-len=0", "--output-len=-3", "--num-prompts=0", "--page-size=x"])
 def test_non_positive_lengths_rejected_by_the_parser(flag):
     proc = subprocess.run([sys.executable, "-m", "pagemem.models.cli", "run", flag], capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "error" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("pagemem run: error: argument")

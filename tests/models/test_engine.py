@@ -44,14 +44,23 @@ def test_big_pool_matches_simple_loop(tiny, prompts, reference):
     assert sum(llm.scheduler.num_preemptions.values()) == 0
 
 
-@pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
-def test_oversubscribed_pool_gives_identical_outputs(tiny, prompts, reference, mode):
-    """About 65 pages of demand (12 requests of 4 to 8 pages) on a pool of 16: 4x oversubscribed."""
-    outs, llm = run(tiny, prompts, num_pages=17, page_size=8 * 2, preemption=mode, swap_space=0.01,
+@pytest.mark.parametrize("mode, host_pages, swaps, recomputes", [
+    ("swap", 1310, True, False),
+    ("recompute", None, False, True),
+    ("auto", 4, True, True),
+])
+def test_oversubscribed_pool_gives_identical_outputs(tiny, prompts, reference, mode, host_pages, swaps, recomputes):
+    """About 65 pages of demand (12 requests of 4 to 8 pages) on a pool of 16: 4x oversubscribed.
+    "auto" gets a host pool of 4 pages: it swaps while the host has room and recomputes when it
+    has not, so both of its modes serve requests here."""
+    swap_space = 0 if host_pages is None else host_pages * 8192 / 2**30     # 8 KiB a page of 16 tokens
+    outs, llm = run(tiny, prompts, num_pages=17, page_size=16, preemption=mode, swap_space=swap_space,
                     max_num_batched_tokens=64)
     assert outs == reference
-    assert sum(llm.scheduler.num_preemptions.values()) > 0
-    if mode == "swap":
+    pre = llm.scheduler.num_preemptions
+    assert (pre["swap"] > 0, pre["recompute"] > 0) == (swaps, recomputes), pre
+    if swaps:
+        assert llm.swap.num_host_pages == host_pages
         assert llm.swap.num_pages_out > 0 and llm.swap.num_pages_in == llm.swap.num_pages_out
 
 
@@ -88,8 +97,11 @@ def test_bad_requests(tiny):
         llm.generate([[1] * 4000], SamplingParams(max_tokens=200))
     with pytest.raises(ValueError, match="needs swap_space"):
         LLM(tiny, num_pages=8, preemption="swap", swap_space=0)
-    for bad in (3, 0, -4, 2.0):
+    for bad in (3, 6, 12):
         with pytest.raises(ValueError, match="page_size must be a power of two"):
+            LLM(tiny, num_pages=8, page_size=bad, swap_space=0)
+    for bad, exc in ((0, ValueError), (-4, ValueError), (2.0, TypeError), ("4", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="page_size"):
             LLM(tiny, num_pages=8, page_size=bad, swap_space=0)
 
 
@@ -102,14 +114,42 @@ def test_failed_generate_queues_nothing(tiny):
     assert len(out.token_ids) == 4
 
 
-def test_ttft_and_tpot_follow_the_schedule(tiny, prompts):
-    """With one sequence at a time, each request's first token comes after the previous one's last."""
+def test_ttft_and_tpot_follow_the_schedule(tiny, prompts, monkeypatch):
+    """Under a clock that ticks once a reading, each request's TTFT is the reading at which its
+    first id came in minus the run's start, and its TPOT the span to its last id over the ids
+    after the first, both from arrivals recorded apart from the engine. With one sequence at a
+    time, each request's first token comes after the previous one's last."""
+    import itertools
+    import types
+    from pagemem.models import engine
+    ticks = itertools.count(1)
+    clock = {"now": 0.0}
+
+    def perf_counter():
+        clock["now"] = float(next(ticks))
+        return clock["now"]
+
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(perf_counter=perf_counter))
     llm = LLM(tiny, num_pages=64, swap_space=0, max_num_seqs=1)
+    arrivals: dict[int, list[float]] = {}
+    resolve = llm.scheduler.resolve
+
+    def record(keep):            # called by the engine right after it reads the clock for these ids
+        for req in keep:
+            arrivals.setdefault(req.request_id, []).append(clock["now"])
+        return resolve(keep)
+
+    llm.scheduler.resolve = record
     outs = llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    start = llm.stats.start_t
+    for out in outs:
+        seen = arrivals[out.request_id]
+        assert len(seen) == len(out.token_ids) == 6
+        assert out.ttft_s == seen[0] - start
+        assert out.tpot_s == (seen[-1] - seen[0]) / 5
     for a, b in zip(outs, outs[1:]):
-        a_done = a.ttft_s + a.tpot_s * (len(a.token_ids) - 1)
-        assert b.ttft_s > a_done > a.ttft_s > 0
-    assert llm.stats.end_t - llm.stats.start_t >= outs[-1].ttft_s + outs[-1].tpot_s * 5 - 1e-9
+        assert arrivals[b.request_id][0] > arrivals[a.request_id][-1]
+    assert llm.stats.end_t > max(s[-1] for s in arrivals.values())
 
 
 def test_summary_reports_each_run_alone(tiny, prompts):

@@ -10,6 +10,10 @@ falls back to recompute), prefix caching, chunked prefill, few sequence slots, b
 and a watermark. Token ids and finish reasons must agree; afterwards the pool and host swap must
 be whole and nothing left unfinished or pending.
 
+Greedy outputs are compared token for token; two runs may part only at a near tie of the logits
+(tests/models/_oracle.py: within BATCH_MARGIN = 1e-4 on one unbatched prefill), since batching
+moves float32 logits by up to about 2e-6 and a tie that close may go either way.
+
 Hand-driven runs add requests between steps, while a step is in flight, with priorities and
 seeded or unseeded sampling mixed with greedy rows, and check after every step what one step in
 flight allows: at most one pending id per request, only for requests of the step in flight; no
@@ -24,6 +28,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from _oracle import assert_same_greedy, ours
 from pagemem import kernels
 from pagemem.models import SamplingParams, generate, load_model
 from pagemem.models.engine import LLM
@@ -143,8 +148,29 @@ def test_greedy_workloads_match_sync_and_the_simple_loop(data):
             for w, sp in zip(generate(model, prompts, params), params)]
     got_async, _ = _serve(model, prompts, params, async_scheduling=True, **kw)
     got_sync, _ = _serve(model, prompts, params, async_scheduling=False, **kw)
-    assert got_async == want
-    assert got_sync == want
+    assert_same_greedy(ours(model), prompts, got_async, want)
+    assert_same_greedy(ours(model), prompts, got_sync, want)
+
+
+def test_a_near_tie_may_part_the_engine_from_the_simple_loop():
+    """The example that made the exact comparison flaky: the second prompt alone (max_num_seqs=1)
+    picks 117, batched with the first (the simple loop) 187; their logits are 9.5e-7 apart on one
+    unbatched prefill. The comparison accepts the near tie and nothing wider."""
+    model, prompts = _tiny(), [[0, 0, 0, 0, 0, 0], [238, 50, 240, 227]]
+    params = [_greedy(1), _greedy(1)]
+    want = [(w, "length") for w in generate(model, prompts, params)]
+    got, _ = _serve(model, prompts, params, page_size=1, num_pages=8, preemption="swap", swap_space=1e-6,
+                    max_num_batched_tokens=1, max_num_seqs=1)
+    row = ours(model)(prompts[1])[-1]
+    assert abs(row[117] - row[187]) < 2e-6 and {got[1][0][0], want[1][0][0]} <= {117, 187}
+    assert assert_same_greedy(ours(model), prompts, got, want) == (got != want)
+    with pytest.raises(AssertionError, match="not within 1e-07"):
+        assert_same_greedy(ours(model), prompts, [got[0], ([187 if got[1][0][0] == 117 else 117], "length")],
+                           [got[0], got[1]], margin=1e-7)
+    with pytest.raises(AssertionError, match="not within 0.0001"):              # far from a tie
+        assert_same_greedy(ours(model), prompts, [got[0], ([int(row.argmin())], "length")], got)
+    with pytest.raises(AssertionError, match="same tokens, different end"):
+        assert_same_greedy(ours(model), prompts, [got[0], (got[1][0], "stop")], got)
 
 
 @settings(max_examples=80, **SETTINGS)
@@ -266,7 +292,7 @@ def test_short_requests_and_first_token_stops(data):
             for w, sp in zip(generate(model, prompts, params), params)]
     for flag in (True, False):
         got, _ = _serve(model, prompts, params, async_scheduling=flag, **kw)
-        assert got == want
+        assert_same_greedy(ours(model), prompts, got, want)
 
 
 def test_stop_ids_in_flight_retire_preempted_requests():
@@ -455,5 +481,5 @@ def test_decode_graph_head_and_eager_tail_split_the_fed_ids(data):
         llm = LLM(model, async_scheduling=flag, **kw)
         llm.graphs = _Graphs(llm, max_seqs, fail_every)
         outs = llm.generate(prompts, params)
-        assert [(o.token_ids, o.finish_reason) for o in outs] == want
+        assert_same_greedy(ours(model), prompts, [(o.token_ids, o.finish_reason) for o in outs], want)
         _check_whole(llm)

@@ -107,16 +107,70 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     ({"num_key_value_heads": 5}, "num_kv_heads"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"torch_dtype": "int8"}, "dtype"),
-    ({"num_hidden_layers": 0}, "num_layers"),
+    ({"num_hidden_layers": 0}, "'num_hidden_layers' must be >= 1"),
+    ({"rope_theta": float("nan")}, "'rope_theta' must be finite"),
+    ({"sliding_window": 0, "architectures": ["MistralForCausalLM"]}, "'sliding_window' must be >= 1"),
+    ({"eos_token_id": [1, -2]}, "'eos_token_id' must hold ids >= 0"),
+    ({"architectures": []}, "unsupported architecture"),
 ])
 def test_bad_values_are_named(change, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_dict(LLAMA_4X | change)
 
 
-def test_missing_key_and_missing_file(tmp_path):
-    cfg = {k: v for k, v in LLAMA_4X.items() if k != "hidden_size"}
-    with pytest.raises(KeyError, match="hidden_size"):
+@pytest.mark.parametrize("key", ["hidden_size", "vocab_size", "num_attention_heads", "intermediate_size"])
+def test_missing_field_is_a_value_error_naming_it(tmp_path, key):
+    """A config.json without a required field: ValueError naming the file and the field (it was
+    a bare KeyError, which the CLI printed as a traceback)."""
+    cfg = {k: v for k, v in LLAMA_4X.items() if k != key}
+    with pytest.raises(ValueError, match=f"config.json: missing field '{key}'"):
         ModelConfig.from_hf(_write(tmp_path, cfg))
+
+
+def test_missing_gpt2_field_and_missing_file(tmp_path):
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 300, "n_embd": 64, "n_layer": 2, "n_head": 4}
+    with pytest.raises(ValueError, match="missing field 'n_positions'"):
+        ModelConfig.from_dict(gpt2)
     with pytest.raises(FileNotFoundError):
         ModelConfig.from_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    ({"architectures": "LlamaForCausalLM"}, TypeError, "'architectures' must be a list of model class names"),
+    ({"architectures": [3]}, TypeError, "'architectures' must be a list"),
+    ({"hidden_size": "2048"}, TypeError, "'hidden_size' must be an int, got '2048'"),
+    ({"num_attention_heads": 2.5}, TypeError, "'num_attention_heads' must be an int"),
+    ({"vocab_size": True}, TypeError, "'vocab_size' must be an int"),
+    ({"rope_scaling": [1, 2]}, TypeError, "'rope_scaling' must be an object"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "4"}}, TypeError, "'factor' must be a number"),
+    ({"tie_word_embeddings": "yes"}, TypeError, "'tie_word_embeddings' must be true or false"),
+    ({"eos_token_id": "2"}, TypeError, "'eos_token_id' must be an int or a list of ints"),
+    ({"bos_token_id": 1.5}, TypeError, "'bos_token_id' must be an int"),
+])
+def test_mistyped_fields_are_named(change, exc, match):
+    """Each mistyped field is named as config.json spells it. A string 'architectures' was read
+    letter by letter ("unsupported architecture 'LlamaForCausalLM'; supported: LlamaForCausalLM")."""
+    with pytest.raises(exc, match=match):
+        ModelConfig.from_dict(LLAMA_4X | change)
+
+
+@pytest.mark.parametrize("text, exc, match", [
+    ("[1, 2]", TypeError, "a config must be a JSON object, got list"),
+    ("{", ValueError, "invalid JSON"),
+    (b"\xff\xfe\x00", ValueError, "invalid JSON"),
+])
+def test_config_file_that_is_not_an_object(tmp_path, text, exc, match):
+    f = tmp_path / "config.json"
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(exc, match=match):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_bad_generation_config_is_named(tmp_path):
+    _write(tmp_path, LLAMA_4X)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "x"}')
+    with pytest.raises(TypeError, match="generation_config.json: field 'eos_token_id'"):
+        ModelConfig.from_hf(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{")
+    with pytest.raises(ValueError, match="generation_config.json: invalid JSON"):
+        ModelConfig.from_hf(tmp_path)

@@ -151,3 +151,38 @@ def test_load_model_fuses_projections(hf_checkpoints):
     ref = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().numpy()
     np.testing.assert_array_equal(w["layers.1.gate_up.weight"], ref)
     assert not {"layers.1.q.weight", "layers.1.k.bias", "layers.1.up.weight"} & set(w)
+
+
+def _raw_safetensors(file, header, data: bytes = b"") -> None:
+    """A safetensors file written by hand: 8-byte length, the JSON header, the data."""
+    raw = json.dumps(header).encode()
+    file.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("header, match", [
+    ([1, 2], "corrupt safetensors header \\(a JSON list, not an object\\)"),
+    ("text", "corrupt safetensors header \\(a JSON str"),
+    ({"w": [0, 4]}, "corrupt safetensors header entry for tensor 'w'"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, "entry for tensor 'w'"),
+    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, "entry for tensor 'w'"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [True, 4]}}, "entry for tensor 'w'"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}, "entry for tensor 'w'"),
+    ({"w": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}}, "entry for tensor 'w'"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "holds 8 bytes, its offsets give 4"),
+])
+def test_malformed_headers_are_value_errors(tmp_path, header, match):
+    """Headers a writer could get wrong: each a ValueError naming the file (a JSON list header
+    used to fail inside dict.pop: 'pop expected at most 1 argument, got 2')."""
+    file = tmp_path / "model.safetensors"
+    _raw_safetensors(file, header, bytes(16))
+    with pytest.raises(ValueError, match=match):
+        read_header(file)
+
+
+def test_bad_index_file_is_named(hf_checkpoints, tmp_path):
+    path = _copy(hf_checkpoints, "qwen2", tmp_path)
+    index = path / "model.safetensors.index.json"
+    for text in ("{", '{"weight_map": [1]}', '{"weight_map": {"a": 3}}', "[]"):
+        index.write_text(text)
+        with pytest.raises(ValueError, match="model.safetensors.index.json: (invalid JSON|no 'weight_map')"):
+            load_model(path, device="cpu")
