@@ -17,6 +17,7 @@ the kernel's loads or stores cross PCIe with no staging buffer and no separate c
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -71,6 +72,13 @@ class CopyPlan:
     slots: np.ndarray | None = None      # direct: [n] int64 host slots, in swap order
 
 
+def _int64(a) -> np.ndarray:
+    """[n] int64 of a sequence of ints (a Python list converted in one pass, no copy of an int64 array)."""
+    if isinstance(a, np.ndarray):
+        return a if a.dtype == np.int64 else a.astype(np.int64)
+    return np.fromiter(a, np.int64, len(a))
+
+
 def direct_ok(page_bytes: int) -> bool:
     """Whether the direct kernel can move pages of ``page_bytes`` (whole 8-byte words)."""
     return page_bytes % 8 == 0
@@ -81,13 +89,14 @@ def plan_copies(ids: Sequence[int], slots: Sequence[int], path: str, page_bytes:
     """The plan for copying device pages ``ids`` to or from host ``slots`` (same length, >= 1).
     ``path="auto"``: "runs" when the mean merged run (both sides advancing by one) holds at least
     ``min_run_bytes``, else "gather". "direct" is chosen by name only (see HostSwap)."""
-    ids, slots = np.asarray(ids, dtype=np.int64), np.asarray(slots, dtype=np.int64)  # [n], [n]
+    ids, slots = _int64(ids), _int64(slots)                     # [n], [n]
     if path == "direct" and not direct_ok(page_bytes):
         raise ValueError(f"path 'direct' needs pages of whole 8-byte words, got {page_bytes} bytes")
     if path == "direct":
         return CopyPlan("direct", ids, [], [], staging_pages, slots)
     n, host_brk = len(ids), _breaks(slots)                     # [n + 1] the host side breaks runs
-    if path != "gather":
+    # "auto" below min_run_bytes in all: no mean run can reach it, so the device side is not looked at
+    if path == "runs" or (path == "auto" and n * page_bytes >= min_run_bytes):
         brk = _breaks(ids)
         brk |= host_brk                                         # either side breaks runs
         num_runs = max(1, int(np.count_nonzero(brk)) - 1)
@@ -136,19 +145,33 @@ def copy_numpy(plan: CopyPlan, kv: np.ndarray, host: np.ndarray, kind: int) -> N
             kv[ids] = stage[:k]
 
 
+@dataclass(eq=False, slots=True)
+class CopyCall:
+    """One enqueued call: its timing events (``end`` completes when its copies have) and what
+    must live until then. Handed back to ``CopyEngine.release`` once ``end`` completed, which
+    reuses the events and the pinned id buffer for later calls."""
+
+    start: Any
+    end: Any
+    pinned: Any = None       # (pinned memory, [capacity] int64 view) the call's ids went through
+    keep: tuple = ()         # outgrown device id buffers queued kernels may still read
+
+
 class CopyEngine:
     """One direction (D2H or H2D) of HostSwap's copies: its non-blocking stream, and the buffers
     only that stream touches, so stream order makes reusing them safe: the staging pages, the
-    device page-id buffer, the ``ready`` event. ``kv_words``: the pool as [num_pages, page words]
-    unsigned ints; ``host_ptr``: address of host page 0 (pinned); ``cp``: the cupy module (tests
-    pass a stand-in that records the calls)."""
+    device page-id buffer, the ``ready`` event. Per call nothing is allocated once warm: timing
+    events and pinned id buffers come from free lists that ``release`` refills. ``kv_words``: the
+    pool as [num_pages, page words] unsigned ints; ``host_ptr``: address of host page 0 (pinned);
+    ``copy_kernel``: ``pagemem.kernels.swap_copy.copy_pages`` or None (CuPy take / indexed
+    assignment); ``cp``: the cupy module (tests pass a stand-in that records the calls)."""
 
     def __init__(self, kind: int, kv_words: Any, host_ptr: int, page_bytes: int, staging_pages: int,
-                 cp: Any = None) -> None:
+                 cp: Any = None, copy_kernel: Any = None) -> None:
         if cp is None:
             import cupy as cp
         self.cp, self.kind, self.kv_words, self.host_ptr = cp, kind, kv_words, host_ptr
-        self.page_bytes, self.staging_pages = page_bytes, staging_pages
+        self.page_bytes, self.staging_pages, self.copy_kernel = page_bytes, staging_pages, copy_kernel
         self.stream = cp.cuda.Stream(non_blocking=True)
         # Reused per call: a wait on an event waits for the record made before the wait was queued.
         self.ready = cp.cuda.Event(disable_timing=True)
@@ -156,23 +179,25 @@ class CopyEngine:
         self._idx = None     # [capacity] int64 device page ids (direct: source then destination rows)
         self._direct = None  # {vector bytes: kernel}, at the first direct call
         self._sms = None
+        self._free_events: list[tuple[Any, Any]] = []   # (start, end) pairs of completed calls
+        self._free_pinned: list[tuple[Any, np.ndarray]] = []   # pinned int64 id buffers of completed calls
 
-    def enqueue(self, plan: CopyPlan, compute, after: Sequence = ()) -> tuple[Any, Any, tuple]:
+    def enqueue(self, plan: CopyPlan, compute, after: Sequence = (), compute_waits: bool = False) -> CopyCall:
         """Queue ``plan``'s copies on this stream after the work queued on ``compute`` so far and
-        the ``after`` events; an H2D makes ``compute`` wait on them. Returns (start, end, keep):
-        timing events around the copies and what must live until ``end`` completes."""
-        cp = self.cp
-        direct = None
+        the ``after`` events; an H2D (or, with ``compute_waits``, a D2H whose pages were already
+        handed out again) makes ``compute`` wait on them. Returns the call; give it to ``release``
+        once its ``end`` event completed."""
+        direct, pinned, keep = None, None, ()
         if plan.path == "runs":
             dptr, pb = self.kv_words.data.ptr, self.page_bytes
             pairs = [(dptr + d * pb, self.host_ptr + h * pb, k * pb) for d, h, k in plan.runs]
-            chunks, keep, upload = [(None, None, self._oriented(pairs))], (), None
+            chunks, upload = [(None, self._oriented(pairs), None)], None
         elif plan.path == "direct":
-            chunks, (direct, keep, upload) = [], self._prepare_direct(plan)
+            chunks, (direct, pinned, keep, upload) = [], self._prepare_direct(plan)
         else:
-            chunks, keep, upload = self._prepare_gather(plan)
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        memcpy, sp, kind, kv = cp.cuda.runtime.memcpyAsync, self.stream.ptr, self.kind, self.kv_words
+            chunks, pinned, keep, upload = self._prepare_gather(plan)
+        start, end = self._free_events.pop() if self._free_events else (self.cp.cuda.Event(), self.cp.cuda.Event())
+        memcpy, sp, kind = self.cp.cuda.runtime.memcpyAsync, self.stream.ptr, self.kind
         # ---- the burst: CUDA calls only, from here to end.record ----
         self.ready.record(compute)   # D2H reads after the last kernel that wrote; H2D writes after the last reader
         self.stream.wait_event(self.ready)
@@ -184,44 +209,61 @@ class CopyEngine:
         with self.stream:
             if direct is not None:
                 direct[0](*direct[1:])
-            for idx, stage, calls in chunks:
-                if idx is not None and kind == D2H:
-                    cp.take(kv, idx, axis=0, out=stage)
+            for before, calls, later in chunks:
+                if before is not None:
+                    before()
                 for dst, src, nbytes in calls:
                     memcpy(dst, src, nbytes, kind, sp)
-                if idx is not None and kind == H2D:
-                    kv[idx] = stage
+                if later is not None:
+                    later()
         end.record(self.stream)
-        if kind == H2D:
+        if kind == H2D or compute_waits:
             compute.wait_event(end)
-        return start, end, keep
+        return CopyCall(start, end, pinned, keep)
+
+    def release(self, call: CopyCall) -> None:
+        """Take back a completed call's events and pinned buffer for later calls (its ``end`` has
+        completed, so nothing queued still reads them)."""
+        self._free_events.append((call.start, call.end))
+        if call.pinned is not None:
+            self._free_pinned.append(call.pinned)
+        call.pinned, call.keep = None, ()
+
+    def _pinned_ids(self, count: int) -> tuple[Any, np.ndarray]:
+        """A pinned buffer of at least ``count`` int64 from the free list, else a new one (at
+        least 1024, so that calls of a few pages share one). Not reused until its call is released."""
+        for i, (mem, view) in enumerate(self._free_pinned):
+            if len(view) >= count:
+                return self._free_pinned.pop(i)
+        size = max(count, 1024, 2 * max((len(v) for _, v in self._free_pinned), default=0))
+        mem = self.cp.cuda.alloc_pinned_memory(8 * size)
+        return mem, np.frombuffer(mem, dtype=np.int64, count=size)
 
     def _oriented(self, pairs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """(device address, host address, nbytes) -> memcpyAsync's (dst, src, nbytes) for this direction."""
         return pairs if self.kind == H2D else [(h, d, b) for d, h, b in pairs]
 
-    def _prepare_direct(self, plan: CopyPlan) -> tuple[tuple, tuple, tuple]:
-        """Host side of a direct call: the kernel launch as (function, grid, block, args), what
-        to keep alive, and the upload of [source rows | destination rows] through pinned memory.
+    def _prepare_direct(self, plan: CopyPlan) -> tuple[tuple, Any, tuple, tuple]:
+        """Host side of a direct call: the kernel launch as (function, grid, block, args), the
+        pinned buffer, what to keep alive, and the upload of [source rows | destination rows].
         The grid is at most two blocks an SM, looping over the words (H100, 2026-11-27 00:03 UTC:
         capped at 16, 32 or 64 blocks it moved less and slowed a kernel beside it more)."""
-        cp = self.cp
         n = len(plan.ids)
-        pinned = cp.cuda.alloc_pinned_memory(16 * n)
-        rows = np.frombuffer(pinned, dtype=np.int64, count=2 * n)
+        pinned = self._pinned_ids(2 * n)
+        rows = pinned[1]
         src, dst = (plan.ids, plan.slots) if self.kind == D2H else (plan.slots, plan.ids)
-        rows[:n], rows[n:] = src, dst
-        keep: tuple = (pinned,)
-        keep += self._grow_idx(2 * n)
+        rows[:n], rows[n:2 * n] = src, dst
+        keep = self._grow_idx(2 * n)
         if self._direct is None:
-            self._direct = _direct_kernels(cp)
+            self._direct = _direct_kernels(self.cp)
         vec = 16 if self.page_bytes % 16 == 0 else 8
         words = self.page_bytes // vec
         kv, host = self.kv_words.data.ptr, self.host_ptr
         src_ptr, dst_ptr = (kv, host) if self.kind == D2H else (host, kv)
         blocks = max(1, min(-(-n * words // DIRECT_THREADS), DIRECT_BLOCKS_PER_SM * self._num_sms()))
         args = (np.uint64(src_ptr), np.uint64(dst_ptr), self._idx, np.int64(n), np.int64(words))
-        return (self._direct[vec], (blocks,), (DIRECT_THREADS,), args), keep, (self._idx.data.ptr, pinned.ptr, 16 * n)
+        launch = (self._direct[vec], (blocks,), (DIRECT_THREADS,), args)
+        return launch, pinned, keep, (self._idx.data.ptr, rows.ctypes.data, 16 * n)
 
     def _num_sms(self) -> int:
         if self._sms is None:
@@ -239,28 +281,46 @@ class CopyEngine:
             self._idx = self.cp.empty(max(n, 2 * capacity), self.cp.int64)
         return old
 
-    def _prepare_gather(self, plan: CopyPlan) -> tuple[list, tuple, tuple]:
-        """Host side of a gathered call: chunks as (ids view, staging view, memcpy args), what to
-        keep alive, and the page-id upload's (dst, src, nbytes). The ids go up through pinned
-        memory: a pageable upload would block the host until the stream drains. Each call gets its
-        own pinned buffer (CuPy's pinned pool caches them), since an earlier call's upload may
-        still be reading its own."""
+    def _prepare_gather(self, plan: CopyPlan) -> tuple[list, Any, tuple, tuple | None]:
+        """Host side of a gathered call: chunks as (gather or None, memcpy args, scatter or None),
+        the pinned id buffer, what to keep alive, and the page-id upload's (dst, src, nbytes) or
+        None. The ids go through pinned memory (a pageable upload would block the host until the
+        stream drains), a buffer reused once its call is released. With a copy kernel the kernel
+        reads them there itself: no upload, no device id buffer."""
         cp = self.cp
         n, m, pb = len(plan.ids), self.staging_pages, self.page_bytes
-        pinned = cp.cuda.alloc_pinned_memory(8 * n)
-        np.frombuffer(pinned, dtype=np.int64, count=n)[:] = plan.ids
-        keep: tuple = (pinned,)
-        with self.stream:  # allocations from this stream's memory pool: reused in stream order
-            if self._stage is None:
+        pinned = self._pinned_ids(n)
+        pinned[1][:n] = plan.ids
+        if self._stage is None:
+            with self.stream:  # allocations from this stream's memory pool: reused in stream order
                 self._stage = cp.empty((m, self.kv_words.shape[1]), self.kv_words.dtype)
-        keep += self._grow_idx(n)
-        sptr, hptr, runs, bounds = self._stage.data.ptr, self.host_ptr, plan.runs, plan.bounds
+        keep, upload = (), None
+        if self.copy_kernel is None:
+            keep = self._grow_idx(n)
+            upload = (self._idx.data.ptr, pinned[1].ctypes.data, 8 * n)
+        sptr, hptr, kv = self._stage.data.ptr, self.host_ptr, self.kv_words
         chunks = []
         for c, c0 in enumerate(range(0, n, m)):   # chunk c: positions [c0, c0 + k)
             k = min(m, n - c0)
-            pairs = [(sptr + (i - c0) * pb, hptr + h * pb, r * pb) for i, h, r in runs[bounds[c]:bounds[c + 1]]]
-            chunks.append((self._idx[c0:c0 + k], self._stage[:k], self._oriented(pairs)))
-        return chunks, keep, (self._idx.data.ptr, pinned.ptr, 8 * n)
+            pairs = [(sptr + (i - c0) * pb, hptr + h * pb, r * pb) for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]]
+            rows = pinned[1].ctypes.data + 8 * c0          # ids[c0:], read there by a copy kernel
+            move = self._gather_op(c0, k, rows) if self.kind == D2H else self._scatter_op(c0, k, rows)
+            chunks.append((move, self._oriented(pairs), None) if self.kind == D2H else (None, self._oriented(pairs), move))
+        return chunks, pinned, keep, upload
+
+    def _gather_op(self, c0: int, k: int, rows: int):
+        """Pool pages ids[c0:c0 + k] (pinned at ``rows``) -> staging rows [0, k), a call for the burst."""
+        if self.copy_kernel is not None:
+            return functools.partial(self.copy_kernel, self.kv_words.data.ptr, self._stage.data.ptr, rows, 0, k,
+                                     self.page_bytes, self.stream)
+        return functools.partial(self.cp.take, self.kv_words, self._idx[c0:c0 + k], 0, self._stage[:k])
+
+    def _scatter_op(self, c0: int, k: int, rows: int):
+        """Staging rows [0, k) -> pool pages ids[c0:c0 + k] (pinned at ``rows``), a call for the burst."""
+        if self.copy_kernel is not None:
+            return functools.partial(self.copy_kernel, self._stage.data.ptr, self.kv_words.data.ptr, 0, rows, k,
+                                     self.page_bytes, self.stream)
+        return functools.partial(self.kv_words.__setitem__, self._idx[c0:c0 + k], self._stage[:k])
 
 
 DIRECT_THREADS = 256

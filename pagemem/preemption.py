@@ -103,10 +103,13 @@ class Preemptor:
         return "swap" if swap is None or swap < recompute else "recompute"
 
     # ---- preempt / resume ------------------------------------------------------------------
-    def preempt(self, seq: SeqPages, mode: str = "auto", stream=None, priority: int = 0) -> Preempted:
+    def preempt(self, seq: SeqPages, mode: str = "auto", stream=None, priority: int = 0, *,
+                defer: bool = False) -> Preempted:
         """Take ``seq``'s pages away; ``seq`` is left empty and the returned record owns what it
-        held (ticket, resident shared pages). Raises ValueError (bad mode or seq),
-        OutOfHostPages (mode "swap", host full); either way nothing changed."""
+        held (ticket, resident shared pages). ``defer`` (swap): the swapped pages are free at once
+        and ``swap.flush`` queues their copy, with the step's other deferred swaps (HostSwap).
+        Raises ValueError (bad mode or seq), OutOfHostPages (mode "swap", host full); either way
+        nothing changed."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(seq, SeqPages) or seq.pool is not self.pool:
@@ -122,7 +125,7 @@ class Preemptor:
         at = self._exclusive_positions(seq)
         ticket = None
         if at:
-            ticket = self.swap.swap_out([seq.page_table[i] for i in at], stream, priority)
+            ticket = self.swap.swap_out([seq.page_table[i] for i in at], stream, priority, defer=defer)
         table = list(seq.page_table)
         for i in at:
             table[i] = NULL_PAGE
@@ -135,11 +138,13 @@ class Preemptor:
         need = len(p.swapped_at) if p.mode == "swap" else -(-p.num_tokens // self.pool.page_size)
         return self.pool.can_allocate(need) if need else True
 
-    def resume(self, p: Preempted, token_ids: Sequence[int] | None = None, stream=None) -> tuple[SeqPages, int]:
+    def resume(self, p: Preempted, token_ids: Sequence[int] | None = None, stream=None, *,
+               defer: bool = False) -> tuple[SeqPages, int]:
         """Give a preempted sequence its pages back: ``(seq, num_computed)`` where the K/V of
         tokens ``[num_computed, num_tokens)`` must be recomputed by the caller (none after a swap).
 
-        swap: the ticket is swapped in on ``stream`` (the compute stream waits on it).
+        swap: the ticket is swapped in on ``stream`` (the compute stream waits on it); with
+        ``defer``, by ``swap.flush``, together with the step's other deferred swap-ins.
         recompute: prefix-cache hits for ``token_ids`` (if a PrefixCache was given) are reused,
         the rest allocated. The returned seq owns one reference per page; ``p`` is spent.
         Raises OutOfPages (check can_resume), ValueError (spent record); nothing changed then.
@@ -149,7 +154,7 @@ class Preemptor:
         if p.mode == "swap":
             table = list(p.page_table)
             if p.ticket is not None:
-                for i, page_id in zip(p.swapped_at, self.swap.swap_in(p.ticket, stream)):
+                for i, page_id in zip(p.swapped_at, self.swap.swap_in(p.ticket, stream, defer=defer)):
                     table[i] = page_id
             p.resumed = True
             return SeqPages(self.pool, table, p.num_tokens), p.num_tokens

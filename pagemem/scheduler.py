@@ -21,6 +21,11 @@ One step, in order:
        those leave no room for a more important request (running alone, or first in line to
        resume while nothing runs), the least important such swapped requests are turned into
        recompute preemptions (their host copies dropped), so the queue never waits on itself.
+
+Swaps are deferred (HostSwap ``defer=True``): a swapped-out victim's pages are free at once for
+the rows after it, a resumed request's pages are allocated at once, and before ``schedule()``
+returns one ``HostSwap.flush`` queues all of the step's swap-outs as one copy and all of its
+swap-ins as another, which the compute stream waits on (the host waits on none).
 """
 from __future__ import annotations
 
@@ -189,6 +194,7 @@ class Scheduler:
             self._sorted[id(self.running)] = True
         queue = self.running[::-1]                                # most important last: pop() is O(1)
         prefill, stream, ps, rc = 0, self.stream, self.pool.page_size, self.pool._refcount
+        swap = self.swap
         while queue and budget > 0:     # once per running request a step: kept to plain operations
             req = queue.pop()
             pages = req.pages
@@ -197,7 +203,7 @@ class Scheduler:
             if n == 1 and pages.num_tokens % ps and rc[pages.page_table[-1]] == 1:
                 pages.num_tokens += 1      # SeqPages.try_grow's first case (a private partial page), inlined
             else:
-                while not pages.try_grow(n, stream):        # grows when the pages are there
+                while not self._try_grow(pages, n):         # grows when the pages are there
                     if not queue and self._demote_one(req):
                         continue
                     victim = queue.pop(0) if queue else req     # least important, latest arrived
@@ -217,6 +223,8 @@ class Scheduler:
             prefill += more
             if not self.swapped:     # swapped requests come back before any new one is admitted
                 prefill += self._admit_waiting(out, lens, budget)
+        if swap is not None:
+            swap.flush(stream)       # the step's swap-outs as one copy, its swap-ins as another
         if lens.count(1) == len(lens):   # decode rows only: already in order
             return ScheduledStep(out, lens, preempted, resumed, prefill)
         # Decode rows first, in order: the model runs them through the decode kernel, the rest
@@ -297,15 +305,14 @@ class Scheduler:
         if mode == "auto" and self.preemptor.prefill_tokens_per_s is None:
             mode = "swap"   # no prefill figure yet: swapping yields the first bandwidth figure
         try:
-            record = self.preemptor.preempt(req.pages, mode, self.stream, req.priority)
+            # Deferred: the swapped pages are free now; schedule() queues one copy for all of the
+            # step's swap-outs (HostSwap.flush) before anything writes them, and the compute
+            # stream waits on it: the host never waits on a swap.
+            record = self.preemptor.preempt(req.pages, mode, self.stream, req.priority, defer=True)
         except OutOfHostPages:
             record = self.preemptor.preempt(req.pages, "recompute", self.stream, req.priority)
         self.running.remove(req)
         req.pages = None
-        if record.mode == "swap" and record.ticket is not None:
-            # The victim's pages are free only once its copy is done; the caller needs them now.
-            # This waits on that copy's event alone (a few ms at PCIe speed), never the device.
-            self.swap.wait(record.ticket)
         if record.mode == "swap":
             req.preempted, req.status = record, Status.SWAPPED
             self.swapped.append(req)
@@ -315,6 +322,13 @@ class Scheduler:
         req.preempted_by[record.mode] += 1
         self.num_preemptions[record.mode] += 1
         return record.mode
+
+    def _try_grow(self, pages: SeqPages, n: int) -> bool:
+        """SeqPages.try_grow, after queueing the step's deferred swaps if the growth would copy a
+        shared page (copy-on-write writes a fresh page, maybe one a deferred swap-out still reads)."""
+        if self.swap is not None and self.swap.has_deferred and pages._needs_cow(n):
+            self.swap.flush(self.stream)
+        return pages.try_grow(n, self.stream)
 
     def _watermark(self) -> int:
         """Pages kept free at admission; waived when nothing runs, so a lone request always fits."""
@@ -336,7 +350,7 @@ class Scheduler:
                 if self.running or not self._demote_for(req, total):
                     break
             self.swapped.pop(0)
-            req.pages, _ = self.preemptor.resume(req.preempted, stream=self.stream)
+            req.pages, _ = self.preemptor.resume(req.preempted, stream=self.stream, defer=True)
             req.preempted, req.num_registered_pages = None, 0   # swapped-in pages are new, unindexed
             prefill += self._start(req, n, out, lens)
             resumed.append(req)
@@ -425,6 +439,8 @@ class Scheduler:
 
     def _start(self, req: Request, n: int, out: list[Request], lens: list[int]) -> int:
         """Run ``n`` tokens of ``req`` this step; returns them if they are prefill (see schedule())."""
+        if self.swap is not None and self.swap.has_deferred and req.pages._needs_cow(n):
+            self.swap.flush(self.stream)       # a copy-on-write may write a page a deferred copy reads
         req.pages.grow(n, self.stream)         # may raise OutOfPages: then nothing changed
         req.status = Status.RUNNING
         self._append(self.running, req)

@@ -14,6 +14,17 @@ Who owns a swapped page, in order:
                         once the copy has completed.
     discard(ticket)     the sequence was dropped: the host slots are released once the out copy is done.
 
+Deferred calls gather a scheduler step's swaps into one copy a direction (``defer=True``, then
+``flush(stream)``): ``swap_out(..., defer=True)`` takes the host slots and gives the pages back to
+the pool at once (the caller may hand them out again in the same step); ``swap_in(...,
+defer=True)`` allocates and returns the new pages. Neither copies anything: ``flush`` plans one
+copy over every deferred swap-out's pages, then one over every deferred swap-in's, and makes the
+compute stream wait on both, so what it queues later (the step's forward writing those pages)
+runs after them; the host never waits. Until ``flush``, nothing may write pool pages on any
+stream (the scheduler flushes before any copy-on-write and before it returns the step). The other
+data-moving calls (``swap_out``, ``swap_in``, ``wait``) flush first, so copies keep their order.
+A deferred ticket's ``is_done()`` is False until its copy, queued by ``flush``, has completed.
+
 Shared pages: ``swap_out`` refuses a page whose refcount is above 1 (ValueError, nothing changed).
 Swapping it out would free no device memory (the other sequence keeps the page) and would leave two
 copies to keep coherent; a preempted sequence keeps its shared pages resident instead
@@ -30,8 +41,12 @@ as one copy per 1 MiB page and 21%/18% per 32 KiB page, against 96%/93% and 84%/
 gather is one device pass (~3 TB/s, a few % of a PCIe transfer). Long runs (a contiguous sequence)
 skip it. Copies never block the host: the ids go up through pinned memory. Each call is planned on
 the host before its first CUDA call (and before it takes any host slot), then enqueued in one burst
-(``pagemem._swap_copy``). On the CPU the same plan is carried out with NumPy copies, so every path
-runs its own copies there too.
+(``pagemem._swap_copy``); staging pages, pinned id buffers and timing events are reused across
+calls. ``copy_kernel`` (``pagemem.kernels.swap_copy.copy_pages``) replaces CuPy's take and indexed
+assignment around the staging buffer with one launch that reads the ids from pinned memory (no
+upload). On the CPU the same plan is carried out with NumPy copies, so every path runs its own
+copies there too. Counters: ``num_calls`` (copies queued a direction), ``copy_s`` (their device
+seconds), ``wait_s`` (host seconds blocked on them, in ``wait`` and ``reclaim(wait=True)``).
 
 ``path="direct"`` (by name only) moves every page with one kernel straight between the pool and
 pinned host memory, which is mapped into the device's address space: no staging buffer, no
@@ -47,7 +62,7 @@ import operator
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -69,7 +84,9 @@ class SwapTicket:
     """Handle to pages swapped out to host memory. Spent by ``swap_in`` or ``discard``, once.
 
     ``event`` (a CuPy event, None on the CPU) completes when the out copy has; ``state`` is
-    "out" (data on host, or on its way), then "in" or "discarded".
+    "out" (data on host, or on its way), then "in" or "discarded". ``staged``: a deferred
+    swap-out whose copy ``flush`` has not queued yet. Once a copy has completed and been
+    reclaimed its event may serve a later copy of the same stream: waiting on it is never early.
     """
 
     host_slots: list[int]   # host page index of each swapped page, in the order given to swap_out
@@ -78,14 +95,15 @@ class SwapTicket:
     state: str = "out"
     owner: Any = field(default=None, repr=False)
     slot_array: Any = field(default=None, repr=False)  # host_slots as a read-only [n] int64 array
+    staged: bool = field(default=False, repr=False)
 
     @property
     def num_pages(self) -> int:
         return len(self.host_slots)
 
     def is_done(self) -> bool:
-        """Whether the out copy has completed (always True on the CPU). Changes nothing."""
-        return self.event is None or self.event.done
+        """Whether the out copy has completed (on the CPU: once queued). Changes nothing."""
+        return not self.staged and (self.event is None or self.event.done)
 
 
 @dataclass(eq=False, slots=True)
@@ -100,7 +118,19 @@ class _Pending:
     page_ids: list[int] = field(default_factory=list)    # device refs to drop (swap-out)
     host_slots: Any = ()           # [n] int64 host slots to free (swap-in, discard)
     priority: int = 0
-    keep: tuple = ()               # buffers the copies read (pinned index arrays) until done
+    released: bool = False         # pages given back before the copy (flush): compute waits on it
+    call: Any = None               # the CopyEngine call, released (events, pinned ids) once done
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """One [n] int64 array of the tickets' slot arrays, in order (the array itself when one)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def _check_path(path, page_bytes: int) -> str:
@@ -131,9 +161,13 @@ class HostSwap:
     """
 
     def __init__(self, pool: PagePool, num_host_pages: int | None = None, *, num_bytes: int | None = None,
-                 path: str = "auto", min_run_bytes: int = 8 << 20, staging_bytes: int = 256 << 20) -> None:
+                 path: str = "auto", min_run_bytes: int = 8 << 20, staging_bytes: int = 256 << 20,
+                 copy_kernel: Callable | None = None) -> None:
         if not isinstance(pool, PagePool):
             raise TypeError(f"pool must be a PagePool, got {type(pool).__name__}")
+        if copy_kernel is not None and not callable(copy_kernel):
+            raise TypeError(f"copy_kernel must be callable (pagemem.kernels.swap_copy.copy_pages), "
+                            f"got {type(copy_kernel).__name__}")
         self.pool = pool
         self.page_bytes = pool.config.page_bytes
         self.num_host_pages = self._host_pages(num_host_pages, num_bytes)
@@ -152,15 +186,20 @@ class HostSwap:
             # [num_pages, page_bytes // word] unsigned ints: moves bits, never values
             kv_words = pool.kv.reshape(pool.num_pages, -1).view(f"u{word}")
             self._engines = {kind: CopyEngine(kind, kv_words, self.host.ctypes.data, self.page_bytes,
-                                              self.staging_pages) for kind in (D2H, H2D)}
+                                              self.staging_pages, copy_kernel=copy_kernel) for kind in (D2H, H2D)}
             self.out_stream, self.in_stream = self._engines[D2H].stream, self._engines[H2D].stream
         else:
             self.host = np.zeros(shape, dtype=pool.config.np_dtype)
         self._host_free = np.ones(self.num_host_pages, dtype=bool)
         self._live: set[SwapTicket] = set()      # tickets in state "out"
         self._pending: list[_Pending] = []
+        self._staged_out: list[tuple[SwapTicket, list[int]]] = []   # deferred: (ticket, its pages, now free)
+        self._staged_in: list[tuple[SwapTicket, list[int]]] = []    # deferred: (spent ticket, its new pages)
         self._bandwidth: dict[str, float | None] = {"out": None, "in": None}
         self.last_copy_s: dict[str, float | None] = {"out": None, "in": None}  # device time of the latest
+        self.copy_s = {"out": 0.0, "in": 0.0}    # device seconds of completed copies (CPU: NumPy copies)
+        self.num_calls = {"out": 0, "in": 0}     # copies queued: one a call, or a flush's direction
+        self.wait_s = 0.0                        # host seconds blocked on copies (wait, reclaim(wait=True))
         self.num_pages_out = self.num_pages_in = 0
         self.last_path = ""
 
@@ -180,6 +219,11 @@ class HostSwap:
     @property
     def num_free_host_pages(self) -> int:
         return int(np.count_nonzero(self._host_free))
+
+    @property
+    def has_deferred(self) -> bool:
+        """Whether deferred swaps wait for ``flush`` (their pages must not be written before)."""
+        return bool(self._staged_out or self._staged_in)
 
     def can_swap_out(self, num_pages: int) -> bool:
         """Whether swap_out of ``num_pages`` pages fits in the host pages free now (after a reclaim)."""
@@ -208,67 +252,123 @@ class HostSwap:
         return plan_copies(device_ids, host_slots, self.path, self.page_bytes, self.min_run_bytes, self.staging_pages)
 
     # ---- swap out / in -----------------------------------------------------------------------
-    def swap_out(self, page_ids: Sequence[int], stream=None, priority: int = 0) -> SwapTicket:
+    def swap_out(self, page_ids: Sequence[int], stream=None, priority: int = 0, *, defer: bool = False) -> SwapTicket:
         """Copy pages to host and return a ticket at once. The caller's reference to each page
         moves to the ticket; ``reclaim()`` frees the pages (with ``priority``, in reverse order)
-        after the copy completes. Raises ValueError (free, shared or repeated page),
-        OutOfHostPages (host full, after reclaiming completed copies); either way the pages and
-        host slots asked for are untouched."""
+        after the copy completes. ``defer``: the pages go back to the pool now (same order) and
+        ``flush`` queues the copy (see the module docstring). Raises ValueError (free, shared or
+        repeated page), OutOfHostPages (host full, after reclaiming completed copies); either way
+        the pages and host slots asked for are untouched."""
         page_ids = self._check_pages(page_ids)
         priority = check_int(priority, "priority")
+        defer = _check_flag(defer, "defer")
         self.reclaim()
         n = len(page_ids)
         if n > self.num_free_host_pages:
             raise OutOfHostPages(f"swap_out of {n} pages, {self.num_free_host_pages} of "
                                  f"{self.num_host_pages} host pages free")
         slots = np.flatnonzero(self._host_free)[:n]  # [n] int64, lowest first: host runs stay long
-        plan = self._plan(page_ids, slots)           # made before anything changes
+        plan = None if defer else self._plan(page_ids, slots)   # made before anything changes
+        if not defer:
+            self.flush(stream)                       # deferred copies first: copies keep their order
         self._host_free[slots] = False
         slots.flags.writeable = False
         ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self, slot_array=slots)
-        pend = _Pending(None, None, "out", ticket.nbytes, page_ids=page_ids, priority=priority)
-        self._copy(plan, D2H, stream, (), pend)
-        ticket.event = pend.event
+        if defer:
+            ticket.staged = True
+            self._staged_out.append((ticket, page_ids))
+            self.pool._free_held(page_ids[::-1], priority)   # flush() copies them before anything writes
+        else:
+            pend = _Pending(None, None, "out", ticket.nbytes, page_ids=page_ids, priority=priority)
+            self._copy(plan, D2H, stream, (), pend)
+            ticket.event = pend.event
+            self._pending.append(pend)
         self._live.add(ticket)
-        self._pending.append(pend)
         self.num_pages_out += n
         self.reclaim()
         return ticket
 
-    def swap_in(self, ticket: SwapTicket, stream=None) -> list[int]:
+    def swap_in(self, ticket: SwapTicket, stream=None, *, defer: bool = False) -> list[int]:
         """Copy a ticket's pages back into freshly allocated device pages and return their ids
         (refcount 1, owned by the caller, in the order swapped out). ``stream`` (the compute
         stream) waits on the copy. Spends the ticket; its host slots are freed by ``reclaim()``.
+        ``defer``: the copy is queued by ``flush`` (the pages hold nothing until then).
         Raises TypeError/ValueError (bad or spent ticket), OutOfPages; either way nothing changed."""
         self._check_ticket(ticket, "swap_in")
+        defer = _check_flag(defer, "defer")
         self.reclaim()
         n = ticket.num_pages
         if not self.pool.can_allocate(n):
             raise OutOfPages(f"swap_in of {n} pages, {self.pool.num_free_pages} free")
+        if not defer:
+            self.flush(stream)                       # deferred copies (this ticket's own among them) first
         page_ids = self.pool.allocate(n)
-        pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.slot_array)
-        after = () if ticket.is_done() else (ticket.event,)
-        self._copy(self._plan(page_ids, ticket.slot_array), H2D, stream, after, pend)
+        if defer:
+            self._staged_in.append((ticket, page_ids))
+        else:
+            pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.slot_array)
+            after = () if ticket.is_done() else (ticket.event,)
+            self._copy(self._plan(page_ids, ticket.slot_array), H2D, stream, after, pend)
+            self._pending.append(pend)
         ticket.state = "in"
         self._live.discard(ticket)
-        self._pending.append(pend)
         self.num_pages_in += n
         self.reclaim()
         return page_ids
 
+    def flush(self, stream=None) -> int:
+        """Queue the deferred swap-outs' copy (one plan over all their pages, in the order they were
+        deferred), then the deferred swap-ins' (after the out copies they read), on their copy
+        streams; ``stream`` (the compute stream) waits on both. The deferred tickets then share
+        the out copy's event. Returns the pages queued; with nothing deferred, does nothing.
+        A planning error changes nothing."""
+        num = 0
+        if self._staged_out:
+            staged = self._staged_out
+            ids = [p for _, pages in staged for p in pages]
+            slots = _joined([t.slot_array for t, _ in staged])
+            plan = self._plan(ids, slots)
+            pend = _Pending(None, None, "out", len(ids) * self.page_bytes, released=True)
+            self._copy(plan, D2H, stream, (), pend)
+            self._staged_out = []
+            for t, _ in staged:
+                t.event, t.staged = pend.event, False
+            self._pending.append(pend)
+            num += len(ids)
+        if self._staged_in:
+            staged = self._staged_in
+            ids = [p for _, pages in staged for p in pages]
+            slots = _joined([t.slot_array for t, _ in staged])
+            after = tuple({id(t.event): t.event for t, _ in staged if not t.is_done()}.values())
+            pend = _Pending(None, None, "in", len(ids) * self.page_bytes, host_slots=slots)
+            self._copy(self._plan(ids, slots), H2D, stream, after, pend)
+            self._staged_in = []
+            self._pending.append(pend)
+            num += len(ids)
+        if num:
+            self.reclaim()
+        return num
+
     def discard(self, ticket: SwapTicket) -> None:
         """Drop a swapped-out ticket without swapping in (its sequence was aborted). The host
-        slots are freed by ``reclaim()`` once the out copy has completed. Spends the ticket."""
+        slots are freed by ``reclaim()`` once the out copy has completed (at once if its copy
+        was deferred and not queued yet: nothing will read them). Spends the ticket."""
         self._check_ticket(ticket, "discard")
         ticket.state = "discarded"
         self._live.discard(ticket)
-        self._pending.append(_Pending(ticket.event, None, "discard", 0, host_slots=ticket.slot_array))
+        if ticket.staged:
+            ticket.staged = False
+            self._staged_out = [(t, pages) for t, pages in self._staged_out if t is not ticket]
+            self._host_free[ticket.slot_array] = True
+        else:
+            self._pending.append(_Pending(ticket.event, None, "discard", 0, host_slots=ticket.slot_array))
         self.reclaim()
 
     def reclaim(self, wait: bool = False) -> int:
         """Release what completed copies held: device pages of swap-outs go back to the pool,
         host slots of swap-ins and discards to the host pool. Polls events; ``wait=True`` waits
-        on each pending event (those events only, never the device). Returns pages released."""
+        on each pending event (those events only, never the device; the time counts in
+        ``wait_s``). Deferred calls not flushed are left alone. Returns pages released."""
         if not isinstance(wait, (bool, np.bool_)):
             raise TypeError(f"wait must be a bool, got {type(wait).__name__}")
         released, still = 0, []
@@ -277,20 +377,27 @@ class HostSwap:
                 if not wait:
                     still.append(p)
                     continue
+                t0 = time.perf_counter()
                 p.event.synchronize()
+                self.wait_s += time.perf_counter() - t0
             released += len(p.page_ids) + len(p.host_slots)
             self._finish(p)
         self._pending = still
         return released
 
     def wait(self, ticket: SwapTicket) -> None:
-        """Block the host until the ticket's out copy completed (that event only), then reclaim."""
+        """Block the host until the ticket's out copy completed (that event only; the time counts
+        in ``wait_s``), then reclaim. A deferred ticket's copy is queued first (``flush``)."""
         if not isinstance(ticket, SwapTicket):
             raise TypeError(f"wait: ticket must be a SwapTicket, got {type(ticket).__name__}")
         if ticket.owner is not self:
             raise ValueError("wait: ticket belongs to another HostSwap (another pool)")
+        if ticket.staged:
+            self.flush()
         if ticket.event is not None:
+            t0 = time.perf_counter()
             ticket.event.synchronize()
+            self.wait_s += time.perf_counter() - t0
         self.reclaim()
 
     # ---- internals ---------------------------------------------------------------------------
@@ -304,7 +411,11 @@ class HostSwap:
             if p.start is not None:
                 import cupy as cp
                 seconds = cp.cuda.get_elapsed_time(p.start, p.event) * 1e-3
+            if p.call is not None:        # its events and pinned ids serve later calls
+                self._engines[D2H if p.direction == "out" else H2D].release(p.call)
+                p.call = None
             self.last_copy_s[p.direction] = seconds
+            self.copy_s[p.direction] += seconds
             if seconds > 0:
                 old, new = self._bandwidth[p.direction], p.nbytes / seconds
                 self._bandwidth[p.direction] = new if old is None else 0.5 * old + 0.5 * new
@@ -352,9 +463,11 @@ class HostSwap:
     def _copy(self, plan: CopyPlan, kind: int, stream, after, pend: _Pending) -> None:
         """Carry out ``plan`` in direction ``kind``. CPU: NumPy copies, done on return (timed with
         perf_counter). CUDA: queued in one burst on ``kind``'s copy stream after ``stream``'s work
-        and the ``after`` events, setting pend's (start, event) timing events and what it keeps
-        alive; nothing blocks the host."""
+        and the ``after`` events, setting pend's timing events and its call (what the copies need
+        until they end); ``stream`` waits on a swap-in, or on a swap-out of pages already given
+        back (``pend.released``); nothing blocks the host."""
         self.last_path = plan.path
+        self.num_calls["out" if kind == D2H else "in"] += 1
         if not self.cuda:
             t0 = time.perf_counter()
             copy_numpy(plan, self.pool.kv, self.host, kind)
@@ -362,7 +475,8 @@ class HostSwap:
             return
         import cupy as cp
         compute = stream if stream is not None else cp.cuda.get_current_stream()
-        pend.start, pend.event, pend.keep = self._engines[kind].enqueue(plan, compute, after)
+        call = self._engines[kind].enqueue(plan, compute, after, compute_waits=pend.released)
+        pend.start, pend.event, pend.call = call.start, call.end, call
 
     # ---- checks ------------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -370,6 +484,7 @@ class HostSwap:
         held by an in-flight swap-out is not referenced in the pool."""
         held = [s for t in self._live for s in t.host_slots]
         held += [s for p in self._pending if p.direction != "out" for s in p.host_slots.tolist()]
+        held += [s for t, _ in self._staged_in for s in t.host_slots]    # spent, copy not queued yet
         free = set(np.flatnonzero(self._host_free).tolist())
         problems = []
         counts = Counter(held)
@@ -381,6 +496,9 @@ class HostSwap:
             problems.append(f"free {len(free)} + held {len(counts)} != {self.num_host_pages} host pages")
         if any(t.state != "out" or t.owner is not self for t in self._live):
             problems.append("a spent or foreign ticket is live")
+        if any(t not in self._live or not t.staged for t, _ in self._staged_out) or \
+                sum(t.staged for t in self._live) != len(self._staged_out):
+            problems.append("deferred swap-outs and staged tickets disagree")
         unref = [p for q in self._pending for p in q.page_ids if self.pool._refcount[p] < 1]
         if unref:
             problems.append(f"pages {unref} held by in-flight swap-outs have refcount 0")

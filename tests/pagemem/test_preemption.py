@@ -144,3 +144,26 @@ def test_bad_mode_and_foreign_seq():
     with pytest.raises(ValueError, match="Preempted"):
         pre.resume("p")
     assert isinstance(pre.preempt(seq_with(pool, 4), "recompute"), Preempted)
+
+
+def test_deferred_swap_preemptions_free_pages_at_once_and_resume_in_one_flush():
+    """Two sequences preempted with defer: their exclusive pages are free at once (shared ones stay),
+    one flush copies both out; resumed with defer, one flush brings both back with their data."""
+    pool, swap, pre = make(num_pages=17, num_host_pages=12)
+    a = seq_with(pool, 10, seed=1)
+    b = a.fork()
+    b.append(5)                                   # copy-on-write of a's last page, then one more
+    c = seq_with(pool, 6, seed=2)
+    data = {name: [pool.kv[p].copy() for p in s.page_table] for name, s in (("b", b), ("c", c))}
+    free = pool.num_free_pages
+    pb, pc = pre.preempt(b, "swap", defer=True), pre.preempt(c, "swap", defer=True)
+    assert pool.num_free_pages == free + 2 + 2 and swap.num_calls["out"] == 0
+    assert swap.flush() == 4 and swap.num_calls["out"] == 1
+    check(pool, swap)
+    (sb, _), (sc, _) = pre.resume(pb, defer=True), pre.resume(pc, defer=True)
+    assert swap.flush() == 4 and swap.num_calls["in"] == 1
+    for name, s in (("b", sb), ("c", sc)):
+        for p, d in zip(s.page_table, data[name]):
+            np.testing.assert_array_equal(pool.kv[p], d)
+    assert sb.page_table[:2] == a.page_table[:2]  # the shared pages stayed resident
+    check(pool, swap)

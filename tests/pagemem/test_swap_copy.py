@@ -248,7 +248,8 @@ def assert_one_burst(log: list[str]) -> None:
 @pytest.mark.parametrize("path", ["runs", "gather", "direct"])
 def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
     """Scattered pages out and back (staging of 3 pages: several chunks), bit-exact; each call
-    allocates and creates events before its first CUDA call; the id buffer grows, then is reused."""
+    allocates and creates events before its first CUDA call, and once earlier calls are released
+    none at all (events and pinned id buffers reused); the id buffer grows, then is reused."""
     rng = np.random.default_rng(4)
     cp = FakeCupy()
     kv = rng.integers(0, 1 << 32, size=(64, WORDS), dtype=np.uint32).view(DevArray)
@@ -261,21 +262,47 @@ def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
         expected = np.asarray(kv[ids]).copy()
         idx_before = out._idx
         cp.log.clear()
-        _, _, keep = out.enqueue(plan_copies(ids, slots, path, 4 * WORDS, 1, 3), compute)
+        call = out.enqueue(plan_copies(ids, slots, path, 4 * WORDS, 1, 3), compute)
         assert_one_burst(cp.log)
-        assert any(isinstance(k, Pinned) for k in keep) == (path != "runs")
+        assert isinstance(call.pinned, tuple) == (path != "runs")
+        if n != 5:                                          # warm: nothing allocated or created
+            assert "pinned" not in cp.log and "new event" not in cp.log, cp.log
         if path != "runs" and n == 2:
             assert out._idx is idx_before                   # big enough: reused
         if path != "runs" and n == 11:
-            assert any(k is idx_before for k in keep)       # outgrown: kept until this call completes
+            assert any(k is idx_before for k in call.keep)  # outgrown: kept until this call completes
         assert ("kernel 8" in cp.log) == (path == "direct")  # 24-byte pages: 8-byte words
         np.testing.assert_array_equal(host[slots], expected)
+        out.release(call)
         new_ids = np.setdiff1d(np.arange(1, 64), ids)[rng.permutation(63 - n)[:n]]
         cp.log.clear()
-        in_.enqueue(plan_copies(new_ids, slots, path, 4 * WORDS, 1, 3), compute)
+        call = in_.enqueue(plan_copies(new_ids, slots, path, 4 * WORDS, 1, 3), compute)
         assert_one_burst(cp.log)
         assert cp.log[-1] == f"wait {compute.ptr}"          # the compute stream waits on the swap-in
         np.testing.assert_array_equal(np.asarray(kv[new_ids]), expected)
+        in_.release(call)
+
+
+def test_a_pinned_id_buffer_is_not_reused_while_its_call_runs():
+    """Two calls in flight get two pinned id buffers; a released one serves the next call, and a
+    call too big for every free buffer gets a new, bigger one."""
+    cp = FakeCupy()
+    kv = np.zeros((64, WORDS), dtype=np.uint32).view(DevArray)
+    host = np.zeros((2048, WORDS), dtype=np.uint32)
+    out = CopyEngine(D2H, kv, host.ctypes.data, 4 * WORDS, 64, cp=cp)
+    compute = cp.cuda.Stream()
+    plan = plan_copies([3, 1, 7], [0, 1, 2], "gather", 4 * WORDS, 1, 64)
+    first, second = out.enqueue(plan, compute), out.enqueue(plan, compute)
+    assert first.pinned[1] is not second.pinned[1] and {first.start, first.end}.isdisjoint({second.start, second.end})
+    buf, events, second_buf = first.pinned[1], (first.start, first.end), second.pinned[1]
+    out.release(first)
+    third = out.enqueue(plan, compute)
+    assert third.pinned[1] is buf and (third.start, third.end) == events
+    assert out.enqueue(plan, compute).pinned[1] is not buf          # third still runs: not handed out again
+    big = plan_copies(list(range(1, 64)) * 20, list(range(1260)), "gather", 4 * WORDS, 1, 64)
+    out.release(second)
+    fourth = out.enqueue(big, compute)
+    assert len(fourth.pinned[1]) >= 1260 and fourth.pinned[1] is not second_buf
 
 
 def test_copy_engine_call_order():
