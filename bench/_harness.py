@@ -150,3 +150,74 @@ class LinkedPool:
 
 
 BASELINE_POOLS = {"python-list": ListPool, "vllm-linked-list": LinkedPool}
+
+
+# ---- HostSwap's CUDA branch on the CPU: a CuPy stand-in whose CUDA calls do nothing ---------------
+class DevArray(np.ndarray):
+    """NumPy memory posing as a CuPy array: ``.data.ptr`` is its address."""
+
+    @property
+    def data(self):
+        from types import SimpleNamespace
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+
+class NullCupy:
+    """The CuPy calls HostSwap's CUDA branch makes (streams, events, memcpyAsync, pinned memory,
+    take, empty), each doing nothing but what Python must: what is timed over it is pagemem's own
+    host work of a CUDA call, without the driver's. ``calls`` counts the CUDA calls made."""
+
+    int64 = np.int64
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+        null = self
+        self.calls = 0
+
+        class Stream:
+            ptr = 1
+
+            def __init__(self, non_blocking=False):
+                pass
+
+            def wait_event(self, event):
+                null.calls += 1
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        class Event:
+            done = True
+
+            def __init__(self, disable_timing=False, block=False):
+                pass
+
+            def record(self, stream=None):
+                null.calls += 1
+
+            def synchronize(self):
+                pass
+
+        def memcpy(dst, src, nbytes, kind, stream):
+            null.calls += 1
+
+        class Device:
+            id = 0
+            attributes = {"MultiProcessorCount": 132}
+
+        self.cuda = SimpleNamespace(Stream=Stream, Event=Event, Device=Device, get_current_stream=Stream,
+                                    alloc_pinned_memory=bytearray, get_elapsed_time=lambda start, end: 1.0,
+                                    runtime=SimpleNamespace(memcpyAsync=memcpy))
+
+    def empty(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype).view(DevArray)     # ids read as page 0 by the scatter
+
+    def take(self, a, indices, axis, out):
+        self.calls += 1
+
+
+def null_copy_kernel(src_ptr, dst_ptr, src_rows_ptr, dst_rows_ptr, num_pages, page_bytes, stream=None) -> None:
+    """Stands in for pagemem.kernels.swap_copy.copy_pages over NullCupy: the launch, doing nothing."""

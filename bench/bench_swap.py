@@ -6,6 +6,11 @@ enqueue included, host clock stopped after the copy's event (or the stream) comp
 "Back-to-back" rows issue K calls in a row, as a scheduler preempting several sequences does:
 the host work of each call overlaps the copies of the calls before it.
 
+"One call" rows (issue 17): one call of 256 scattered 32 KiB pages each way and both ways at
+once, through the copy engines (staging gathered by CuPy's take, or by the copy kernel of
+pagemem.kernels.swap_copy) and the direct kernel, against the pinned ceiling of the same run; and
+a scheduler step of 8 requests x 32 pages, batched into one call against one call a request.
+
 Run:  pytest bench/bench_swap.py --benchmark-group-by=group --no-cov   (pytest-benchmark tables)
       PYTHONPATH=. python bench/bench_swap.py [results.json]   (every figure of one run, one table)
 """
@@ -41,12 +46,13 @@ class SwapCase:
     ``host_factor * n`` host pages and a non-blocking compute stream. Page contents are a pattern
     of each page's original id, so any round trip is checked bit for bit."""
 
-    def __init__(self, shape: str, n: int, pool_factor: int = 2, host_factor: int = 1, seed: int = 0):
+    def __init__(self, shape: str, n: int, pool_factor: int = 2, host_factor: int = 1, seed: int = 0,
+                 copy_kernel=None):
         import cupy as cp
         cfg = PoolConfig(pool_factor * n + 1, **SHAPES[shape], dtype="float16", device="cuda")
         self.shape, self.n, self.nbytes = shape, n, n * cfg.page_bytes
         self.pool = PagePool(cfg)
-        self.swap = HostSwap(self.pool, host_factor * n)
+        self.swap = HostSwap(self.pool, host_factor * n, copy_kernel=copy_kernel)
         self.stream = cp.cuda.Stream(non_blocking=True)
         perm = np.random.default_rng(seed).permutation(self.pool.allocate(cfg.num_pages - 1)).tolist()
         self.pages, self.origin = perm[:n], perm[:n]
@@ -157,8 +163,8 @@ class Duplex:
     then waits for the last out event and the compute stream; the sets trade places. ``between()``
     is the untimed set-up of the next round; ``verify()`` brings every page back and checks it."""
 
-    def __init__(self, shape: str, n: int, calls: int = 1, path: str = "auto"):
-        self.case = case = SwapCase(shape, n, pool_factor=3, host_factor=2)
+    def __init__(self, shape: str, n: int, calls: int = 1, path: str = "auto", copy_kernel=None):
+        self.case = case = SwapCase(shape, n, pool_factor=3, host_factor=2, copy_kernel=copy_kernel)
         case.swap.path = path
         self.k, self.calls, self.nbytes = n // calls, calls, 2 * (n // calls) * calls * case.pool.config.page_bytes
         second = case.pool.allocate(n)
@@ -191,10 +197,10 @@ class Duplex:
         self.away = []
 
 
-def duplex_gbps(shape: str, n: int, reps: int, path: str = "auto", calls: int = 1) -> float:
+def duplex_gbps(shape: str, n: int, reps: int, path: str = "auto", calls: int = 1, copy_kernel=None) -> float:
     """Swap-out of one set and swap-in of another at the same time; GB/s of both together, median
     of ``reps`` rounds after one warm-up, host clock around the copies only; every page checked."""
-    duplex = Duplex(shape, n, calls, path)
+    duplex = Duplex(shape, n, calls, path, copy_kernel)
     times = []
     for _ in range(reps + 1):
         times.append(wall_s(duplex.both))
@@ -295,10 +301,10 @@ def kernel_slowdown(case: SwapCase, path: str, iters: int = 40) -> tuple[float, 
 def cases():
     made: dict[tuple[str, int], SwapCase] = {}
 
-    def get(shape: str, n: int) -> SwapCase:
-        if (shape, n) not in made:
-            made[(shape, n)] = SwapCase(shape, n)
-        return made[(shape, n)]
+    def get(shape: str, n: int, kernel: bool = False) -> SwapCase:
+        if (shape, n, kernel) not in made:
+            made[(shape, n, kernel)] = SwapCase(shape, n, copy_kernel=_copy_kernel() if kernel else None)
+        return made[(shape, n, kernel)]
     yield get
     made.clear()
 
@@ -312,11 +318,11 @@ def _report(benchmark, case: SwapCase) -> None:
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("direction", ["out", "in"])
-@pytest.mark.parametrize("impl", ["hostswap", "v0-per-page-per-layer"])
+@pytest.mark.parametrize("impl", ["hostswap", "hostswap-copy-kernel", "v0-per-page-per-layer"])
 def test_swap(benchmark, cases, shape, n, direction, impl):
-    case = cases(shape, n)
+    case = cases(shape, n, impl == "hostswap-copy-kernel")
     benchmark.group = f"swap-{direction} {shape} n={n}"
-    if impl == "hostswap":
+    if impl.startswith("hostswap"):
         run, setup = (case.swap_out, case.resident) if direction == "out" else (case.swap_in, case.swapped_out)
     else:
         setup, kind = case.resident, _D2H if direction == "out" else _H2D
@@ -352,15 +358,18 @@ def test_pinned_ceiling(benchmark, direction):
         benchmark.extra_info["GBps"] = nbytes / benchmark.stats.stats.median / 1e9
 
 
-@pytest.mark.parametrize("shape, calls", [("llama-3.2-1b", 1), ("llama-3.2-1b", 8), ("small", 8)])
-def test_duplex(benchmark, shape, calls):
-    """A swap-out of 2048 pages and a swap-in of 2048 others at once (each side as ``calls`` calls
-    issued alternately): only the copies are timed; every page is checked afterwards."""
-    duplex = Duplex(shape, 2048, calls)
+@pytest.mark.parametrize("shape, n, calls, kernel", [("llama-3.2-1b", 2048, 1, False), ("llama-3.2-1b", 2048, 8, False),
+                                                     ("small", 2048, 8, False), ("small", 256, 1, False),
+                                                     ("small", 256, 1, True)])
+def test_duplex(benchmark, shape, n, calls, kernel):
+    """A swap-out of n pages and a swap-in of n others at once (each side as ``calls`` calls
+    issued alternately; optionally gathered by the copy kernel): only the copies are timed;
+    every page is checked afterwards."""
+    duplex = Duplex(shape, n, calls, copy_kernel=_copy_kernel() if kernel else None)
     benchmark.group = "duplex swap (out + in at once)"
     benchmark.pedantic(duplex.both, setup=duplex.between, rounds=3, warmup_rounds=1)
     duplex.verify()
-    benchmark.extra_info.update(bytes=duplex.nbytes, calls=calls)
+    benchmark.extra_info.update(bytes=duplex.nbytes, calls=calls, n=n, copy_kernel=kernel)
     if benchmark.stats:
         benchmark.extra_info["GBps"] = duplex.nbytes / benchmark.stats.stats.median / 1e9
 
@@ -414,6 +423,7 @@ def main(path: str | None) -> None:
             if (shape, n) in SUSTAINED:
                 calls, o, i = sustained_gbps(shape, n)
                 rows.append((shape, n, f"auto x {calls} back-to-back", o, i, None, None))
+    out["one_call"] = one_call_rows(d2h, h2d)
     for shape in SHAPES:
         out["extra"][f"duplex {shape} n=2048"] = duplex_gbps(shape, 2048, 3)
         out["extra"][f"duplex {shape} n=2048 direct"] = duplex_gbps(shape, 2048, 3, "direct")
@@ -435,6 +445,79 @@ def main(path: str | None) -> None:
         print(f"{s:14} {n!s:>5} {p:24} {o:6.1f} {i:6.1f} {pct[0]:4.0f}% {pct[1]:4.0f}% |{dev}")
     for k, v in out["extra"].items():
         print(f"{k}: {v if isinstance(v, dict) else f'{v:.1f} GB/s'}")
+    print_one_call(out["one_call"])
+
+
+# ---- one call of 256 scattered 32 KiB pages, and a scheduler step of 8 requests (issue 17) -------
+TARGET_SHARE, TARGET_DUPLEX_GBPS = 0.85, 80.0
+
+
+def _copy_kernel():
+    from pagemem.kernels.swap_copy import copy_pages
+    return copy_pages
+
+
+def step_gbps(kernel, reps: int = 9) -> dict:
+    """A step swapping 8 requests of 32 pages (256 small pages) out, then back in: batched (8
+    deferred calls, one flush: one copy a direction) against one call a request (+ a wait on each
+    copy, as the scheduler did). GB/s of the 8 MiB, host clock until the copies completed; every
+    page checked against its request's pattern at the end."""
+    import cupy as cp
+    from bench.bench_swap_host import StepCase
+    case = StepCase("cuda", copy_kernel=kernel)
+    words = case.pool.kv.reshape(case.pool.num_pages, -1).view(cp.uint16)          # [num_pages, page words]
+    origin = [list(g) for g in case.groups]                  # each page's first id: its pattern, for good
+    pattern = lambda ids: (cp.asarray(ids, dtype=cp.int64)[:, None] * 7919 + cp.arange(words.shape[1])) % 65521  # noqa: E731
+    words[cp.asarray(sum(origin, []))] = pattern(sum(origin, [])).astype(cp.uint16)
+    cp.cuda.Stream.null.synchronize()
+    nbytes, res = 256 * case.pool.config.page_bytes, {}
+    for impl, out_fn, in_fn in (("batched", case.out_batched, case.in_batched),
+                                ("one call a request", case.out_per_request, case.in_per_request)):
+        outs, ins = [], []
+        for _ in range(reps + 1):
+            case.resident()
+            outs.append(wall_s(lambda: (out_fn(), case.swap.reclaim(wait=True))))
+            ins.append(wall_s(lambda: (in_fn(), case.stream.synchronize())))   # the compute stream waits on the in copy
+        res[impl] = {"out": nbytes / statistics.median(outs[1:]) / 1e9, "in": nbytes / statistics.median(ins[1:]) / 1e9}
+    case.resident()
+    got = words[cp.asarray(sum(case.groups, []))]
+    if not bool((got == pattern(sum(origin, [])).astype(cp.uint16)).all()):
+        raise AssertionError("a step's swaps changed page contents")
+    case.close()
+    return res
+
+
+def one_call_rows(d2h: float, h2d: float) -> dict:
+    """One call of 256 scattered 32 KiB pages each way (end to end and on the device) and both at
+    once (duplex), through the copy engines with CuPy's gather and with the copy kernel, and the
+    direct kernel; GB/s against the pinned ceiling of this run; then the step rows."""
+    rows = {}
+    for name, kernel, path in (("gather (cupy take)", None, "gather"), ("gather (copy kernel)", _copy_kernel(), "gather"),
+                               ("direct", None, "direct")):
+        o, i, do, di = round_trip_gbps(SwapCase("small", 256, copy_kernel=kernel), path, 9)
+        dup = duplex_gbps("small", 256, 9, path, copy_kernel=kernel)
+        rows[name] = dict(out=o, in_=i, dev_out=do, dev_in=di, duplex=dup, out_share=o * 1e9 / d2h,
+                          in_share=i * 1e9 / h2d, dev_out_share=do * 1e9 / d2h, dev_in_share=di * 1e9 / h2d)
+    for name, kernel in (("step, cupy take", None), ("step, copy kernel", _copy_kernel())):
+        rows[name] = step_gbps(kernel)
+    return rows
+
+
+def print_one_call(rows: dict) -> None:
+    print(f"\none call of 256 scattered 32 KiB pages (8 MiB); targets: {TARGET_SHARE:.0%} of the pinned ceiling "
+          f"each way, duplex >= {TARGET_DUPLEX_GBPS:.0f} GB/s")
+    print(f"{'path':22} {'out':>6} {'in':>6} {'out%':>5} {'in%':>5} | {'dev out':>7} {'dev in':>6} {'out%':>5} "
+          f"{'in%':>5} | {'duplex':>6}  met (e2e each way, duplex)")
+    for name, r in rows.items():
+        if "duplex" not in r:
+            continue
+        met = (r["out_share"] >= TARGET_SHARE and r["in_share"] >= TARGET_SHARE, r["duplex"] >= TARGET_DUPLEX_GBPS)
+        print(f"{name:22} {r['out']:6.1f} {r['in_']:6.1f} {100 * r['out_share']:4.0f}% {100 * r['in_share']:4.0f}% | "
+              f"{r['dev_out']:7.1f} {r['dev_in']:6.1f} {100 * r['dev_out_share']:4.0f}% {100 * r['dev_in_share']:4.0f}% | "
+              f"{r['duplex']:6.1f}  {met}")
+    for name, r in rows.items():
+        if "duplex" not in r:
+            print(f"{name}: " + "; ".join(f"{impl} out {v['out']:.1f} / in {v['in']:.1f} GB/s" for impl, v in r.items()))
 
 
 if __name__ == "__main__":

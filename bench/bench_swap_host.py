@@ -10,7 +10,17 @@ Baselines: the same cycle on plain Python lists (a free stack of pages, one of h
 same NumPy copies, no checks, tickets or plans); allocate+free on a list and on vLLM's doubly
 linked free list (bench/_harness.py); the copy plan's host runs found by a Python loop.
 
+Per call and per step (256 scattered pages): one swap_out / swap_in call, and a step that
+preempts (or resumes) 8 requests of 32 pages each, batched (8 deferred calls and one flush, as the
+scheduler does now) against one call a request followed by a wait on its copy (the scheduler
+before: the host blocked until each victim's pages were free). Backends: "cpu" (the NumPy
+HostSwap), "cuda-branch" (HostSwap's CUDA branch over a CuPy stand-in whose CUDA calls do
+nothing, bench/_harness.py NullCupy: pagemem's own host work of a CUDA call without the
+driver's; with and without a copy kernel), and "cuda" on a GPU (real copies: the host's time until
+the step could launch, copies waited on only where the path waits).
+
 Run: pytest bench/bench_swap_host.py --benchmark-only --benchmark-group-by=group --no-cov
+     PYTHONPATH=. python bench/bench_swap_host.py    (the per-call and per-step table only)
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import numpy as np
 import pytest
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # bench._harness as a script or under pytest
-from bench._harness import BASELINE_POOLS, ListPool  # noqa: E402
+from bench._harness import BASELINE_POOLS, DevArray, ListPool, NullCupy, has_cuda, null_copy_kernel  # noqa: E402
 from pagemem import HostSwap, PagePool, PoolConfig  # noqa: E402
 from pagemem._swap_copy import plan_copies  # noqa: E402
 
@@ -140,3 +150,128 @@ def test_copy_plan(benchmark, n, impl):
         assert plan.path == "gather" and plan.runs == [(0, 0, n)]
     else:
         assert benchmark(loop_host_runs, slots.tolist(), 8192) == [(0, 0, n)]
+
+
+# ---- per call and per step: 256 scattered pages, batched against one call a request --------------
+STEP_PAGES, STEP_REQUESTS = 256, 8
+BACKENDS = ["cpu", "cuda-branch", "cuda-branch+kernel"] + (["cuda"] if has_cuda() else [])
+
+
+class StepCase:
+    """A HostSwap over 2n usable scattered pages and n host pages; a step's ``requests`` groups of
+    n / requests pages. On "cuda-branch" the pool's NumPy pages pose as device memory and ``cupy``
+    resolves to NullCupy while the case runs (``close()`` restores it); pages are 4 bytes (min_run_bytes
+    scaled as for 32 KiB pages, so "auto" decides as it would there). On "cuda", 32 KiB pages."""
+
+    def __init__(self, backend: str, n: int = STEP_PAGES, requests: int = STEP_REQUESTS, seed: int = 0,
+                 copy_kernel=None) -> None:
+        self.saved = sys.modules.get("cupy")
+        kernel = copy_kernel
+        if backend.startswith("cuda-branch"):
+            sys.modules["cupy"] = NullCupy()
+            kernel = null_copy_kernel if backend.endswith("kernel") else None
+        if backend == "cuda":
+            import cupy as cp
+            cfg = PoolConfig(2 * n + 1, 16, 2, 4, 64, "float16", "cuda")      # 32 KiB pages
+            self.stream, min_run = cp.cuda.Stream(non_blocking=True), 8 << 20
+        else:
+            cfg, self.stream, min_run = PoolConfig(2 * n + 1, 1, 1, 1, 1, "float16", "cpu"), None, (8 << 20) * 4 // (32 << 10)
+        self.pool = PagePool(cfg)
+        if backend.startswith("cuda-branch"):
+            self.pool.kv, self.pool.device = self.pool.kv.view(DevArray), "cuda"
+        self.pool.free(np.random.default_rng(seed).permutation(self.pool.allocate(2 * n)).tolist())
+        self.swap = HostSwap(self.pool, n, min_run_bytes=min_run, copy_kernel=kernel)
+        pages = self.pool.allocate(n)
+        k = n // requests
+        self.groups, self.tickets = [pages[i * k:(i + 1) * k] for i in range(requests)], []
+
+    def close(self) -> None:
+        self.resident()
+        self.pool.check_integrity()
+        self.swap.check_integrity()
+        if self.saved is None:
+            sys.modules.pop("cupy", None)
+        else:
+            sys.modules["cupy"] = self.saved
+
+    def out_batched(self) -> None:
+        self.tickets = [self.swap.swap_out(g, self.stream, defer=True) for g in self.groups]
+        self.swap.flush(self.stream)
+
+    def out_per_request(self) -> None:
+        self.tickets = [self.swap.swap_out(g, self.stream) for g in self.groups]
+        for t in self.tickets:
+            self.swap.wait(t)
+
+    def in_batched(self) -> None:
+        self.groups = [self.swap.swap_in(t, self.stream, defer=True) for t in self.tickets]
+        self.swap.flush(self.stream)
+        self.tickets = []
+
+    def in_per_request(self) -> None:
+        self.groups, self.tickets = [self.swap.swap_in(t, self.stream) for t in self.tickets], []
+
+    def resident(self) -> None:
+        """Untimed set-up: every group on the device, every copy completed and reclaimed."""
+        if self.tickets:
+            self.in_batched()
+        self.swap.reclaim(wait=True)
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    def swapped(self) -> None:
+        if not self.tickets:
+            self.out_batched()
+        self.swap.reclaim(wait=True)
+
+
+STEP_RUNS = {("out", "batched"): ("out_batched", "resident"), ("out", "one call a request"): ("out_per_request", "resident"),
+             ("in", "batched"): ("in_batched", "swapped"), ("in", "one call a request"): ("in_per_request", "swapped")}
+
+
+@pytest.mark.parametrize("impl", ["batched", "one call a request"])
+@pytest.mark.parametrize("requests", [1, STEP_REQUESTS], ids=["per-call", "per-step"])
+@pytest.mark.parametrize("direction", ["out", "in"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swap_step_host_cost(benchmark, backend, direction, requests, impl):
+    """Host time of one call of 256 scattered pages (per-call) or of a step swapping 8 requests of
+    32 pages (per-step), deferred + one flush against one call a request (+ its wait)."""
+    if requests == 1 and impl != "batched":
+        pytest.skip("one request: one call either way")
+    case = StepCase(backend, requests=requests)
+    run, setup = (getattr(case, name) for name in STEP_RUNS[(direction, impl)])
+    benchmark.group = f"swap-{direction} host cost, {STEP_PAGES} pages as {requests} request(s), {backend}"
+    try:
+        benchmark.pedantic(run, setup=setup, rounds=300 if backend != "cuda" else 50, warmup_rounds=10)
+        calls = case.swap.num_calls[direction]
+    finally:
+        case.close()
+    benchmark.extra_info.update(pages=STEP_PAGES, requests=requests, backend=backend, impl=impl, calls=calls)
+
+
+def step_table(rounds: int = 300) -> list[tuple]:
+    """(backend, direction, requests, impl, median µs) of every per-call and per-step case."""
+    import statistics
+    import time
+    rows = []
+    for backend in BACKENDS:
+        for direction in ("out", "in"):
+            for requests, impl in ((1, "batched"), (STEP_REQUESTS, "batched"), (STEP_REQUESTS, "one call a request")):
+                case = StepCase(backend, requests=requests)
+                run, setup = (getattr(case, name) for name in STEP_RUNS[(direction, impl)])
+                times = []
+                for _ in range(rounds + 10):
+                    setup()
+                    t0 = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - t0)
+                case.close()
+                rows.append((backend, direction, requests, impl, statistics.median(times[10:]) * 1e6))
+    return rows
+
+
+if __name__ == "__main__":
+    print(f"host µs, {STEP_PAGES} scattered pages: one call, or a step of {STEP_REQUESTS} requests")
+    print(f"{'backend':20} {'dir':4} {'requests':>8} {'impl':20} {'median µs':>10}")
+    for b, d, r, i, us in step_table():
+        print(f"{b:20} {d:4} {r:8} {i:20} {us:10.1f}")

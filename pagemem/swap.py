@@ -268,9 +268,12 @@ class HostSwap:
             raise OutOfHostPages(f"swap_out of {n} pages, {self.num_free_host_pages} of "
                                  f"{self.num_host_pages} host pages free")
         slots = np.flatnonzero(self._host_free)[:n]  # [n] int64, lowest first: host runs stay long
-        plan = None if defer else self._plan(page_ids, slots)   # made before anything changes
+        pend = None
         if not defer:
+            plan = self._plan(page_ids, slots)       # made before anything changes
             self.flush(stream)                       # deferred copies first: copies keep their order
+            pend = _Pending(None, None, "out", n * self.page_bytes, page_ids=page_ids, priority=priority)
+            self._copy(plan, D2H, stream, (), pend)  # queued first: the bookkeeping below overlaps it
         self._host_free[slots] = False
         slots.flags.writeable = False
         ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self, slot_array=slots)
@@ -279,8 +282,6 @@ class HostSwap:
             self._staged_out.append((ticket, page_ids))
             self.pool._free_held(page_ids[::-1], priority)   # flush() copies them before anything writes
         else:
-            pend = _Pending(None, None, "out", ticket.nbytes, page_ids=page_ids, priority=priority)
-            self._copy(plan, D2H, stream, (), pend)
             ticket.event = pend.event
             self._pending.append(pend)
         self._live.add(ticket)

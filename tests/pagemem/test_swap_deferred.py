@@ -247,3 +247,99 @@ def test_cuda_flush_is_one_burst_a_direction_and_the_compute_stream_waits(monkey
         pool.free([p for b in back for p in b])
         check(pool, swap)
     assert swap.num_calls == {"out": 2, "in": 2} and swap.copy_s["out"] == 2e-3   # stand-in: 1 ms a copy
+
+
+# ---- the copy kernel (pagemem.kernels.swap_copy) -------------------------------------------------
+def test_copy_kernel_launch_shape_and_word_size():
+    """Words: the widest of 16/8/4/2/1 bytes dividing the page and both addresses; a block moves
+    at most 2048 words of one page, so a 1 MiB page spreads over 32 blocks of grid y."""
+    from pagemem.kernels.swap_copy import launch_shape, word_bytes
+    assert word_bytes(32 << 10, 256, 4096) == 16 and word_bytes(24, 256, 512) == 8
+    assert word_bytes(32 << 10, 256, 4100) == 4 and word_bytes(6, 0, 0) == 2
+    assert launch_shape(256, 32 << 10, 16) == ((256, 1), 2048)
+    assert launch_shape(3, 1 << 20, 16) == ((3, 32), 2048)
+    assert launch_shape(100_000, 24, 8) == ((65535, 1), 3)
+
+
+@pytest.mark.parametrize("args, exc, name", [
+    ((1.5, 16, 0, 0, 1, 32), TypeError, "src_ptr"), ((16, 16, 0, -8, 1, 32), ValueError, "dst_rows_ptr"),
+    ((16, 16, 0, 0, True, 32), TypeError, "num_pages"), ((16, 16, 0, 0, 1, 0), ValueError, "page_bytes"),
+    ((0, 16, 0, 0, 1, 32), ValueError, "src_ptr"),
+])
+def test_copy_kernel_refuses_bad_arguments_by_name(args, exc, name):
+    from pagemem.kernels.swap_copy import copy_pages
+    with pytest.raises(exc, match=name):
+        copy_pages(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_bytes", [24, 32 << 10, 1 << 20])
+def test_copy_kernel_gathers_and_scatters_pages_bit_exact(page_bytes):
+    """Rows read from pinned memory: a gather of scattered pages into consecutive rows and the
+    scatter back into other pages equal NumPy fancy indexing, bit for bit."""
+    import cupy as cp
+    from pagemem.kernels.swap_copy import copy_pages
+    num, n = 64, 37
+    rng = np.random.default_rng(page_bytes)
+    src = cp.asarray(rng.integers(0, 256, (num, page_bytes), dtype=np.uint8))
+    stage, dst = cp.zeros((n, page_bytes), cp.uint8), cp.zeros((num, page_bytes), cp.uint8)
+    mem = cp.cuda.alloc_pinned_memory(16 * n)
+    rows = np.frombuffer(mem, np.int64, 2 * n)
+    rows[:n] = rng.permutation(num)[:n]
+    rows[n:] = rng.permutation(num)[:n]
+    stream = cp.cuda.Stream(non_blocking=True)
+    copy_pages(src.data.ptr, stage.data.ptr, rows.ctypes.data, 0, n, page_bytes, stream)
+    copy_pages(stage.data.ptr, dst.data.ptr, 0, rows[n:].ctypes.data, n, page_bytes, stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(stage.get(), src.get()[rows[:n]])
+    np.testing.assert_array_equal(dst.get()[rows[n:]], src.get()[rows[:n]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", [False, True], ids=["cupy-take", "copy-kernel"])
+@pytest.mark.parametrize("path", ["runs", "gather"])
+def test_gpu_deferred_swap_out_is_copied_before_the_compute_stream_writes_the_pages(path, kernel):
+    """Deferred swap-outs of 1024 scattered pages whose pages are handed out again at once; after
+    the flush a long kernel queue on the compute stream overwrites them. The host copies hold the
+    old bytes (the compute stream waited on the copy) and a deferred swap-in brings them back."""
+    import cupy as cp
+    from pagemem.kernels.swap_copy import copy_pages
+    pool, swap = make(num_pages=2049, num_host_pages=2048, device="cuda", page_size=16, path=path,
+                      copy_kernel=copy_pages if kernel else None)
+    pages = pool.allocate(2048)
+    ids = np.random.default_rng(3).permutation(pages)[:1024].tolist()
+    compute = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Stream.null.synchronize()  # the pool's zero fill ran on the legacy stream
+    with compute:
+        pool.kv[cp.asarray(ids)] = 1.5
+    tickets = [swap.swap_out(ids[i:i + 256], compute, defer=True) for i in range(0, 1024, 256)]
+    reused = pool.allocate(1024)                   # the same pages, to a new owner, before any copy
+    assert sorted(reused) == sorted(ids)
+    swap.flush(compute)
+    with compute:
+        idx = cp.asarray(reused)
+        view = pool.kv[idx].astype(cp.float32)
+        for _ in range(20):               # a long elementwise kernel queue ends with the write
+            view = cp.sin(view) * 0 - 2.0
+        pool.kv[idx] = view.astype(pool.kv.dtype)
+    for t in tickets:
+        swap.wait(t)
+        assert (swap.host[t.host_slots] == np.float16(1.5)).all()
+    pool.free(reused)
+    back = [p for t in tickets for p in swap.swap_in(t, compute, defer=True)]
+    swap.flush(compute)
+    with compute:
+        got = pool.kv[cp.asarray(back)].get(stream=compute)
+    compute.synchronize()
+    assert (got == np.float16(1.5)).all() and swap.num_calls == {"out": 1, "in": 1}
+    swap.reclaim(wait=True)
+    check(pool, swap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["auto", "gather"])
+def test_random_cycles_bit_exact_gpu_with_the_copy_kernel(path):
+    from test_swap import random_cycles
+    from pagemem.kernels.swap_copy import copy_pages
+    random_cycles("cuda", steps=600, seed=13, path=path,
+                  make_fn=lambda **kw: make(**kw, copy_kernel=copy_pages))
