@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pagemem.models.cli import DEFAULT_MODEL, DEMO_NUM_PAGES, _positive, add_engine_args
+from pagemem.models.cli import SEED, _positive, _ranged, add_engine_args, build_llm
 
 LISTENING = "listening on http://"
 
@@ -24,33 +24,20 @@ def add_parser(subparsers) -> None:
     cmd = subparsers.add_parser("serve", help="serve OpenAI's completions and chat completions over HTTP")
     cmd.set_defaults(func=run_serve)
     add_engine_args(cmd)
-    cmd.add_argument("--seed", type=int, default=0, help="engine seed: random weights and unseeded requests")
-    cmd.add_argument("--host", default="127.0.0.1")
-    cmd.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    cmd.add_argument("--seed", type=SEED, default=0, help="random weights and unseeded requests")
+    cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    cmd.add_argument("--port", type=_ranged(int, 0, 65535), default=8000, help="0: any free port (printed)")
     cmd.add_argument("--max-waiting", type=_positive(int), default=1024,
                      help="requests the waiting queue holds; past it a call gets 503 with Retry-After")
     cmd.add_argument("--max-model-len", type=_positive(int), default=None,
                      help="longest prompt + reply, in tokens (default: the model's context)")
     cmd.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
-    cmd.add_argument("--chat-template", type=Path, default=None, help="a Jinja file used instead of the model's template")
+    cmd.add_argument("--chat-template", type=Path, default=None,
+                     help="a Jinja file used instead of the model's template (default: the model's)")
     cmd.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    cmd.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    cmd.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+                     help="the server's log level")
     cmd.add_argument("--debug-endpoints", action="store_true", help=argparse.SUPPRESS)   # GET /debug/pool (tests)
-
-
-def build_engine(args):
-    """The LLM the flags describe (the tiny model gets ``pagemem run``'s small demo pool)."""
-    from pagemem.models.engine import LLM
-
-    num_pages = args.num_pages
-    if num_pages is None and args.gpu_memory_utilization is None and args.model == DEFAULT_MODEL:
-        num_pages = DEMO_NUM_PAGES
-    return LLM(args.model, dtype=args.dtype, device=args.device, page_size=args.page_size, num_pages=num_pages,
-               gpu_memory_utilization=args.gpu_memory_utilization or 0.9, swap_space=args.swap_space,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               preemption=args.preemption, eviction=args.eviction,
-               enable_prefix_caching=bool(args.enable_prefix_caching), seed=args.seed,
-               admit_batch=args.admit_batch, async_scheduling=args.async_scheduling)
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -63,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise ImportError(f"pagemem serve needs the serve extra (pip install 'pagemem[serve]'): {e}") from None
     template = _read_template(args.chat_template)
-    llm = build_engine(args)
+    llm = build_llm(args)
     context = llm.model.config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > context:
         raise ValueError(f"--max-model-len {args.max_model_len} exceeds the model's context of {context} tokens")
@@ -72,8 +59,10 @@ def run_serve(args: argparse.Namespace) -> None:
     name = args.served_model_name or args.model
     app = create_app(EngineLoop(llm, max_waiting=args.max_waiting),
                      ServerConfig(name, limits, template, debug=args.debug_endpoints))
-    sock = socket.create_server((args.host, args.port))
+    ipv6 = ":" in args.host
+    sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ipv6 else socket.AF_INET)
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ipv6 else host
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=5)
     print(f"pagemem serve: {name} {LISTENING}{host}:{port}", flush=True)
