@@ -162,6 +162,40 @@ class LLM:
             self.generate([[0] * n], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
         self._next_id = next_id   # request ids and default sampling seeds as if no warm-up ran
         self.capture_graphs(max_context_len)
+        self.measure_costs()
+
+    def measure_costs(self, num_tokens: int | None = None, num_pages: int | None = None) -> dict:
+        """Start-up figures for "auto" preemption's cost model, measured on this engine (idle pool):
+        prefill tokens/s of one throwaway prompt of ``num_tokens`` tokens (default: the token
+        budget, within the context and the pool; timed on a second prompt after a first one),
+        set on the scheduler's Preemptor; and, with a HostSwap, two round trips of ``num_pages``
+        scattered pages (default 64 MiB of pages, within half the free pool and the host pool)
+        through it, whose event-timed copies give ``HostSwap.bandwidth`` its first figures. Every
+        page goes back; request ids and seeds are as before. Returns the figures (bytes/s)."""
+        pool, sw, ps = self.pool, self.swap, self.pool.page_size
+        n = num_tokens or min(self.scheduler.max_num_batched_tokens, self.model.config.max_position_embeddings - 1,
+                              (pool.num_pages - 2) * ps)
+        params, next_id = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), self._next_id
+        self.generate([[0] * n], params)
+        t0 = time.perf_counter()
+        self.generate([[1] * n], params)
+        rate = n / (time.perf_counter() - t0)
+        self._next_id = next_id
+        self.scheduler.preemptor.set_prefill_rate(rate)
+        out = {"prefill_tokens_per_s": rate, "swap_out_bytes_per_s": None, "swap_in_bytes_per_s": None}
+        if sw is not None:
+            k = num_pages or max(1, min((64 << 20) // pool.config.page_bytes, pool.num_free_pages // 2, sw.num_host_pages))
+            got = pool.allocate(2 * k)
+            pool.free(got[1::2])                 # every other page: scattered, as a sequence's pages are
+            pages = got[::2]
+            for _ in range(2):                   # the second round trip runs on warm buffers
+                ticket = sw.swap_out(pages, self.stream)
+                sw.wait(ticket)
+                pages = sw.swap_in(ticket, self.stream)
+                sw.reclaim(wait=True)
+            pool.free(pages)
+            out.update(swap_out_bytes_per_s=sw.bandwidth("out"), swap_in_bytes_per_s=sw.bandwidth("in"))
+        return out
 
     def capture_graphs(self, max_context_len: int) -> None:
         """Capture the decode CUDA graphs for contexts up to ``max_context_len`` now (start-up),
@@ -578,7 +612,7 @@ def check_swap_space(value, name: str = "swap_space") -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not (math.isfinite(value) and value >= 0):
+    if not (value >= 0):
         raise ValueError(f"{name} must be a finite number of GiB >= 0, got {value}")
     limit = host_memory_bytes()
     if limit is not None and value * 2**30 > limit:

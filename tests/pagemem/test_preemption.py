@@ -167,3 +167,25 @@ def test_deferred_swap_preemptions_free_pages_at_once_and_resume_in_one_flush():
             np.testing.assert_array_equal(pool.kv[p], d)
     assert sb.page_table[:2] == a.page_table[:2]  # the shared pages stayed resident
     check(pool, swap)
+
+
+def test_engine_measure_costs_feeds_auto_and_leaves_the_engine_as_it_was():
+    """LLM.measure_costs (random:tiny on the CPU) sets the Preemptor's prefill rate and gives the
+    HostSwap its first bandwidth figures from real copies; the pool is whole again and the next
+    generate() gives the tokens of an engine that measured nothing."""
+    from pagemem.models import SamplingParams
+    from pagemem.models.engine import LLM
+    kw = dict(device="cpu", num_pages=64, page_size=4, swap_space=64 * 4096 / 2**30, preemption="auto")
+    fresh, measured = LLM("random:tiny", **kw), LLM("random:tiny", **kw)
+    assert measured.scheduler.preemptor.prefill_tokens_per_s is None and measured.swap.bandwidth("out") is None
+    free = measured.pool.num_free_pages
+    got = measured.measure_costs(num_tokens=40, num_pages=8)
+    assert got["prefill_tokens_per_s"] == measured.scheduler.preemptor.prefill_tokens_per_s > 0
+    assert got["swap_out_bytes_per_s"] == measured.swap.bandwidth("out") > 0
+    assert got["swap_in_bytes_per_s"] == measured.swap.bandwidth("in") > 0
+    assert measured.swap.num_pages_out == 16 and measured.pool.num_free_pages == free
+    assert measured.swap.num_free_host_pages == measured.swap.num_host_pages
+    measured.pool.check_integrity()
+    prompts, params = [[3, 1, 4, 1, 5], [9, 2, 6]], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in measured.generate(prompts, params)] == \
+        [o.token_ids for o in fresh.generate(prompts, params)]
