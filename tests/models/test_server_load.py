@@ -110,12 +110,14 @@ def test_64_streaming_clients_on_a_small_pool(tmp_path):
 
 
 ROOMY = ["--model", "random:tiny", "--device", "cpu", "--num-pages", "256", "--page-size", "16",
-         "--debug-endpoints", "--log-level", "warning"]
+         "--enable-prefix-caching", "--debug-endpoints", "--log-level", "warning"]
 
 
 def test_a_new_request_joins_the_running_batch_and_a_leaving_client_aborts(tmp_path):
     with ServerProcess(ROOMY, tmp_path / "roomy.log") as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=60)
+        for _ in range(2):                                  # the second finds the first's full pages cached
+            client.completions.create(model="random:tiny", prompt=list(range(64)), max_tokens=1)
         long = client.completions.create(model="random:tiny", prompt="a", max_tokens=4000, temperature=0.0,
                                          stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
         next(iter(long))                                   # 4000 tokens to go
@@ -126,15 +128,18 @@ def test_a_new_request_joins_the_running_batch_and_a_leaving_client_aborts(tmp_p
         assert during["num_live_choices"] == 1             # done while the long one still runs: it joined
         long.close()                                       # the client leaves mid-stream
         wait_idle(srv.url)
-        first = metric(httpx2.get(srv.url + "/metrics").text, "pagemem_generation_tokens_total") - 4
+        first = metric(httpx2.get(srv.url + "/metrics").text, "pagemem_generation_tokens_total") - 4 - 2
         with pytest.raises(httpx2.ReadTimeout):             # a plain call whose client gives up waiting
             httpx2.post(srv.url + "/v1/completions", json={"prompt": "c", "max_tokens": 4000, "ignore_eos": True},
                         timeout=httpx2.Timeout(30, read=0.5))
         report = wait_idle(srv.url)
         text = httpx2.get(srv.url + "/metrics").text
-    assert report["num_used"] == 0 and report["num_free"] == report["num_pages"]
+    assert report["num_used"] == 0 and report["num_free"] + report["num_cached"] == report["num_pages"]
+    hits = report["counters"]["prefix_hit_tokens"]
+    assert hits >= 48 and metric(text, "pagemem_prefix_cache_hit_tokens_total") == hits
+    assert metric(text, "pagemem_pages", state="cached") == report["num_cached"] > 0
     assert metric(text, "pagemem_requests_finished_total", finish_reason="abort") == 2
-    second = metric(text, "pagemem_generation_tokens_total") - 4 - first
+    second = metric(text, "pagemem_generation_tokens_total") - 4 - 2 - first
     assert first < 4000 and second < 4000                   # each aborted well before its end
 
 
