@@ -612,7 +612,7 @@ def check_swap_space(value, name: str = "swap_space") -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number of GiB, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not (value >= 0):
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number of GiB >= 0, got {value}")
     limit = host_memory_bytes()
     if limit is not None and value * 2**30 > limit:
