@@ -166,8 +166,9 @@ class LLM:
 
     def measure_costs(self, num_tokens: int | None = None, num_pages: int | None = None) -> dict:
         """Start-up figures for "auto" preemption's cost model, measured on this engine (idle pool):
-        prefill tokens/s of one throwaway prompt of ``num_tokens`` tokens (default: the token
-        budget, within the context and the pool; timed on a second prompt after a first one),
+        prefill tokens/s of ``num_tokens`` throwaway prompt tokens (default: the token budget,
+        within the context and the pool) in prompts of up to 1024 tokens, as a workload's (one long
+        prompt would time long-context attention), timed on a second batch after a first one,
         set on the scheduler's Preemptor; and, with a HostSwap, two round trips of ``num_pages``
         scattered pages (default 64 MiB of pages, within half the free pool and the host pool)
         through it, whose event-timed copies give ``HostSwap.bandwidth`` its first figures. Every
@@ -175,11 +176,13 @@ class LLM:
         pool, sw, ps = self.pool, self.swap, self.pool.page_size
         n = num_tokens or min(self.scheduler.max_num_batched_tokens, self.model.config.max_position_embeddings - 1,
                               (pool.num_pages - 2) * ps)
+        k, vocab = min(n, 1024), self.model.config.vocab_size
+        batch = lambda base: [[(base + i) % vocab] * k for i in range(max(1, n // k))]  # noqa: E731  distinct prompts
         params, next_id = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), self._next_id
-        self.generate([[0] * n], params)
+        self.generate(batch(0), params)
         t0 = time.perf_counter()
-        self.generate([[1] * n], params)
-        rate = n / (time.perf_counter() - t0)
+        self.generate(batch(vocab // 2), params)
+        rate = k * max(1, n // k) / (time.perf_counter() - t0)
         self._next_id = next_id
         self.scheduler.preemptor.set_prefill_rate(rate)
         out = {"prefill_tokens_per_s": rate, "swap_out_bytes_per_s": None, "swap_in_bytes_per_s": None}
