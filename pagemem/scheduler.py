@@ -203,7 +203,9 @@ class Scheduler:
             if n == 1 and pages.num_tokens % ps and rc[pages.page_table[-1]] == 1:
                 pages.num_tokens += 1      # SeqPages.try_grow's first case (a private partial page), inlined
             else:
-                while not self._try_grow(pages, n):         # grows when the pages are there
+                # grows when the pages are there (after queueing deferred swaps if it copies on write)
+                while not (pages.try_grow(n, stream) if swap is None or not swap.has_deferred
+                           else self._try_grow(pages, n)):
                     if not queue and self._demote_one(req):
                         continue
                     victim = queue.pop(0) if queue else req     # least important, latest arrived
@@ -223,7 +225,7 @@ class Scheduler:
             prefill += more
             if not self.swapped:     # swapped requests come back before any new one is admitted
                 prefill += self._admit_waiting(out, lens, budget)
-        if swap is not None:
+        if swap is not None and swap.has_deferred:
             swap.flush(stream)       # the step's swap-outs as one copy, its swap-ins as another
         if lens.count(1) == len(lens):   # decode rows only: already in order
             return ScheduledStep(out, lens, preempted, resumed, prefill)

@@ -2,59 +2,46 @@
 
 Who owns a swapped page, in order:
 
-    swap_out(page_ids)  the caller's one reference to each device page moves to the ticket,
-                        and host slots are taken for them. The device-to-host copy runs on the
-                        out stream after everything already queued on the compute stream. Once it
-                        has completed (its event polled, never a device-wide synchronize),
-                        ``reclaim()`` drops the ticket's references: each page goes back to the
-                        pool's free queue, or to its eviction policy if the prefix cache indexes it.
-    swap_in(ticket)     allocates fresh device pages (refcount 1, owned by the caller), copies the
-                        host slots into them on the in stream and makes the compute stream wait on
-                        that copy. The ticket is spent; its host slots are released by ``reclaim()``
-                        once the copy has completed.
+    swap_out(page_ids)  the caller's one reference to each device page moves to the ticket, and
+                        host slots are taken for them. The device-to-host copy runs on the out
+                        stream after everything already queued on the compute stream; once it has
+                        completed (its event polled, never a device-wide synchronize), ``reclaim()``
+                        frees the pages (free queue, or eviction policy if the prefix cache has them).
+    swap_in(ticket)     allocates fresh device pages (refcount 1, the caller's), copies the host
+                        slots into them on the in stream and makes the compute stream wait on that
+                        copy. The ticket is spent; ``reclaim()`` frees its host slots after the copy.
     discard(ticket)     the sequence was dropped: the host slots are released once the out copy is done.
 
-Deferred calls gather a scheduler step's swaps into one copy a direction (``defer=True``, then
-``flush(stream)``): ``swap_out(..., defer=True)`` takes the host slots and gives the pages back to
-the pool at once (the caller may hand them out again in the same step); ``swap_in(...,
-defer=True)`` allocates and returns the new pages. Neither copies anything: ``flush`` plans one
-copy over every deferred swap-out's pages, then one over every deferred swap-in's, and makes the
-compute stream wait on both, so what it queues later (the step's forward writing those pages)
-runs after them; the host never waits. Until ``flush``, nothing may write pool pages on any
-stream (the scheduler flushes before any copy-on-write and before it returns the step). The other
-data-moving calls (``swap_out``, ``swap_in``, ``wait``) flush first, so copies keep their order.
-A deferred ticket's ``is_done()`` is False until its copy, queued by ``flush``, has completed.
+Deferred calls (``defer=True``, then ``flush(stream)``) gather a scheduler step's swaps into one copy
+a direction. A deferred ``swap_out`` takes the host slots and gives the pages back to the pool at
+once (the step may hand them out again); a deferred ``swap_in`` allocates and returns the new pages.
+``flush`` plans one copy over every deferred swap-out's pages, then one over every deferred
+swap-in's, and makes the compute stream wait on both, so what it queues later (the forward writing
+those pages) runs after them: the host never waits. Until ``flush`` nothing may write pool pages on
+any stream (the scheduler flushes before a copy-on-write and before it returns the step); the
+other data-moving calls (``swap_out``, ``swap_in``, ``wait``) flush first, so copies keep their order.
 
-Shared pages: ``swap_out`` refuses a page whose refcount is above 1 (ValueError, nothing changed).
-Swapping it out would free no device memory (the other sequence keeps the page) and would leave two
-copies to keep coherent; a preempted sequence keeps its shared pages resident instead
-(``pagemem.preemption`` does exactly that).
+Shared pages: ``swap_out`` refuses a page whose refcount is above 1 (ValueError, nothing changed):
+swapping it would free no memory and leave two copies to keep coherent; a preempted sequence keeps
+its shared pages resident instead (``pagemem.preemption``).
 
-Copy paths (one rule, per call, ``path="auto"``): positions where both the device page id and
-the host slot advance by one are merged into runs, each one ``cudaMemcpyAsync`` (pages are
-contiguous in the page-major pool). When the mean run is at least ``min_run_bytes`` the runs are
-copied directly; otherwise pages are gathered on the device (``kv[page_ids]``) into a staging
-buffer of ``staging_bytes`` and sent in one copy per contiguous host run, chunk by chunk (swap-in
-mirrors it: copy to staging, then scatter). Why gather below 8 MiB per run: measured on an H100
-(bench/RESULTS.md, 2026-11-26), 4096 scattered pages moved at 89%/87% of the pinned ceiling (out/in)
-as one copy per 1 MiB page and 21%/18% per 32 KiB page, against 96%/93% and 84%/87% gathered; the
-gather is one device pass (~3 TB/s, a few % of a PCIe transfer). Long runs (a contiguous sequence)
-skip it. Copies never block the host: the ids go up through pinned memory. Each call is planned on
-the host before its first CUDA call (and before it takes any host slot), then enqueued in one burst
-(``pagemem._swap_copy``); staging pages, pinned id buffers and timing events are reused across
-calls. ``copy_kernel`` (``pagemem.kernels.swap_copy.copy_pages``) replaces CuPy's take and indexed
-assignment around the staging buffer with one launch that reads the ids from pinned memory (no
-upload). On the CPU the same plan is carried out with NumPy copies, so every path runs its own
-copies there too. Counters: ``num_calls`` (copies queued a direction), ``copy_s`` (their device
-seconds), ``wait_s`` (host seconds blocked on them, in ``wait`` and ``reclaim(wait=True)``).
+Copy paths (``path="auto"``, per call): positions where both the page id and the host slot advance by
+one merge into runs, one ``cudaMemcpyAsync`` each (pages are contiguous in the page-major pool),
+used when the mean run holds ``min_run_bytes``; otherwise pages are gathered on the device into a
+staging buffer of ``staging_bytes`` and sent in one copy per contiguous host run, chunk by chunk
+(swap-in mirrors it). Measured on an H100 (bench/RESULTS.md, 2026-11-26): 4096 scattered pages moved
+at 89%/87% of the pinned ceiling (out/in) one copy per 1 MiB page and 21%/18% per 32 KiB page, against
+96%/93% and 84%/87% gathered. A call is planned on the host before its first CUDA call (and before it
+takes a host slot), then queued in one burst (``pagemem._swap_copy``); staging pages, pinned id
+buffers and timing events are reused across calls. ``copy_kernel``
+(``pagemem.kernels.swap_copy.copy_pages``) replaces CuPy's take and indexed assignment around the
+staging buffer with one launch reading the ids from pinned memory (no upload). ``path="direct"``
+(by name only) is one kernel moving pages straight between the pool and mapped pinned memory: fewest
+calls, but its PCIe traffic from the SMs disturbs kernels beside it and duplex moves less (H100,
+2026-11-27), so "auto" keeps the copy engines. The CPU carries out the same plans with NumPy copies.
 
-``path="direct"`` (by name only) moves every page with one kernel straight between the pool and
-pinned host memory, which is mapped into the device's address space: no staging buffer, no
-separate copy, fewer calls. For 256 scattered 32 KiB pages it is the fastest end to end (H100,
-2026-11-27: 56%/64% of the ceiling against 42%/55% gathered), but its loads and stores cross PCIe
-from the SMs and disturb kernels on the compute stream (+12% on a bandwidth-bound kernel beside a
-4 GiB swap-out, against none for the copy engines), and a swap-out and a swap-in together move
-less than through the copy engines; so "auto" keeps the copy engines.
+Counters: ``num_calls`` (copies queued a direction: a call, or a flush's direction), ``copy_s``
+(their device seconds), ``wait_s`` (host seconds blocked on them in ``wait``/``reclaim(wait=True)``).
 """
 from __future__ import annotations
 
