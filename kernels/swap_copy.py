@@ -40,7 +40,7 @@ __device__ __forceinline__ void copy_rows(const T* __restrict__ src, T* __restri
         __syncthreads();                      // rows[] written before any thread reads them
         const T* s = src + rows[0] * words;
         T* d = dst + rows[1] * words;
-        const long long hi = min(words, (long long)(blockIdx.y + 1) * per_block);
+        const long long end = (blockIdx.y + 1LL) * per_block, hi = end < words ? end : words;
         for (long long w = (long long)blockIdx.y * per_block + threadIdx.x; w < hi; w += blockDim.x)
             d[w] = s[w];
         __syncthreads();                      // every thread has read rows[] before the next page

@@ -343,3 +343,10 @@ def test_random_cycles_bit_exact_gpu_with_the_copy_kernel(path):
     from pagemem.kernels.swap_copy import copy_pages
     random_cycles("cuda", steps=600, seed=13, path=path,
                   make_fn=lambda **kw: make(**kw, copy_kernel=copy_pages))
+
+
+def test_a_copy_kernel_must_be_callable():
+    pool = PagePool(PoolConfig(8, 4, 2, 2, 8, "float16", "cpu"))
+    from pagemem import HostSwap
+    with pytest.raises(TypeError, match="copy_kernel"):
+        HostSwap(pool, 4, copy_kernel="copy_pages")
