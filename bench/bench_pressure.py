@@ -134,6 +134,7 @@ def run_all(args) -> dict:
             fig, tokens = serve(model, prompts, outs, pages, mode, swap_gib, settings)
             fig["pressure"] = pressure
             fig["num_different_outputs"] = sum(a != b for a, b in zip(tokens, ref))
+            fig["first_divergences"] = _divergences(tokens, ref)
             rows[f"{pressure}x {mode}"] = fig
     rows["roomy"].update(pressure=1, num_different_outputs=0)
     for fig in rows.values():
@@ -143,6 +144,17 @@ def run_all(args) -> dict:
             "model": args.model or ("random:tiny" if args.device == "cpu" else "bench_e2e checkpoint"),
             "num_requests": len(prompts), "settings": settings, "roomy_peak_pages": peak, "rows": rows,
             "check": check(rows, len(prompts))}
+
+
+def _divergences(tokens: list, ref: list, limit: int = 10) -> list[tuple[int, int]]:
+    """(request, first output position that differs) for up to ``limit`` requests."""
+    out = []
+    for i, (a, b) in enumerate(zip(tokens, ref)):
+        if a != b:
+            out.append((i, next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))))
+            if len(out) == limit:
+                break
+    return out
 
 
 def check(rows: dict, n: int) -> dict:
