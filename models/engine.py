@@ -471,6 +471,11 @@ class LLM:
         """Whether ``req`` (from add_request) has stopped: by a stop rule, its length, or abort."""
         return bool(self._live[req].finish_reason)
 
+    def logprobs_so_far(self, req: Request) -> list[TokenLogprobs]:
+        """The log-probabilities of ``req``'s tokens taken in so far (empty unless its
+        SamplingParams asked for them); the list grows as steps come in: copy it to keep it."""
+        return self._live[req].logprobs or []
+
     def pop_output(self, req: Request) -> RequestOutput:
         """The finished request's output; the engine forgets it (call once, after is_finished)."""
         if not self.is_finished(req):
