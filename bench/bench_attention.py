@@ -9,10 +9,11 @@ Every working set is larger than the 50 MB L2, so repeated calls measure HBM, no
     python bench/bench_attention.py            # one table: CUDA-event medians, every variant
     python bench/bench_attention.py --tune     # decode launch settings, old vs new, head_dim 64 and 128
     python bench/bench_attention.py --prefill  # the prefill line only
-    python bench/bench_attention.py --matrix [--quick] [out.json]
+    python bench/bench_attention.py --matrix [--quick] [--variants] [out.json]
                                                # decode over a matrix of model shapes: plan/run, one-shot,
                                                # torch SDPA on contiguous K/V and the copy ceiling, same run;
-                                               # host us per run / one-shot / plan (--quick: a minute)
+                                               # host us per run / one-shot / plan (--quick: a minute);
+                                               # --variants: other kernels and launch settings beside it
 """
 from __future__ import annotations
 
@@ -333,7 +334,9 @@ def sdpa_window(case: Case, num_seqs: int, ctx: int, window: int):
     return run, _cupy(run().reshape(num_seqs, hq, d))
 
 
-def matrix_row(row, copy: float) -> dict:
+def matrix_row(row, copy: float, variants: dict | None = None) -> dict:
+    """One shape of the matrix: the default plan's run, the one-shot call, torch SDPA on contiguous
+    K/V, each checked against SDPA; ``variants`` (name -> plan_decode tuning) are timed beside them."""
     import cupy as cp
     from pagemem import kernels
     num_seqs, ctx, hq, hkv, d, page, dtype, window = row
@@ -348,13 +351,20 @@ def matrix_row(row, copy: float) -> dict:
     check_close("plan.run", run(), want, tol)
     check_close("paged_decode", one(), want, tol)
     read = case.kv_bytes * (min(window, ctx) / ctx if window else 1)
-    t = {name: cuda_event_time_ms(lambda f=f: [f() for _ in range(10)], iters=10) / 10
-         for name, f in (("run", run), ("oneshot", one), ("sdpa", sdpa))}
+    timed = {"run": run, "oneshot": one, "sdpa": sdpa}
+    for name, tuning in (variants or {}).items():
+        vplan = kernels.plan_decode(case.page_tables, case.context_lens, hq, case.k,
+                                    sliding_window=window or None, **tuning)
+        vrun = lambda p=vplan: p.run(case.q, case.k, case.v, out)          # noqa: E731
+        check_close(name, vrun(), want, tol)
+        timed[name] = vrun
+    t = {name: cuda_event_time_ms(lambda f=f: [f() for _ in range(10)], iters=10) / 10 for name, f in timed.items()}
     res = dict(shape=f"{num_seqs}x{ctx}", heads=f"{hq}/{hkv}", head_dim=d, page=page, dtype=dtype, window=window,
-               parts=plan.num_partitions, **{f"{k}_us": v * 1e3 for k, v in t.items()},
+               kernel=plan.kernel_name, parts=plan.num_partitions, **{f"{k}_us": v * 1e3 for k, v in t.items()},
                run_tbps=read / t["run"] / 1e9, sdpa_tbps=read / t["sdpa"] / 1e9, vs_sdpa=t["sdpa"] / t["run"],
                of_copy=read / (t["run"] * 1e-3) / copy, run_host_us=host_us_per_call(run),
-               oneshot_host_us=host_us_per_call(one))
+               oneshot_host_us=host_us_per_call(one),
+               variants={name: t["sdpa"] / t[name] for name in (variants or {})})
     del case, plan, out
     return res
 
@@ -372,22 +382,27 @@ def plan_host_us(num_seqs: int = 1024, ctx: int = 128, calls: int = 50) -> float
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def run_matrix(quick: bool, json_path: str | None) -> None:
+# --variants: the decode kernels and launch settings timed beside the default on each shape
+MATRIX_VARIANTS = {"cuda cores": {"kernel": "simt"}, "tc 2 warps": {"threads": 64}, "tc 8 warps": {"threads": 256},
+                   "tc r128": {"max_registers": 128}}
+
+
+def run_matrix(quick: bool, json_path: str | None, variants: dict | None = None) -> None:
     import json
     copy = device_copy_bandwidth()
     print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s; us per call: CUDA-event median of 10 "
           f"back-to-back calls; host us: enqueue cost per call")
     print(f"{'shape':>11} {'heads':>6} {'d':>4} {'pg':>3} {'dtype':>8} {'win':>5} {'parts':>5} {'run us':>8} "
           f"{'1-shot':>8} {'sdpa us':>8} {'TB/s':>5} {'sdpa':>5} {'vs sdpa':>7} {'of copy':>7} {'host run':>8} "
-          f"{'host 1-sh':>9}")
+          f"{'host 1-sh':>9}" + "".join(f" {name[:10]:>10}" for name in variants or {}))
     rows = []
     for row in QUICK_MATRIX if quick else FULL_MATRIX:
-        r = matrix_row(row, copy)
+        r = matrix_row(row, copy, variants)
         rows.append(r)
         print(f"{r['shape']:>11} {r['heads']:>6} {r['head_dim']:>4} {r['page']:>3} {r['dtype']:>8} {r['window']:>5} "
               f"{r['parts']:>5} {r['run_us']:>8.1f} {r['oneshot_us']:>8.1f} {r['sdpa_us']:>8.1f} {r['run_tbps']:>5.2f} "
               f"{r['sdpa_tbps']:>5.2f} {r['vs_sdpa']:>6.2f}x {r['of_copy']:>6.0%} {r['run_host_us']:>8.1f} "
-              f"{r['oneshot_host_us']:>9.1f}", flush=True)
+              f"{r['oneshot_host_us']:>9.1f}" + "".join(f" {x:>9.2f}x" for x in r["variants"].values()), flush=True)
     plan_us = plan_host_us()
     print(f"host time of plan_decode for 1024 sequences: {plan_us:.1f} us")
     if json_path:
@@ -401,7 +416,8 @@ def main() -> None:
         return tune_decode()
     if "--matrix" in sys.argv:
         paths = [a for a in sys.argv[1:] if not a.startswith("--")]
-        return run_matrix("--quick" in sys.argv, paths[0] if paths else None)
+        return run_matrix("--quick" in sys.argv, paths[0] if paths else None,
+                          MATRIX_VARIANTS if "--variants" in sys.argv else None)
     copy = device_copy_bandwidth()
     print(f"# {device_name()}; device copy {copy / 1e12:.2f} TB/s (read + write)")
     print("# us: CUDA-event median of 1 call (host launch cost included) / of 10 back-to-back calls")

@@ -45,5 +45,5 @@ def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: flo
     multiple of 32), lanes, tokens_per_group, max_registers (None: uncapped), heads_major."""
     from pagemem.kernels.decode_plan import DecodePlan
     plan = DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, dtype_kind(out.dtype, "out"),
-                      stream, tuning, kernel=True)
+                      stream, tuning, kernel_path=True)
     return plan.run(q, k_cache, v_cache, out)

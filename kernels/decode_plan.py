@@ -23,10 +23,27 @@ from pagemem.kernels._arrays import as_device, as_flat_words, launch, num_sms
 from pagemem.kernels._checks import AttnDims, check_attention, check_host_lens, check_same_device, check_window
 from pagemem.kernels._device import bits_dtype, dtype_kind
 from pagemem.kernels.decode import THREADS, THREADS_SPLIT, split_rule
+from pagemem.kernels.decode_tc import make_paged_decode_tc_kernel, tc_eligible, tc_heads_per_block, tc_warps
 from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
                                              make_decode_reduce_kernel, make_paged_decode_kernel)
 
 MAX_GRID_Y = 65535
+TC_WARPS = 4             # warps a block of the tensor-core kernel
+TC_MAX_REGISTERS = None  # ptxas' own choice (160 at head_dim 128, no spills)
+TC_REGISTERS = 160       # what the split rule assumes a thread of it holds
+
+
+def tensor_cores_serve(dims: AttnDims, k_cache) -> bool:
+    """The tensor-core kernel serves this cache: 16-bit dtype, head_dim a multiple of 8 up to 256,
+    pages of 8 tokens or more, and every row starting on a 16-byte boundary (even word strides,
+    an aligned base)."""
+    if not tc_eligible(dims.head_dim, dims.page_size, dims.cache_kind):
+        return False
+    return all(st % 16 == 0 for st in tuple(k_cache.strides)[:3]) and _pointer(k_cache) % 16 == 0
+
+
+def _pointer(x) -> int:
+    return x.__array_interface__["data"][0] if isinstance(x, np.ndarray) else x.data.ptr
 
 
 class DecodePlan:
@@ -36,17 +53,18 @@ class DecodePlan:
     """
 
     def __init__(self, dims: AttnDims, k_cache, page_tables, context_lens, scale: float, window: int,
-                 out_kind: int, stream, tuning: dict, kernel: bool | None = None) -> None:
+                 out_kind: int, stream, tuning: dict, kernel_path: bool | None = None) -> None:
         self.dims, self.scale, self.window, self.stream = dims, float(scale), window, stream
         self.on_gpu = not isinstance(page_tables, np.ndarray)
         # The CUDA kernel runs for CuPy arrays, and for NumPy ones under the simulator when asked
-        # (``kernel=True``: the simulator tests); NumPy arrays otherwise take the CPU path.
-        self.kernel_path = self.on_gpu if kernel is None else bool(kernel)
+        # (``kernel_path=True``: the simulator tests); NumPy arrays otherwise take the CPU path.
+        self.kernel_path = self.on_gpu if kernel_path is None else bool(kernel_path)
         self.page_tables, self.context_lens = page_tables, context_lens
         self.cache_shape, self.cache_strides = tuple(k_cache.shape), tuple(k_cache.strides)
         self.cache_dtype, self.out_kind = np.dtype(k_cache.dtype), out_kind
         self.q_shape = (dims.num_seqs, dims.num_q_heads, dims.head_dim)
         self._raw = None
+        self.kernel_name = None
         if self.kernel_path:
             self._plan_launch(k_cache, tuning)
 
@@ -57,27 +75,46 @@ class DecodePlan:
         else:
             xp = np
         d = self.dims
-        heads = heads_per_block(d.group)
-        lanes = tuning.get("lanes") or choose_lanes(d.head_dim, heads, d.cache_kind)
         span = self.page_tables.shape[1] * d.page_size
         span = min(span, self.window) if self.window else span
-        num_blocks = d.num_seqs * d.num_kv_heads * (d.group // heads)
-        threads = tuning.get("threads")
-        max_registers = tuning.get("max_registers", MAX_REGISTERS)
-        if tuning.get("num_partitions") is None:
+        kind = tuning.get("kernel") or ("tc" if tensor_cores_serve(d, k_cache) else "simt")
+        if kind == "tc" and not tensor_cores_serve(d, k_cache):
+            raise ValueError(f"kernel='tc': the tensor-core decode serves fp16/bf16 caches with head_dim a multiple "
+                             f"of 8 up to 256, pages of 8 tokens or more and 16-byte aligned rows; got {d}")
+        self.kernel_name = kind
+        if kind == "tc":
+            heads = tc_heads_per_block(d.group)
+            warps = tc_warps(d.head_dim, tuning.get("threads", 32 * TC_WARPS) // 32)
+            threads = 32 * warps
+            max_registers = tuning.get("max_registers", TC_MAX_REGISTERS)
+            resident = max(1, 65536 // (threads * (max_registers or TC_REGISTERS)))
+        else:
+            heads = heads_per_block(d.group)
+            threads = tuning.get("threads")
+            max_registers = tuning.get("max_registers", MAX_REGISTERS)
             resident = max(1, 65536 // ((threads or THREADS_SPLIT) * (max_registers or 255)))
+        num_blocks = d.num_seqs * d.num_kv_heads * (d.group // heads)
+        if tuning.get("num_partitions") is None:
             parts, part_tokens = split_rule(num_blocks, span, d.page_size, num_sms(), resident)
         else:
             parts = tuning["num_partitions"]
             part_tokens = -(-span // parts)
-        self.num_partitions, self.threads = parts, threads or (THREADS_SPLIT if parts > 1 else THREADS)
+        if kind != "tc":
+            threads = threads or (THREADS_SPLIT if parts > 1 else THREADS)
+        self.num_partitions, self.threads = parts, threads
         heads_major = tuning.get("heads_major")
         if heads_major is None:
             heads_major = d.num_seqs <= MAX_GRID_Y
-        self.kernel = make_paged_decode_kernel(d.head_dim, d.page_size, d.group, heads, d.cache_kind, d.q_kind,
-                                               self.out_kind, parts > 1, lanes, self.threads,
-                                               tuning.get("tokens_per_group", TOKENS_PER_GROUP), max_registers,
-                                               bool(heads_major))
+        if kind == "tc":
+            self.kernel = make_paged_decode_tc_kernel(d.head_dim, d.page_size, d.group, heads, d.cache_kind,
+                                                      d.q_kind, self.out_kind, parts > 1, threads // 32,
+                                                      bool(heads_major), max_registers)
+        else:
+            lanes = tuning.get("lanes") or choose_lanes(d.head_dim, heads, d.cache_kind)
+            self.kernel = make_paged_decode_kernel(d.head_dim, d.page_size, d.group, heads, d.cache_kind,
+                                                   d.q_kind, self.out_kind, parts > 1, lanes, self.threads,
+                                                   tuning.get("tokens_per_group", TOKENS_PER_GROUP), max_registers,
+                                                   bool(heads_major))
         head_blocks = d.num_kv_heads * (d.group // heads)
         self.grid = (head_blocks, d.num_seqs, parts) if heads_major else (d.num_seqs, head_blocks, parts)
         with self.stream if self.stream is not None and self.on_gpu else _null():
@@ -133,6 +170,9 @@ class DecodePlan:
                             + ("" if out is None else f", out {out.dtype}") + ")")
         if isinstance(q, np.ndarray) == self.on_gpu or isinstance(k_cache, np.ndarray) == self.on_gpu:
             raise TypeError("q: the plan was made for " + ("CuPy" if self.on_gpu else "NumPy") + " arrays")
+        if self.kernel_name == "tc" and (_pointer(k_cache) | _pointer(v_cache)) & 15:
+            raise ValueError("k_cache, v_cache: the planned tensor-core kernel reads 16-byte runs; these caches "
+                             "do not start on a 16-byte boundary")
 
     def _args(self, q, k_cache, v_cache, out) -> tuple:
         (k_flat, _), (v_flat, _) = as_flat_words(k_cache), as_flat_words(v_cache)
@@ -172,14 +212,16 @@ class DecodePlan:
 
 
 def plan_decode(page_tables, context_lens, num_q_heads: int, k_cache, *, q_dtype=None, out_dtype=None,
-                scale=None, sliding_window=None, host_context_lens=None, stream=None, **tuning) -> DecodePlan:
+                scale=None, sliding_window=None, host_context_lens=None, stream=None, kernel_path=None,
+                **tuning) -> DecodePlan:
     """A DecodePlan for the batch ``page_tables`` [num_seqs, max_pages] int32 and
     ``context_lens`` [num_seqs] int32 (kept by the plan), ``num_q_heads`` query heads, and caches
     shaped, typed and strided like ``k_cache`` (any layer's view). ``q_dtype`` and ``out_dtype``
     default to the cache's. ``host_context_lens`` (NumPy; optional on the GPU, where the device
     values cannot be read without a sync) is checked against the page tables; on the CPU the
     context lengths are checked directly. ``tuning``: kernel overrides for tests and benchmarks
-    (num_partitions, threads, lanes, tokens_per_group, max_registers, heads_major)."""
+    (kernel "tc" | "simt", num_partitions, threads, lanes, tokens_per_group, max_registers, heads_major);
+    ``kernel_path=True`` runs the CUDA kernel on NumPy arrays under the simulator."""
     check_same_device(page_tables=page_tables, context_lens=context_lens, k_cache=k_cache)
     if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, (int, np.integer)) or num_q_heads < 1:
         raise ValueError(f"num_q_heads must be an int >= 1, got {num_q_heads!r}")
@@ -193,7 +235,7 @@ def plan_decode(page_tables, context_lens, num_q_heads: int, k_cache, *, q_dtype
     host = context_lens if isinstance(context_lens, np.ndarray) else host_context_lens
     if host is not None:
         check_host_lens(page_tables.shape, dims.page_size, host)
-    return DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, out_kind, stream, tuning)
+    return DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, out_kind, stream, tuning, kernel_path)
 
 
 class _Shape:

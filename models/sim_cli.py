@@ -69,11 +69,13 @@ def add_parser(subparsers) -> None:
     cal.add_argument("--page-size", type=_power_of_two, default=16, help="tokens a page")
     cal.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32, 64, 128, 256), help="decode grid rows")
     cal.add_argument("--context-lens", type=_int_list, default=(128, 512, 1024, 2048), help="prompt tokens a sequence")
-    cal.add_argument("--decode-steps", type=_positive(int), default=16, help="decode steps timed at each grid point")
+    cal.add_argument("--decode-steps", type=_ranged(int, 1, 10_000), default=16,
+                     help="decode steps timed at each grid point (1 to 10000)")
     cal.add_argument("--prefill-tokens", type=_int_list, default=(2048, 8192, 16384), help="tokens of each prefill step")
     cal.add_argument("--prefill-prompt-len", type=_positive(int), default=512, help="prompts the prefill steps are made of")
     cal.add_argument("--swap-pages", type=_positive(int), default=256, help="scattered pages of each timed swap")
-    cal.add_argument("--repeats", type=_positive(int), default=3, help="of each prefill and swap timing (median)")
+    cal.add_argument("--repeats", type=_ranged(int, 1, 1000), default=3,
+                     help="of each prefill and swap timing (median; 1 to 1000)")
     cal.add_argument("--seed", type=SEED, default=0, help="of the prompts")
     cal.add_argument("--out", type=Path, required=True, help="where the step model JSON goes")
 

@@ -14,12 +14,13 @@ pytestmark = pytest.mark.skipif(not SIM, reason="simulator tests (a CUDA device 
 LENS = [1, 3, 4, 5, 23]   # page_size 4: 1, page_size - 1, page_size, page_size + 1, longer
 
 
-def _decode(p, q, scale=0.5, window=0, **tuning):
+def _decode(p, q, scale=0.5, window=0, threads_tc=None, **tuning):
     from pagemem.kernels.decode import paged_decode_cuda
     out = np.full(q.shape, np.nan, q.dtype)
     dims = check_attention(q, p.k, p.v, p.page_tables, p.context_lens, out, q.shape[0])
+    tuning.setdefault("kernel", "simt")            # the tests below LENS use page_size 4 (CUDA cores)
     paged_decode_cuda(q, p.k, p.v, p.page_tables, p.context_lens, scale, out, None, window, dims,
-                      threads=32, **tuning)
+                      threads=threads_tc or 32, **tuning)
     return out
 
 
@@ -55,6 +56,40 @@ def test_decode_v2_window_with_split_and_page_chunks(rng, monkeypatch):
     pa.make_paged_decode_kernel.cache_clear()
     ref = ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5, 10)
     assert_close(out, ref, np.float16)
+
+
+# The tensor-core decode: the simulator carries out mma.m16n8k16's fragment layout literally
+# (kernels/_warp.py), so these check the kernel's use of it. One warp a block unless stated.
+TC_CASES = [  # lens, q heads, kv heads, head_dim, page, dtype, window, partitions, warps, heads_major
+    ([1, 7, 8, 9, 23], 4, 1, 32, 8, np.float16, 0, None, 1, True),         # page and tile edges, GQA 4
+    ([23, 9], 7, 1, 40, 16, DTYPES[1], 10, 2, 1, True),                     # bf16, GQA 7, partial chunks, window, split
+    ([40, 3], 16, 1, 16, 32, np.float16, 0, None, 2, False),               # MQA in two head chunks, 2 warps
+    ([33], 2, 2, 24, 8, DTYPES[1], 0, 3, 1, True),                          # MHA, split into 3
+]
+
+
+@pytest.mark.parametrize("case", TC_CASES, ids=lambda c: f"{c[1]}-{c[2]}h-d{c[3]}-p{c[4]}-{np.dtype(c[5])}")
+def test_decode_tensor_cores(rng, case):
+    lens, hq, hkv, d, page, dtype, window, parts, warps, heads_major = case
+    p = make_paged(rng, lens, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=dtype)
+    q = queries(rng, len(lens), hq, d, dtype)
+    out = _decode(p, q, window=window, kernel="tc", num_partitions=parts, heads_major=heads_major,
+                  threads_tc=32 * warps)
+    ref = ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5, window or None)
+    assert_close(out, ref, np.dtype(dtype))
+
+
+def test_decode_kernel_choice(rng):
+    """The plan takes the tensor cores for 16-bit caches with pages of 8 or more, the CUDA-core
+    kernel otherwise, and refuses a forced tensor-core plan it cannot run, naming why."""
+    from pagemem.kernels.decode_plan import plan_decode
+    for page, dtype, want in [(8, np.float16, "tc"), (16, DTYPES[1], "tc"), (4, np.float16, "simt"),
+                              (8, np.float32, "simt")]:
+        p = make_paged(rng, [5], head_dim=16, page_size=page, dtype=dtype)
+        plan = plan_decode(p.page_tables, p.context_lens, 4, p.k, kernel_path=True)
+        assert plan.kernel_name == want, (page, dtype)
+    with pytest.raises(ValueError, match="kernel='tc'.*fp16/bf16"):
+        plan_decode(p.page_tables, p.context_lens, 4, p.k, kernel="tc", kernel_path=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)

@@ -25,19 +25,27 @@ PREFILL_ATOL = {dt: 4 * a for dt, a in ATOL.items()}
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 112, 128, 256])
-def test_decode_head_dims(rng, dtype, head_dim):
-    """v2 decode equals the reference for every supported head_dim and dtype (GQA 4)."""
+@pytest.mark.parametrize("kernel", ["tc", "simt"])
+def test_decode_head_dims(rng, dtype, head_dim, kernel):
+    """Both decode kernels (tensor cores for 16-bit caches, CUDA cores for any) equal the
+    reference for every supported head_dim and dtype (GQA 4)."""
+    if kernel == "tc" and dtype == np.float32:
+        pytest.skip("the tensor-core kernel serves 16-bit caches (fp32 takes the CUDA-core kernel)")
     p = make_paged(rng, LENS, num_kv_heads=2, head_dim=head_dim, page_size=16, dtype=dtype)
     q = queries(rng, len(LENS), 8, head_dim, dtype)
-    args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
-    out = kernels.paged_decode(*args)
+    q_gpu, k, v, pt, lens = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
+    plan = kernels.plan_decode(pt, lens, 8, k, kernel=kernel)
+    assert plan.kernel_name == kernel
+    out = plan.run(q_gpu, k, v)
     assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens), dtype)
+    if dtype != np.float32:     # and the default picks the tensor cores
+        assert kernels.plan_decode(pt, lens, 8, k).kernel_name == "tc"
 
 
 @pytest.mark.parametrize("page_size", [8, 16, 32])
-@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (32, 1)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (16, 4), (32, 4), (28, 4), (12, 4), (32, 1)])
 def test_decode_gqa_and_pages(rng, page_size, num_q_heads, num_kv_heads):
-    """GQA ratios 1/4/8 and MQA (32 query heads on one KV head) at page sizes 8, 16, 32."""
+    """GQA ratios 1/3/4/7/8 and MQA (32 query heads on one KV head) at page sizes 8, 16, 32."""
     p = make_paged(rng, LENS, num_kv_heads=num_kv_heads, head_dim=128, page_size=page_size)
     q = queries(rng, len(LENS), num_q_heads, 128, np.float16)
     out = kernels.paged_decode(*_to_gpu(q, p.k, p.v, p.page_tables, p.context_lens), sliding_window=700)
@@ -59,9 +67,12 @@ def test_decode_split_k(rng, num_partitions):
     assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.1), np.float16)
 
 
-TUNINGS = [dict(heads_major=False), dict(heads_major=True), dict(tokens_per_group=2),
-           dict(max_registers=96), dict(max_registers=80), dict(max_registers=None), dict(threads=256),
-           dict(lanes=32), dict(lanes=16, tokens_per_group=4, threads=64)]
+SIMT = dict(kernel="simt")
+TUNINGS = [dict(heads_major=False, **SIMT), dict(heads_major=True, **SIMT), dict(tokens_per_group=2, **SIMT),
+           dict(max_registers=96, **SIMT), dict(max_registers=80, **SIMT), dict(max_registers=None, **SIMT),
+           dict(threads=256, **SIMT), dict(lanes=32, **SIMT), dict(lanes=16, tokens_per_group=4, threads=64, **SIMT),
+           dict(kernel="tc"), dict(kernel="tc", heads_major=False), dict(kernel="tc", threads=32),
+           dict(kernel="tc", threads=64), dict(kernel="tc", threads=256), dict(kernel="tc", max_registers=128)]
 
 
 @pytest.mark.parametrize("tuning", TUNINGS, ids=lambda t: "-".join(f"{k}{v}" for k, v in t.items()))
