@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -209,3 +210,43 @@ def _arg_key(a):
 def _dim3(x) -> tuple[int, int, int]:
     x = (x,) if isinstance(x, int) else tuple(x)
     return x + (1,) * (3 - len(x))
+
+
+class PackedLaunch:
+    """One kernel's launch with its parameters packed once, for relaunching with a few pointers
+    changed: ``set(i, value)`` rewrites parameter slot ``i`` (8 bytes each, as Numba flattens
+    arrays and int64s; a float32 sits in a slot's low half), and ``launch(stream_ptr)`` is one
+    ``cuLaunchKernel`` through ctypes with the packed ``void*`` array: a few microseconds of host
+    time, where CuPy's call marshals Numba's ~80 flattened parameters again on every launch. The
+    driver copies the values at the launch, so they may be rewritten right after."""
+
+    def __init__(self, raw: "_RawKernel", args, grid, block) -> None:
+        params, self.pointer_at = raw.params_and_pointers(args)
+        self._vals = np.zeros(len(params), np.int64)
+        for i, p in enumerate(params):
+            if isinstance(p, np.float32):
+                self._vals[i:i + 1].view(np.float32)[0] = p
+            else:
+                self._vals[i] = np.int64(np.uint64(p)) if isinstance(p, np.uint64) else int(p)
+        base = self._vals.ctypes.data
+        self._ptrs = (ctypes.c_void_p * len(params))(*(base + 8 * i for i in range(len(params))))
+        self._function = ctypes.c_void_p(raw.function.ptr)
+        self._raw = raw              # keeps the module (and so the function) loaded
+        self._dims = (*_dim3(grid), *_dim3(block))
+
+    def set(self, i: int, value: int) -> None:
+        self._vals[i] = value
+
+    def launch(self, stream_ptr: int) -> None:
+        rc = _driver_launch()(self._function, *self._dims, 0, stream_ptr, self._ptrs, None)
+        if rc:
+            raise RuntimeError(f"cuLaunchKernel failed with CUresult {rc}")
+
+
+@functools.cache
+def _driver_launch():
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = lib.cuLaunchKernel
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    fn.restype = ctypes.c_int
+    return fn

@@ -2,6 +2,10 @@
 CUDA launcher; the plan that applies them lives in kernels/decode_plan.py."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import numpy as np
+
 from pagemem.kernels._checks import AttnDims
 from pagemem.kernels._device import dtype_kind
 
@@ -38,12 +42,35 @@ def split_rule(num_blocks: int, span: int, page_size: int, sms: int,
     return -(-span // part_tokens), part_tokens
 
 
+# One-shot calls reuse the plan of an earlier call on the same batch arrays (a plan reads their
+# shapes, never their values on the device, and holds them, so their memory cannot be reused for
+# another array while it is cached).
+MAX_CACHED_PLANS = 32
+_plans: OrderedDict = OrderedDict()
+
+
 def paged_decode_cuda(q, k_cache, v_cache, page_tables, context_lens, scale: float, out, stream,
                       window: int, dims: AttnDims, **tuning):
     """Enqueue decode attention (arguments checked by the caller): a one-shot DecodePlan, run
-    once. Tuning overrides (tests and bench): num_partitions (replaces split_rule), threads (a
-    multiple of 32), lanes, tokens_per_group, max_registers (None: uncapped), heads_major."""
+    once (a cached one for a batch seen before). Tuning overrides (tests and bench): kernel
+    ("tc" | "simt"), num_partitions (replaces the split rule), threads (a multiple of 32), lanes,
+    tokens_per_group, max_registers (None: uncapped), heads_major; with any, a fresh plan."""
     from pagemem.kernels.decode_plan import DecodePlan
-    plan = DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, dtype_kind(out.dtype, "out"),
-                      stream, tuning, kernel_path=True)
+    out_kind = dtype_kind(out.dtype, "out")
+    if tuning or isinstance(q, np.ndarray):
+        plan = DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, out_kind, stream, tuning,
+                          kernel_path=True)
+        return plan.run(q, k_cache, v_cache, out)
+    key = (_key(page_tables), _key(context_lens), k_cache.shape, k_cache.strides, k_cache.dtype, dims,
+           out_kind, float(scale), window, None if stream is None else stream.ptr)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = DecodePlan(dims, k_cache, page_tables, context_lens, scale, window, out_kind, stream,
+                                        {}, kernel_path=True)
+        if len(_plans) > MAX_CACHED_PLANS:
+            _plans.popitem(last=False)
     return plan.run(q, k_cache, v_cache, out)
+
+
+def _key(x) -> tuple:
+    return x.data.ptr, x.shape, x.strides, x.dtype

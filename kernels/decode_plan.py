@@ -22,15 +22,56 @@ from pagemem.kernels import _arrays, cpu as _cpu
 from pagemem.kernels._arrays import as_device, as_flat_words, launch, num_sms
 from pagemem.kernels._checks import AttnDims, check_attention, check_host_lens, check_same_device, check_window
 from pagemem.kernels._device import bits_dtype, dtype_kind
-from pagemem.kernels.decode import THREADS, THREADS_SPLIT, split_rule
+from pagemem.kernels.decode import MIN_SPLIT_SPAN, THREADS, THREADS_SPLIT, split_rule
 from pagemem.kernels.decode_tc import make_paged_decode_tc_kernel, tc_eligible, tc_heads_per_block, tc_warps
 from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
                                              make_decode_reduce_kernel, make_paged_decode_kernel)
 
 MAX_GRID_Y = 65535
-TC_WARPS = 4             # warps a block of the tensor-core kernel
-TC_MAX_REGISTERS = None  # ptxas' own choice (160 at head_dim 128, no spills)
-TC_REGISTERS = 160       # what the split rule assumes a thread of it holds
+TC_MAX_REGISTERS = None  # ptxas' own choice: no spills (108 / 165 / 233 registers at head_dim 64 / 128 / 256)
+# Registers a thread of the tensor-core kernel holds, by 64-dim chunks of head_dim (ptxas for sm_90,
+# rounded up to its allocation unit of 8), for the occupancy the launch rule assumes.
+TC_REGISTERS = {1: 112, 2: 168, 3: 208, 4: 240}
+MIN_ROUNDS = 8           # a warp streams at least this many 16-token tiles where the context allows
+WARPS_AN_SM = 7.5        # warps an SM needs in flight to keep its share of HBM busy (one partial wave)
+
+
+def tc_launch(num_blocks: int, span: int, page_size: int, head_dim: int, sms: int, threads=None,
+              num_partitions=None, max_registers=None) -> tuple[int, int, int]:
+    """(warps a block, partitions, tokens a partition) of the tensor-core decode for a grid of
+    ``num_blocks`` (sequence, head chunk) blocks over contexts of at most ``span`` tokens.
+
+    Few blocks of long contexts (split_rule's case) split into partitions of 8-warp blocks that
+    fill the SMs once. Otherwise the warps a block (2, 4 or 8; each warp at least MIN_ROUNDS
+    tiles) are those whose grid either fits one wave with WARPS_AN_SM warps an SM or wastes the
+    least of its last wave, fewer warps on a tie. H100, 2026-12-07, bench_attention --matrix
+    --variants: this picks the best or within 0.05x of the best of 2, 4 and 8 warps on the 12
+    shapes measured (4 warps everywhere was 0.51 to 1.01x SDPA, these 0.73 to 1.01x).
+    """
+    regs = max_registers or TC_REGISTERS[min(4, -(-head_dim // 64))]
+
+    def resident(warps: int) -> int:
+        return max(1, min(65536 // (32 * warps * -(-regs // 8) * 8), 64 // warps))
+
+    if threads is not None:
+        warps = tc_warps(head_dim, threads // 32)
+    elif num_partitions is None and num_blocks < 2 * sms and span > MIN_SPLIT_SPAN:
+        warps = tc_warps(head_dim, 8)
+    else:
+        tiles = -(-span // 16)
+        options = [w for w in (2, 4, 8) if tc_warps(head_dim, w) == w and -(-tiles // w) >= MIN_ROUNDS] or [2]
+
+        def score(warps: int) -> float:
+            waves = num_blocks / (resident(warps) * sms)
+            if waves <= 1:
+                return min(1.0, num_blocks * warps / sms / WARPS_AN_SM)
+            return waves / -(-waves // 1)
+        warps = max(options, key=lambda w: (round(score(w), 3), -w))
+    if num_partitions is None:
+        parts, part_tokens = split_rule(num_blocks, span, page_size, sms, resident(warps))
+    else:
+        parts, part_tokens = num_partitions, -(-span // num_partitions)
+    return warps, parts, part_tokens
 
 
 def tensor_cores_serve(dims: AttnDims, k_cache) -> bool:
@@ -63,7 +104,7 @@ class DecodePlan:
         self.cache_shape, self.cache_strides = tuple(k_cache.shape), tuple(k_cache.strides)
         self.cache_dtype, self.out_kind = np.dtype(k_cache.dtype), out_kind
         self.q_shape = (dims.num_seqs, dims.num_q_heads, dims.head_dim)
-        self._raw = None
+        self._raw = self._reduce_raw = None
         self.kernel_name = None
         if self.kernel_path:
             self._plan_launch(k_cache, tuning)
@@ -82,23 +123,22 @@ class DecodePlan:
             raise ValueError(f"kernel='tc': the tensor-core decode serves fp16/bf16 caches with head_dim a multiple "
                              f"of 8 up to 256, pages of 8 tokens or more and 16-byte aligned rows; got {d}")
         self.kernel_name = kind
+        heads = tc_heads_per_block(d.group) if kind == "tc" else heads_per_block(d.group)
+        num_blocks = d.num_seqs * d.num_kv_heads * (d.group // heads)
         if kind == "tc":
-            heads = tc_heads_per_block(d.group)
-            warps = tc_warps(d.head_dim, tuning.get("threads", 32 * TC_WARPS) // 32)
-            threads = 32 * warps
             max_registers = tuning.get("max_registers", TC_MAX_REGISTERS)
-            resident = max(1, 65536 // (threads * (max_registers or TC_REGISTERS)))
+            warps, parts, part_tokens = tc_launch(num_blocks, span, d.page_size, d.head_dim, num_sms(),
+                                                  tuning.get("threads"), tuning.get("num_partitions"), max_registers)
+            threads = 32 * warps
         else:
-            heads = heads_per_block(d.group)
             threads = tuning.get("threads")
             max_registers = tuning.get("max_registers", MAX_REGISTERS)
             resident = max(1, 65536 // ((threads or THREADS_SPLIT) * (max_registers or 255)))
-        num_blocks = d.num_seqs * d.num_kv_heads * (d.group // heads)
-        if tuning.get("num_partitions") is None:
-            parts, part_tokens = split_rule(num_blocks, span, d.page_size, num_sms(), resident)
-        else:
-            parts = tuning["num_partitions"]
-            part_tokens = -(-span // parts)
+            if tuning.get("num_partitions") is None:
+                parts, part_tokens = split_rule(num_blocks, span, d.page_size, num_sms(), resident)
+            else:
+                parts = tuning["num_partitions"]
+                part_tokens = -(-span // parts)
         if kind != "tc":
             threads = threads or (THREADS_SPLIT if parts > 1 else THREADS)
         self.num_partitions, self.threads = parts, threads
@@ -143,17 +183,18 @@ class DecodePlan:
                                          out, self.window, self.dims)
         if self._raw is None or (q.strides, out.strides) != self._layer_strides:
             self._first_launch(q, k_cache, v_cache, out)
-        else:
-            ptrs = (out.data.ptr, q.data.ptr, k_cache.data.ptr, v_cache.data.ptr)
-            params = list(self._params)
-            for at, p in zip(self._ptr_at, ptrs):
-                params[at] = np.uintp(p)
-            self._raw.function(self._grid3, self._block3, tuple(params), stream=self._launch_stream())
-            if self.reduce is not None:
-                rp = list(self._reduce_params)
-                rp[self._reduce_ptr_at] = np.uintp(ptrs[0])
-                self._reduce_raw.function(self._reduce_grid, self._reduce_block, tuple(rp),
-                                          stream=self._launch_stream())
+            return out
+        main, (o_at, q_at, k_at, v_at) = self._raw
+        main.set(o_at, out.data.ptr)
+        main.set(q_at, q.data.ptr)
+        main.set(k_at, k_cache.data.ptr)
+        main.set(v_at, v_cache.data.ptr)
+        stream = self.stream.ptr if self.stream is not None else _current_stream_ptr()
+        main.launch(stream)
+        if self._reduce_raw is not None:
+            reduce, r_at = self._reduce_raw
+            reduce.set(r_at, out.data.ptr)
+            reduce.launch(stream)
         return out
 
     def _check(self, q, k_cache, v_cache, out) -> None:
@@ -180,35 +221,32 @@ class DecodePlan:
                 k_flat, v_flat, *self._batch, *self._strides)
 
     def _first_launch(self, q, k_cache, v_cache, out) -> None:
-        """Launch through the generic path (compiling if needed), then keep the compiled kernel
-        and the argument tuple, with where each per-layer pointer sits in it."""
+        """Launch through the generic path (compiling if needed), then pack the compiled kernel's
+        parameters once (PackedLaunch), noting where each per-layer pointer sits among them."""
         args = self._args(q, k_cache, v_cache, out)
-        self._layer_strides = (q.strides, out.strides)       # the prepared tuple holds them
+        self._layer_strides = (q.strides, out.strides)       # the packed parameters hold them
         launch(self.kernel, self.grid, self.threads, self.stream, *args)
+        rargs = (args[0], *self._fixed, self.num_partitions)
         if self.reduce is not None:
-            rargs = (args[0], *self._fixed, self.num_partitions)
             launch(self.reduce, self.dims[:2], self.dims.head_dim, self.stream, *rargs)
         raw = _arrays.compiled_launcher(self.kernel, args)
         if raw is None:          # the simulator, or launches through Numba: keep the generic path
             return
-        self._params, at = raw.params_and_pointers(args)
-        self._ptr_at = (at[0], at[3], at[4], at[5])          # out, q, k_flat, v_flat
-        self._grid3, self._block3 = _arrays._dim3(self.grid), _arrays._dim3(self.threads)
+        main = _arrays.PackedLaunch(raw, args, self.grid, self.threads)
+        at = main.pointer_at
+        self._reduce_raw = None
         if self.reduce is not None:
             rraw = _arrays.compiled_launcher(self.reduce, rargs)
             if rraw is None:
                 return
-            self._reduce_params, rat = rraw.params_and_pointers(rargs)
-            self._reduce_ptr_at = rat[0]
-            self._reduce_raw = rraw
-            self._reduce_grid, self._reduce_block = _arrays._dim3(tuple(self.dims[:2])), _arrays._dim3(self.dims.head_dim)
-        self._raw = raw
+            reduce = _arrays.PackedLaunch(rraw, rargs, tuple(self.dims[:2]), self.dims.head_dim)
+            self._reduce_raw = (reduce, reduce.pointer_at[0])
+        self._raw = (main, (at[0], at[3], at[4], at[5]))      # out, q, k_flat, v_flat
 
-    def _launch_stream(self):
-        if self.stream is not None:
-            return self.stream
-        import cupy
-        return cupy.cuda.get_current_stream()
+
+def _current_stream_ptr() -> int:
+    import cupy
+    return cupy.cuda.get_current_stream().ptr
 
 
 def plan_decode(page_tables, context_lens, num_q_heads: int, k_cache, *, q_dtype=None, out_dtype=None,

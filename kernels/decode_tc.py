@@ -143,16 +143,25 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
         vr = cuda.local.array(N_V, uint64)
         sc = cuda.local.array(4, float32)
 
+        # Page ids run a round ahead: this round's K/V loads never wait on a page-table read.
+        tb = tb0 + (w << 4)
+        pa = 0
+        pb = 0
+        if tb < end:
+            pa = page_tables[s, tb >> PSHIFT]
+        if P < TILE and tb + 8 < end:
+            pb = page_tables[s, (tb + 8) >> PSHIFT]
         for r in range(rounds):
             tb = tb0 + ((r * NW + w) << 4)
-            pa = 0
-            pb = 0
-            if tb < end:
-                pa = page_tables[s, tb >> PSHIFT]
             if P >= TILE:
                 pb = pa
-            elif tb + 8 < end:
-                pb = page_tables[s, (tb + 8) >> PSHIFT]
+            tn = tb + (NW << 4)            # this warp's tile of the next round
+            pa_next = 0
+            pb_next = 0
+            if tn < end:
+                pa_next = page_tables[s, tn >> PSHIFT]
+            if P < TILE and tn + 8 < end:
+                pb_next = page_tables[s, (tn + 8) >> PSHIFT]
             base_a = uint64(pa) * pw + uint64(tb & (P - 1)) * tw + head_off          # tokens tb .. tb+7
             base_b = uint64(pb) * pw + uint64((tb + 8) & (P - 1)) * tw + head_off    # tokens tb+8 .. tb+15
             # K: tokens tb + grp and tb + 8 + grp, dims 32c + 8tig .. +8 (two words)
@@ -241,6 +250,8 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
                     if SPLIT_P:
                         o[k], o[k + 1], o[k + 2], o[k + 3] = mma(a0, a1, a2, a3, pl0, pl1,
                                                                  o[k], o[k + 1], o[k + 2], o[k + 3], scr, tid)
+            pa = pa_next
+            pb = pb_next
 
         # ---- merge the warps' states through shared memory ----
         lsum += shfl_xor(lsum, 1, scr, tid)

@@ -27,6 +27,7 @@ import functools
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis_budget import scaled
 
 from _oracle import assert_same_greedy, ours
 from pagemem import kernels
@@ -139,7 +140,7 @@ def _serve(model, prompts, params, **kw):
 
 
 # ---- properties ---------------------------------------------------------------------------------
-@settings(max_examples=200, **SETTINGS)
+@settings(max_examples=scaled(200), **SETTINGS)
 @given(st.data())
 def test_greedy_workloads_match_sync_and_the_simple_loop(data):
     model, prompts, params = _greedy_workload(data)
@@ -176,7 +177,7 @@ def test_a_near_tie_may_part_the_engine_from_the_simple_loop():
         assert_same_greedy(ours(model), prompts, [got[0], (got[1][0], "stop")], got)
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=scaled(80), **SETTINGS)
 @given(st.data())
 def test_seeded_sampling_mixed_with_greedy_is_unchanged_by_async_scheduling(data):
     """Rows that sample with a temperature are taken in at once; the greedy rows beside them, and
@@ -246,7 +247,7 @@ def _check_step(llm: LLM, reqs, seen: dict) -> None:
     llm.pool.check_integrity()
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=scaled(120), **SETTINGS)
 @given(st.data())
 def test_hand_driven_arrivals_match_a_sync_engine_fed_the_same_way(data):
     model, prompts, params = _greedy_workload(data, max_requests=7, max_len=24, max_out=16)
@@ -275,7 +276,7 @@ def test_hand_driven_arrivals_match_a_sync_engine_fed_the_same_way(data):
                                                     for w, i in zip(want, fixed)]
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=scaled(60), **SETTINGS)
 @given(st.data())
 def test_short_requests_and_first_token_stops(data):
     """Prompts of 1 to 3 tokens, max_tokens 1 to 3, and stops on the first sampled id (as a stop
@@ -469,7 +470,7 @@ def test_decode_graph_head_reads_every_in_flight_id():
         assert graphs.runs == 7 and graphs.fed == fed
 
 
-@settings(max_examples=80, **SETTINGS)
+@settings(max_examples=scaled(80), **SETTINGS)
 @given(st.data())
 def test_decode_graph_head_and_eager_tail_split_the_fed_ids(data):
     """Decode rows replayed by the graph head (when it takes them), the rest eager: ids in flight

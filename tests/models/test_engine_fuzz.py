@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis_budget import scaled
 
 from _oracle import assert_same_greedy, ours
 from pagemem.backend import cuda_unavailable_reason
@@ -100,7 +101,7 @@ def _well_formed(p: SamplingParams) -> None:
     assert isinstance(p.ignore_eos, (bool, np.bool_))
 
 
-@settings(max_examples=1000, **SETTINGS)
+@settings(max_examples=scaled(1000), **SETTINGS)
 @given(fields(PARAM_FIELDS))
 def test_sampling_params_accept_or_refuse(kwargs):
     try:
@@ -152,7 +153,7 @@ def engine_under_fuzz():
     return LLM(_tiny(), num_pages=12, page_size=4, swap_space=0.001, preemption="swap", max_num_batched_tokens=16)
 
 
-@settings(max_examples=200, **SETTINGS)
+@settings(max_examples=scaled(200), **SETTINGS)
 @given(call=generate_calls())
 def test_generate_accepts_or_refuses_and_the_engine_survives(engine_under_fuzz, call):
     llm, (prompts, params, use_tqdm) = engine_under_fuzz, call
@@ -167,7 +168,7 @@ def test_generate_accepts_or_refuses_and_the_engine_survives(engine_under_fuzz, 
     _serves_like_a_fresh_engine(llm)
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=scaled(100), **SETTINGS)
 @given(call=fields({"prompt": VALID_PROMPT, "params": VALID_PARAMS, "priority": st.integers(-2, 2)}))
 def test_add_request_accepts_or_refuses_and_the_engine_survives(engine_under_fuzz, call):
     llm = engine_under_fuzz
@@ -203,7 +204,7 @@ def _cuda_refused(kwargs, error) -> bool:
             and cuda_unavailable_reason() is not None and "device='cuda'" in str(error))
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=scaled(150), **SETTINGS)
 @given(st.data())
 def test_llm_constructor_accepts_or_refuses(data):
     kwargs = data.draw(fields(ENGINE_FIELDS), label="kwargs")
@@ -228,7 +229,7 @@ def test_llm_constructor_accepts_or_refuses(data):
     llm.pool.check_integrity()
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=scaled(120), **SETTINGS)
 @given(data=st.data())
 def test_load_model_accepts_or_refuses(data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("not_a_model")

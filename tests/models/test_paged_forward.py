@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from hypothesis_budget import scaled
 
 from _helpers import prefill_logits, scale_error, scrambled_pool
 from hf_models import ARCHS
@@ -81,7 +82,7 @@ def test_forward_rejects_mismatched_inputs(hf_checkpoints):
         other.forward(np.asarray([1, 2, 3]), np.arange(3), batch, scrambled_pool(model, 4, 4))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=scaled(15), deadline=None)
 @given(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=6), min_size=1, max_size=3),
        st.sampled_from([1, 2, 8]))
 def test_random_ragged_schedules(hf_checkpoints, chunks, page_size):
@@ -130,7 +131,7 @@ def test_prefill_groups_written_out():
     assert prefill_groups(batch, 16, penalty=0) == [(1, 2), (2, 3), (3, 4), (4, 5)]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=scaled(30), deadline=None)
 @given(st.lists(st.integers(2, 200), min_size=2, max_size=6), st.integers(0, 20_000))
 def test_prefill_groups_are_optimal(lens, penalty):
     """The dynamic programme's cost equals the best of every way to cut the rows."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from hypothesis_budget import scaled
 
 from _helpers import prefill_logits
 from sampling_stats import assert_matches
@@ -128,7 +129,7 @@ def test_logprobs_through_the_engine(tiny):
     assert LLM(tiny, num_pages=64).generate([[1]], SamplingParams(max_tokens=2))[0].logprobs is None
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=scaled(25), deadline=None)
 @given(st.integers(1, 40), st.floats(0.05, 1.0), st.floats(0.0, 0.5), st.integers(0, 2**31))
 def test_kept_set_properties(top_k, top_p, min_p, seed):
     """The kept set holds the argmax, at most top_k tokens unless tied, and is a top slice."""

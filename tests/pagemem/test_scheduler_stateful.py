@@ -22,6 +22,7 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis_budget import scaled
 
 from pagemem import NULL_PAGE, PagePool, PoolConfig, pack_batch
 from pagemem.prefix_cache import PrefixCache
@@ -380,7 +381,7 @@ class SharedPrefixSwapMachine(SchedulerMachine):
             self._add(SHARED[:stop] + tail, max_tokens, priority)
 
 
-_SETTINGS = settings(max_examples=100, stateful_step_count=40, deadline=None)
+_SETTINGS = settings(max_examples=scaled(100), stateful_step_count=40, deadline=None)
 for _machine in (SchedulerMachine, SwapSchedulerMachine, AutoSchedulerMachine, SharedPrefixSwapMachine):
     _machine.TestCase.settings = _SETTINGS
 TestRecomputeScheduler = SchedulerMachine.TestCase

@@ -9,6 +9,7 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+from hypothesis_budget import scaled
 
 from pagemem import OutOfPages, PagePool, PoolConfig, SeqPages, pack_batch
 
@@ -174,7 +175,7 @@ class PriorityPoolMachine(PoolMachine):
     eviction = "priority"
 
 
-_SETTINGS = settings(max_examples=100, stateful_step_count=60, deadline=None)
+_SETTINGS = settings(max_examples=scaled(100), stateful_step_count=60, deadline=None)
 PoolMachine.TestCase.settings = FIFOPoolMachine.TestCase.settings = PriorityPoolMachine.TestCase.settings = _SETTINGS
 TestPoolMachine = PoolMachine.TestCase
 TestFIFOPoolMachine = FIFOPoolMachine.TestCase

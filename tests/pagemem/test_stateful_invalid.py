@@ -11,6 +11,7 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis_budget import scaled
 from test_stateful import PAGE_SIZE, PoolMachine
 from test_swap import InFlightSwap, fill_random_bits
 
@@ -192,7 +193,7 @@ class SwapMachine(RuleBasedStateMachine):
         assert self.swap.num_free_host_pages == self.swap.num_host_pages and not self.swap._pending
 
 
-_SETTINGS = settings(max_examples=60, stateful_step_count=50, deadline=None)
+_SETTINGS = settings(max_examples=scaled(60), stateful_step_count=50, deadline=None)
 for _machine in (InvalidPoolMachine, InvalidFIFOPoolMachine, InvalidPriorityPoolMachine, SwapMachine):
     _machine.TestCase.settings = _SETTINGS
 TestInvalidPoolMachine = InvalidPoolMachine.TestCase

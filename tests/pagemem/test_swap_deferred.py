@@ -288,6 +288,7 @@ def test_copy_kernel_gathers_and_scatters_pages_bit_exact(page_bytes):
     rows[:n] = rng.permutation(num)[:n]
     rows[n:] = rng.permutation(num)[:n]
     stream = cp.cuda.Stream(non_blocking=True)
+    stream.wait_event(cp.cuda.get_current_stream().record())   # the upload and zero fills come first
     copy_pages(src.data.ptr, stage.data.ptr, rows.ctypes.data, 0, n, page_bytes, stream)
     copy_pages(stage.data.ptr, dst.data.ptr, 0, rows[n:].ctypes.data, n, page_bytes, stream)
     stream.synchronize()
