@@ -383,8 +383,8 @@ def plan_host_us(num_seqs: int = 1024, ctx: int = 128, calls: int = 50) -> float
 
 
 # --variants: the decode kernels and launch settings timed beside the default on each shape
-MATRIX_VARIANTS = {"cuda cores": {"kernel": "simt"}, "tc 2 warps": {"threads": 64}, "tc 8 warps": {"threads": 256},
-                   "tc r128": {"max_registers": 128}}
+MATRIX_VARIANTS = {"cuda cores": {"kernel": "simt"}, "tc 2 warps": {"threads": 64}, "tc 4 warps": {"threads": 128},
+                   "tc 8 warps": {"threads": 256}}
 
 
 def run_matrix(quick: bool, json_path: str | None, variants: dict | None = None) -> None:

@@ -43,7 +43,7 @@ for stage in "$@"; do
   case $stage in
     matrix) cmd=(python3 bench/bench_attention.py --matrix --quick --variants "$OUT/matrix.json") ;;
     matrix-full) cmd=(python3 bench/bench_attention.py --matrix "$OUT/matrix_full.json") ;;
-    decode-tests) cmd=("${PYTEST[@]}" tests/kernels/test_gpu.py tests/kernels/test_decode_plan.py -k "decode or plan" --timeout 120) ;;
+    decode-tests) cmd=("${PYTEST[@]}" tests/kernels/test_gpu.py tests/kernels/test_decode_plan.py -k "${DECODE_K:-decode or plan}" --timeout 120) ;;
     gpu-tests) cmd=("${PYTEST[@]}" -m gpu tests --timeout 150 --durations=10) ;;
     some-tests) cmd=("${PYTEST[@]}" -m gpu ${TESTS:?TESTS names the test files} --timeout 150 --durations=10) ;;
     sampling) cmd=(python3 bench/bench_sampling.py "$OUT/sampling.json") ;;

@@ -53,10 +53,13 @@ def tc_launch(num_blocks: int, span: int, page_size: int, head_dim: int, sms: in
     def resident(warps: int) -> int:
         return max(1, min(65536 // (32 * warps * -(-regs // 8) * 8), 64 // warps))
 
+    if num_partitions is None and threads is None and num_blocks < 2 * sms and span > MIN_SPLIT_SPAN:
+        warps = tc_warps(head_dim, 8)
+        parts, part_tokens = split_rule(num_blocks, span, page_size, sms, resident(warps))
+        if parts > 1:
+            return warps, parts, part_tokens
     if threads is not None:
         warps = tc_warps(head_dim, threads // 32)
-    elif num_partitions is None and num_blocks < 2 * sms and span > MIN_SPLIT_SPAN:
-        warps = tc_warps(head_dim, 8)
     else:
         tiles = -(-span // 16)
         options = [w for w in (2, 4, 8) if tc_warps(head_dim, w) == w and -(-tiles // w) >= MIN_ROUNDS] or [2]

@@ -89,3 +89,34 @@ def test_gpu_plan_reuses_its_launch_across_layers_and_strides(rng, lens):
     out = plan.run(q, kv[:, 1, 0], kv[:, 1, 1])
     assert_close(out.get(), ref_paged_decode(q.get(), kv[:, 1, 0].get(), kv[:, 1, 1].get(), p.page_tables,
                                               p.context_lens), dtype)
+
+
+@pytest.mark.parametrize("num_blocks,span,head_dim,want", [
+    (512, 2048, 128, (2, 1)),     # 64 x 2048, 32/8: one wave of 2-warp blocks (4 warps: 1.3 waves)
+    (256, 2048, 128, (4, 1)),     # 64 x 2048, 28/4: 2-warp blocks would leave 4 warps an SM
+    (2048, 512, 128, (2, 1)),     # 256 x 512: 8 warps would stream 4 tiles each
+    (2048, 512, 64, (4, 1)),      # head_dim 64: 4-warp blocks waste less of their last wave
+    (8, 32768, 128, (8, 16)),     # 1 x 32768: split-K, 8-warp blocks filling the SMs once
+    (128, 2048, 64, (8, 2)),      # 64 x 2048, 14/2: split-K
+])
+def test_tensor_core_launch_rule(num_blocks, span, head_dim, want):
+    """The shapes of the H100 matrix (bench/RESULTS.md) get the launch that measured best there."""
+    from pagemem.kernels.decode_plan import tc_launch
+    warps, parts, part_tokens = tc_launch(num_blocks, span, 16, head_dim, 132)
+    assert (warps, parts) == want
+    assert parts * part_tokens >= span and part_tokens % 16 == 0
+
+
+def test_tensor_core_launch_gives_every_warp_enough_tiles():
+    """Over a grid of batches and contexts: a warp streams at least MIN_ROUNDS tiles unless even
+    2 warps could not, the merge buffer fits shared memory, and a split covers the whole span."""
+    from pagemem.kernels.decode_plan import MIN_ROUNDS, tc_launch
+    from pagemem.kernels.decode_tc import MAX_HEADS, MAX_SHARED_FLOATS
+    for num_blocks in (1, 8, 64, 200, 512, 4096, 65536):
+        for span in (16, 256, 512, 2048, 8192, 131072):
+            for head_dim in (64, 128, 256):
+                warps, parts, part_tokens = tc_launch(num_blocks, span, 16, head_dim, 132)
+                tiles = -(-part_tokens // 16)
+                assert warps in (1, 2, 4, 8) and warps * MAX_HEADS * head_dim <= MAX_SHARED_FLOATS
+                assert -(-tiles // warps) >= MIN_ROUNDS or warps <= 2 or parts > 1, (num_blocks, span, warps)
+                assert parts * part_tokens >= span
