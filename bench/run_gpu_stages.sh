@@ -7,6 +7,7 @@
 # Wheels carried in .whl/ (numpy 2.4.6, which numba-cuda needs, and the serve extra's packages)
 # are installed into .site/ first, then the project itself without dependencies. Stages:
 #   matrix        bench_attention.py --matrix --quick --variants  (decode kernels against SDPA)
+#   matrix-defaults  bench_attention.py --matrix --quick             (the default launch only)
 #   matrix-full   bench_attention.py --matrix                      (every shape)
 #   decode-tests  the GPU decode tests (tests/kernels/test_gpu.py, test_decode_plan.py)
 #   gpu-tests     every test marked gpu
@@ -32,7 +33,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 date -u +"%Y-%m-%d %H:%M UTC" | tee -a "$OUT/gpu.txt"
 git log -1 --format="commit %h" 2>/dev/null | tee -a "$OUT/gpu.txt"
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -o addopts= -rfE)
-declare -A LIMIT=([matrix]=240 [matrix-full]=420 [decode-tests]=200 [gpu-tests]=420 [some-tests]=300 [sampling]=120 [e2e]=420
+declare -A LIMIT=([matrix]=240 [matrix-defaults]=150 [matrix-full]=420 [decode-tests]=200 [gpu-tests]=420 [some-tests]=300 [sampling]=120 [e2e]=420
                   [pressure]=300 [swap]=150 [serve]=300 [validate]=300)
 summary=()
 for stage in "$@"; do
@@ -42,6 +43,7 @@ for stage in "$@"; do
   t0=$(date +%s)
   case $stage in
     matrix) cmd=(python3 bench/bench_attention.py --matrix --quick --variants "$OUT/matrix.json") ;;
+    matrix-defaults) cmd=(python3 bench/bench_attention.py --matrix --quick "$OUT/matrix_defaults.json") ;;
     matrix-full) cmd=(python3 bench/bench_attention.py --matrix "$OUT/matrix_full.json") ;;
     decode-tests) cmd=("${PYTEST[@]}" tests/kernels/test_gpu.py tests/kernels/test_decode_plan.py -k "${DECODE_K:-decode or plan}" --timeout 120) ;;
     gpu-tests) cmd=("${PYTEST[@]}" -m gpu tests --timeout 150 --durations=10) ;;
