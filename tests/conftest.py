@@ -3,7 +3,8 @@ use the Numba CUDA simulator (set before numba.cuda is first imported).
 
 Property tests draw the same examples on every run (hypothesis' ``derandomize``), so a test
 run is reproducible and CI does not pass or fail by the luck of the draw. To search new
-examples, run with ``HYPOTHESIS_PROFILE=explore`` (random draws); a failure
+examples, run with ``HYPOTHESIS_PROFILE=explore`` (random draws), and with
+``PAGEMEM_EXAMPLES_SCALE=5`` for five times every test's examples (tests/hypothesis_budget.py); a failure
 prints the ``@reproduce_failure`` blob to pin it down, and each one found becomes a plain
 regression test."""
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 
 import pytest
 from hypothesis import settings
+from hypothesis_budget import scaled
 
 if importlib.util.find_spec("pagemem.kernels") is None:   # the folders are importable only once installed
     raise pytest.UsageError("pagemem.kernels is not importable: install the project first, "
@@ -20,8 +22,8 @@ if importlib.util.find_spec("pagemem.kernels") is None:   # the folders are impo
 
 from pagemem.backend import cuda_unavailable_reason
 
-settings.register_profile("repeatable", derandomize=True, print_blob=True)
-settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.register_profile("repeatable", derandomize=True, print_blob=True, max_examples=scaled(100))
+settings.register_profile("explore", derandomize=False, print_blob=True, max_examples=scaled(100))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 _NO_CUDA = cuda_unavailable_reason()
