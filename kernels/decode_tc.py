@@ -36,6 +36,7 @@ from numba import cuda, float32, uint32, uint64
 
 from pagemem.kernels._device import BF16, F16, SIM, bits_to_f32, load_scalar, store_scalar
 from pagemem.kernels._warp import exp2, make_mma, make_pack2, scratch_words, shfl_idx, shfl_xor
+from pagemem.kernels.paged_attention import make_block_coords
 
 TILE = 16
 MAX_HEADS = 8          # query heads a block serves (the columns of the P.V product)
@@ -80,7 +81,6 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
     DC = -(-D // 32)            # 32-dim chunks of K (two k-steps each)
     DV = -(-D // 64)            # 64-dim chunks of V (four 16-dim products each)
     PSHIFT = P.bit_length() - 1
-    CHUNKS = G // GC
     N_Q, N_K, N_V, N_O = 4 * DC, 4 * DC, 8 * DV, 16 * DV
     SCR = scratch_words(NT)
     SM_ML, SM_O = NW * MAX_HEADS, NW * MAX_HEADS * D
@@ -92,19 +92,22 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
     mma, pack2 = make_mma(cache_kind), make_pack2(cache_kind)
     SPLIT_P = cache_kind == BF16
     options = {} if SIM or not max_registers else {"max_registers": max_registers}
+    block_coords = make_block_coords(heads_major, G, GC)
+
+    @cuda.jit(device=True)
+    def load_run(dst, at, src, row, word, ok):
+        """One token's run of 8 dims (two words from ``row + word``) into dst[at], dst[at + 1];
+        zeros where the token or the dims lie outside what is read."""
+        for x in range(2):
+            val = uint64(0)
+            if ok:
+                val = src[row + uint64(word + x)]
+            dst[at + x] = val
 
     @cuda.jit(**options)
     def paged_decode_tc_kernel(out, part_out, part_ml, q, k_flat, v_flat, page_tables, context_lens,
                                scale, window, part_tokens, page_words, token_words, head_words):
-        if heads_major:
-            s = cuda.blockIdx.y
-            hb = cuda.blockIdx.x
-        else:
-            s = cuda.blockIdx.x
-            hb = cuda.blockIdx.y
-        kvh = hb // CHUNKS
-        h0 = kvh * G + (hb % CHUNKS) * GC
-        part = cuda.blockIdx.z
+        s, kvh, h0, part = block_coords()
         tid = cuda.threadIdx.x
         w = tid >> 5
         grp = (tid & 31) >> 2
@@ -167,26 +170,18 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
             # K: tokens tb + grp and tb + 8 + grp, dims 32c + 8tig .. +8 (two words)
             for j in range(2):
                 tok = tb + 8 * j + grp
-                ok = tok >= start and tok < end
                 row = (base_a if j == 0 else base_b) + uint64(grp) * tw
                 for c in range(DC):
-                    for x in range(2):
-                        val = uint64(0)
-                        if ok and 32 * c + 8 * tig < D:
-                            val = k_flat[row + uint64(8 * c + 2 * tig + x)]
-                        kr[(j * DC + c) * 2 + x] = val
+                    load_run(kr, (j * DC + c) * 2, k_flat, row, 8 * c + 2 * tig,
+                             tok >= start and tok < end and 32 * c + 8 * tig < D)
             # V: tokens tb + 2tig, +1, +8, +9, dims 64c + 8grp .. +8 (two words)
             for qq in range(4):
                 rel = 2 * tig + (qq & 1) + 8 * (qq >> 1)
                 tok = tb + rel
-                ok = tok >= start and tok < end
                 row = (base_a if qq < 2 else base_b) + uint64(rel & 7) * tw
                 for c in range(DV):
-                    for x in range(2):
-                        val = uint64(0)
-                        if ok and 64 * c + 8 * grp < D:
-                            val = v_flat[row + uint64(16 * c + 2 * grp + x)]
-                        vr[(qq * DV + c) * 2 + x] = val
+                    load_run(vr, (qq * DV + c) * 2, v_flat, row, 16 * c + 2 * grp,
+                             tok >= start and tok < end and 64 * c + 8 * grp < D)
             # S = Q K^T, per 8 tokens: head grp's scores of tokens 2tig, 2tig+1 land in (d0, d1)
             for j in range(2):
                 c0 = float32(0)

@@ -75,7 +75,6 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
     NG = NT // LPT             # token groups per block
     U = tokens_per_group
     TPI = NG * U               # tokens per block step
-    CHUNKS = G // GC
     PSHIFT = P.bit_length() - 1
     SCRATCH = NT if SIM else 1
     N_REG, N_WORDS, N_SC = GC * EPL, U * WPL, U * GC   # local array sizes must be plain constants
@@ -84,6 +83,7 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
     NEG_INF = float32(-math.inf)
     unpack_w, load_q, store_o = unpack[cache_kind], load_scalar[q_kind], store_scalar[out_kind]
     group_sum = make_group_sum(LPT)
+    block_coords = make_block_coords(heads_major, G, GC)
 
     @cuda.jit(device=True)
     def load_step(kw, vw, k_flat, v_flat, sm_pages, pbase, base, hi, lane_word, page_words, token_words, g, j):
@@ -141,15 +141,7 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
         # part_out: [num_seqs, num_q_heads, num_parts, D] f32; part_ml: [.., num_parts, 2] f32
         # k_flat, v_flat: the caches [num_pages, P, num_kv_heads, W] as flat uint64 words, with
         # word strides page_words (page), token_words (token) and head_words (kv head)
-        if heads_major:
-            s = cuda.blockIdx.y
-            hb = cuda.blockIdx.x
-        else:
-            s = cuda.blockIdx.x
-            hb = cuda.blockIdx.y
-        kvh = hb // CHUNKS
-        h0 = kvh * G + (hb % CHUNKS) * GC
-        part = cuda.blockIdx.z
+        s, kvh, h0, part = block_coords()
         tid = cuda.threadIdx.x
         g = tid // LPT
         j = tid % LPT
@@ -240,6 +232,25 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
                 out[s, h0 + h, d] = store_o(o / ls)
 
     return paged_decode_kernel
+
+
+@functools.cache
+def make_block_coords(heads_major: bool, group: int, heads: int):
+    """block_coords() -> (sequence, KV head, first query head, partition) of this block of a decode
+    grid laid out as the launchers lay it out (``heads_major``: KV-head chunks along x)."""
+    chunks = group // heads
+
+    @cuda.jit(device=True)
+    def block_coords():
+        if heads_major:
+            s = cuda.blockIdx.y
+            hb = cuda.blockIdx.x
+        else:
+            s = cuda.blockIdx.x
+            hb = cuda.blockIdx.y
+        kvh = hb // chunks
+        return s, kvh, kvh * group + (hb % chunks) * heads, cuda.blockIdx.z
+    return block_coords
 
 
 @functools.cache
