@@ -36,13 +36,12 @@ from numba import cuda, float32, uint32, uint64
 
 from pagemem.kernels._device import BF16, F16, SIM, bits_to_f32, load_scalar, store_scalar
 from pagemem.kernels._warp import exp2, make_mma, make_pack2, scratch_words, shfl_idx, shfl_xor
-from pagemem.kernels.paged_attention import make_block_coords
+from pagemem.kernels.paged_attention import make_block_coords, make_merge_states, partition_range
 
 TILE = 16
 MAX_HEADS = 8          # query heads a block serves (the columns of the P.V product)
 WARPS = 4
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 MAX_SHARED_FLOATS = 12288   # the warps' merge buffer stays within 48 KiB of static shared memory
 
 
@@ -85,14 +84,28 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
     SCR = scratch_words(NT)
     SM_ML, SM_O = NW * MAX_HEADS, NW * MAX_HEADS * D
     NEG_INF = float32(-math.inf)
-    L2E, L2 = float32(LOG2E), float32(LN2)
+    L2E = float32(LOG2E)
     ZERO32, LO16, HI16, S16 = uint32(0), uint32(0xFFFF), uint32(0xFFFF0000), uint32(16)
     LO32, S32 = uint64(0xFFFFFFFF), uint64(32)
-    load_q, to_bits, store_o = load_scalar[q_kind], store_scalar[cache_kind], store_scalar[out_kind]
+    load_q, to_bits = load_scalar[q_kind], store_scalar[cache_kind]
     mma, pack2 = make_mma(cache_kind), make_pack2(cache_kind)
     SPLIT_P = cache_kind == BF16
     options = {} if SIM or not max_registers else {"max_registers": max_registers}
     block_coords = make_block_coords(heads_major, G, GC)
+    merge_states = make_merge_states(D, GC, NW, MAX_HEADS, True, split, out_kind, NT)
+
+    @cuda.jit(device=True)
+    def tile_pages(page_tables, s, tb, end):
+        """Page ids of a tile's halves, tokens tb..tb+7 and tb+8..tb+15 (0 where past ``end``)."""
+        pa = 0
+        pb = 0
+        if tb < end:
+            pa = page_tables[s, tb >> PSHIFT]
+        if P >= TILE:
+            pb = pa
+        elif tb + 8 < end:
+            pb = page_tables[s, (tb + 8) >> PSHIFT]
+        return pa, pb
 
     @cuda.jit(device=True)
     def load_run(dst, at, src, row, word, ok):
@@ -128,12 +141,7 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
 
         pw, tw = uint64(page_words), uint64(token_words)
         head_off = uint64(kvh) * uint64(head_words)
-        ctx = context_lens[s]
-        lo_tok = 0
-        if window > 0:
-            lo_tok = max(0, ctx - window)
-        start = lo_tok + part * part_tokens
-        end = min(ctx, start + part_tokens)
+        start, end = partition_range(context_lens[s], window, part, part_tokens)
         tb0 = (start >> 4) << 4
         rounds = (max(0, end - tb0) + TILE * NW - 1) // (TILE * NW)   # the same for every warp
         sl2 = float32(scale) * L2E
@@ -147,24 +155,10 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
         sc = cuda.local.array(4, float32)
 
         # Page ids run a round ahead: this round's K/V loads never wait on a page-table read.
-        tb = tb0 + (w << 4)
-        pa = 0
-        pb = 0
-        if tb < end:
-            pa = page_tables[s, tb >> PSHIFT]
-        if P < TILE and tb + 8 < end:
-            pb = page_tables[s, (tb + 8) >> PSHIFT]
+        pa, pb = tile_pages(page_tables, s, tb0 + (w << 4), end)
         for r in range(rounds):
             tb = tb0 + ((r * NW + w) << 4)
-            if P >= TILE:
-                pb = pa
-            tn = tb + (NW << 4)            # this warp's tile of the next round
-            pa_next = 0
-            pb_next = 0
-            if tn < end:
-                pa_next = page_tables[s, tn >> PSHIFT]
-            if P < TILE and tn + 8 < end:
-                pb_next = page_tables[s, (tn + 8) >> PSHIFT]
+            pa_next, pb_next = tile_pages(page_tables, s, tb + (NW << 4), end)   # the next round's tile
             base_a = uint64(pa) * pw + uint64(tb & (P - 1)) * tw + head_off          # tokens tb .. tb+7
             base_b = uint64(pb) * pw + uint64((tb + 8) & (P - 1)) * tw + head_off    # tokens tb+8 .. tb+15
             # K: tokens tb + grp and tb + 8 + grp, dims 32c + 8tig .. +8 (two words)
@@ -265,25 +259,6 @@ def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads
                     for e in range(4):
                         sm_o[(w * MAX_HEADS + 2 * tig + (e & 1)) * D + d + (e >> 1)] = o[k + e]
         cuda.syncthreads()   # every warp's state is in shared memory
-        for idx in range(tid, GC * D, NT):
-            h = idx // D
-            d = idx - h * D
-            mx = NEG_INF
-            for ww in range(NW):
-                mx = max(mx, sm_m[ww * MAX_HEADS + h])
-            ls = float32(0)
-            acc = float32(0)
-            if mx != NEG_INF:
-                for ww in range(NW):
-                    f = exp2(sm_m[ww * MAX_HEADS + h] - mx)
-                    ls += sm_l[ww * MAX_HEADS + h] * f
-                    acc += sm_o[(ww * MAX_HEADS + h) * D + d] * f
-            if split:
-                part_out[s, h0 + h, part, d] = acc
-                if d == 0:
-                    part_ml[s, h0 + h, part, 0] = mx * L2
-                    part_ml[s, h0 + h, part, 1] = ls
-            else:
-                out[s, h0 + h, d] = store_o(acc / ls)
+        merge_states(out, part_out, part_ml, sm_m, sm_l, sm_o, s, h0, part, tid)
 
     return paged_decode_tc_kernel

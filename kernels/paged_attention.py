@@ -23,6 +23,7 @@ import math
 from numba import cuda, float32, int32, uint64
 
 from pagemem.kernels._device import ELEMS_PER_WORD, SIM, load_scalar, make_group_sum, store_scalar, unpack
+from pagemem.kernels._warp import exp2
 
 # Measured on an H100 at Llama-3.2-1B's heads (bench/bench_attention.py --tune, 2026-11-26): under
 # the 128-register cap (4 blocks of 128 threads per SM), 1 token per group took 6 to 9% less time
@@ -81,9 +82,10 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
     N_SM_ML, N_SM_ACC = NG * GC, NG * GC * D
     TC = PAGES_CHUNK * P       # tokens per staged chunk of page ids
     NEG_INF = float32(-math.inf)
-    unpack_w, load_q, store_o = unpack[cache_kind], load_scalar[q_kind], store_scalar[out_kind]
+    unpack_w, load_q = unpack[cache_kind], load_scalar[q_kind]
     group_sum = make_group_sum(LPT)
     block_coords = make_block_coords(heads_major, G, GC)
+    merge_states = make_merge_states(D, GC, NG, GC, False, split, out_kind, NT)
 
     @cuda.jit(device=True)
     def load_step(kw, vw, k_flat, v_flat, sm_pages, pbase, base, hi, lane_word, page_words, token_words, g, j):
@@ -170,12 +172,7 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
 
         pw, tw = uint64(page_words), uint64(token_words)
         lane_word = uint64(kvh * head_words + j)
-        ctx = context_lens[s]
-        lo = 0
-        if window > 0:
-            lo = max(0, ctx - window)
-        start = lo + part * part_tokens
-        end = min(ctx, start + part_tokens)
+        start, end = partition_range(context_lens[s], window, part, part_tokens)
         # Chunks of PAGES_CHUNK pages: their ids are staged in shared memory, so no token load
         # waits on a page-table load; within a chunk, step n+1's loads fly during step n's math.
         for c0 in range((start >> PSHIFT) << PSHIFT, end, TC):  # block-uniform loops throughout
@@ -210,26 +207,7 @@ def make_paged_decode_kernel(head_dim: int, page_size: int, group: int, heads: i
                     if d < D:
                         sm_acc[(g * GC + h) * D + d] = acc[h * EPL + i * E + e]
         cuda.syncthreads()  # all groups' states are in shared memory
-        for idx in range(tid, GC * D, NT):
-            h = idx // D
-            d = idx - h * D
-            mx = NEG_INF
-            for gg in range(NG):
-                mx = max(mx, sm_m[gg * GC + h])
-            ls = float32(0)
-            o = float32(0)
-            if mx != NEG_INF:
-                for gg in range(NG):
-                    f = math.exp(sm_m[gg * GC + h] - mx)
-                    ls += sm_l[gg * GC + h] * f
-                    o += sm_acc[(gg * GC + h) * D + d] * f
-            if split:
-                part_out[s, h0 + h, part, d] = o
-                if d == 0:
-                    part_ml[s, h0 + h, part, 0] = mx
-                    part_ml[s, h0 + h, part, 1] = ls
-            else:
-                out[s, h0 + h, d] = store_o(o / ls)
+        merge_states(out, part_out, part_ml, sm_m, sm_l, sm_acc, s, h0, part, tid)
 
     return paged_decode_kernel
 
@@ -251,6 +229,57 @@ def make_block_coords(heads_major: bool, group: int, heads: int):
         kvh = hb // chunks
         return s, kvh, kvh * group + (hb % chunks) * heads, cuda.blockIdx.z
     return block_coords
+
+
+@cuda.jit(device=True)
+def partition_range(ctx, window, part, part_tokens):
+    """(start, end): the tokens partition ``part`` of a sequence of ``ctx`` tokens reads, the
+    last ``window`` of them when window > 0; empty (start >= end) past the sequence's end."""
+    lo = 0
+    if window > 0:
+        lo = max(0, ctx - window)
+    start = lo + part * part_tokens
+    return start, min(ctx, start + part_tokens)
+
+
+@functools.cache
+def make_merge_states(head_dim: int, heads: int, states: int, stride: int, log2_units: bool, split: bool,
+                      out_kind: int, threads: int):
+    """merge_states(out, part_out, part_ml, sm_m, sm_l, sm_o, s, h0, part, tid): merge a block's
+    ``states`` online-softmax states of its ``heads`` query heads, held in shared memory (state i
+    of head h: max sm_m[i * stride + h], sum sm_l[..], unnormalized output sm_o[(..) * head_dim + d];
+    maxima in log2 units when ``log2_units``), and write the block's output (out[s, h0 + h, :]) or,
+    with ``split``, its partial output and (max, sum) in natural-log units. Every thread of the
+    block takes elements (h, d) in turn; call after the barrier that publishes the states."""
+    D, GC, NS, ST, NT = head_dim, heads, states, stride, threads
+    NEG_INF, LN2 = float32(-math.inf), float32(math.log(2.0))
+    store_o = store_scalar[out_kind]
+    exp_ = exp2 if log2_units else math.exp
+    to_natural = LN2 if log2_units else float32(1)
+
+    @cuda.jit(device=True)
+    def merge_states(out, part_out, part_ml, sm_m, sm_l, sm_o, s, h0, part, tid):
+        for idx in range(tid, GC * D, NT):
+            h = idx // D
+            d = idx - h * D
+            mx = NEG_INF
+            for i in range(NS):
+                mx = max(mx, sm_m[i * ST + h])
+            ls = float32(0)
+            acc = float32(0)
+            if mx != NEG_INF:
+                for i in range(NS):
+                    f = exp_(sm_m[i * ST + h] - mx)
+                    ls += sm_l[i * ST + h] * f
+                    acc += sm_o[(i * ST + h) * D + d] * f
+            if split:
+                part_out[s, h0 + h, part, d] = acc
+                if d == 0:
+                    part_ml[s, h0 + h, part, 0] = mx * to_natural
+                    part_ml[s, h0 + h, part, 1] = ls
+            else:
+                out[s, h0 + h, d] = store_o(acc / ls)
+    return merge_states
 
 
 @functools.cache
