@@ -131,3 +131,23 @@ def test_pointwise_kernels_gpu(rng, dtype, hidden, heads, head_dim, inter):
     """Real layer shapes (Llama-3.2-1B, Qwen2.5-0.5B, Llama-3-8B: q + k heads for RoPE)."""
     import cupy as cp
     _check_kernels(rng, cp, dtype, tokens=70, hidden=hidden, heads=heads, head_dim=head_dim, inter=inter)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rms_norm_and_silu_mul_write_the_callers_out(rng, dtype):
+    """A caller's ``out`` is written in place and is the very array returned, with and without a
+    residual; the values are those of a call without ``out``."""
+    x, res, w = _norm_inputs(rng, 5, 48, dtype)
+    out = np.full_like(x, np.nan)
+    assert kernels.rms_norm(x, w, 1e-5, out=out) is out
+    np.testing.assert_array_equal(out, kernels.rms_norm(x, w, 1e-5))
+    res2 = res.copy()
+    want = kernels.rms_norm(x, w, 1e-5, residual=res2)
+    out = np.full_like(x, np.nan)
+    assert kernels.rms_norm(x, w, 1e-5, residual=res, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(res, res2)
+    gate_up = rng.standard_normal((6, 40)).astype(dtype)
+    out = np.full((6, 20), np.nan, dtype=dtype)
+    assert kernels.silu_mul(gate_up, out=out) is out
+    np.testing.assert_array_equal(out, kernels.silu_mul(gate_up))

@@ -118,3 +118,32 @@ def test_non_positive_lengths_rejected_by_the_parser(flag):
     proc = subprocess.run([sys.executable, "-m", "pagemem.models.cli", "run", flag], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("pagemem run: error: argument")
+
+
+def test_run_seed_reaches_the_workload_and_the_engine(engines):
+    """--seed picks the workload's prompts and lengths and is the engine's seed: seed 7's prompts
+    are make_workload's for seed 7, not the default seed 0's."""
+    argv = ["run", "--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--no-progress", "--seed", "7"]
+    assert main(argv) == 0
+    (llm,) = engines
+    assert llm.seed == 7
+    (prompts, params, _), = llm.calls
+    vocab = llm.model.config.vocab_size
+    want_prompts, want_lens = make_workload(build_parser().parse_args(argv), vocab, reserved=8)
+    assert prompts == want_prompts and [p.max_tokens for p in params] == want_lens
+    assert prompts != make_workload(build_parser().parse_args(argv[:-2]), vocab, reserved=8)[0]
+
+
+@pytest.mark.parametrize("flags,cached", [
+    ([], False),
+    (["--enable-prefix-caching"], True),
+    (["--dataset", "prefix-repetition"], True),
+    (["--dataset", "prefix-repetition", "--no-enable-prefix-caching"], False),
+])
+def test_run_prefix_caching_flag_reaches_the_engine(engines, flags, cached):
+    """--enable-prefix-caching / --no-enable-prefix-caching decide the engine's prefix cache; by
+    default it is on for the prefix-repetition dataset only."""
+    argv = ["run", "--num-prompts", "4", "--input-len", "16", "--output-len", "4", "--no-progress", *flags]
+    assert main(argv) == 0
+    (llm,) = engines
+    assert (llm.prefix_cache is not None) is cached

@@ -138,3 +138,15 @@ def test_kept_set_properties(top_k, top_p, min_p, seed):
     assert kept[z.argmax()]
     assert kept.sum() <= top_k or np.sort(z)[::-1][top_k - 1] == np.sort(z)[::-1][min(top_k, 39)]
     assert z[kept].min() >= z[~kept].max(initial=-np.inf)
+    # The same set counted by hand, token by token from the top (no ties in these draws): the k
+    # largest, those within min_p of the top, and of them the fewest whose mass reaches top_p.
+    order = np.argsort(-z)
+    cand = [i for n, i in enumerate(order) if (top_k == 0 or n < top_k) and z[i] >= z.max() + np.log(min_p or 1e-300)]
+    mass = np.exp(z[cand] - z.max())
+    want, acc = [], 0.0
+    for i, m in zip(cand, mass):
+        if top_p < 1 and acc >= top_p * mass.sum():
+            break
+        want.append(i)
+        acc += m
+    assert sorted(np.flatnonzero(kept).tolist()) == sorted(want)
