@@ -194,3 +194,15 @@ def test_calibrate_on_the_cpu_writes_a_step_model_simulate_loads(tmp_path, capsy
     js = tmp_path / "s.json"
     assert main(["simulate", "--step-model", str(out), "--num-prompts", "8", "--json", str(js), "--no-progress"]) == 0
     assert json.loads(js.read_text())["step_model"]["model"] == "random:tiny"
+
+
+def test_simulate_seed_draws_the_trace(tmp_path):
+    """--seed picks the trace simulate draws: the same seed writes the same trace, another seed
+    another one."""
+    traces = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        path = tmp_path / f"{name}.jsonl"
+        assert main(["simulate", "--dataset", "alpaca", "--num-prompts", "12", "--request-rate", "5",
+                     "--seed", seed, "--save-trace", str(path), "--no-progress"]) == 0
+        traces[name] = path.read_text()
+    assert traces["a"] == traces["b"] != traces["c"]
