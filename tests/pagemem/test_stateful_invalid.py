@@ -67,7 +67,9 @@ class InvalidPoolMachine(PoolMachine):
             lambda: pool.is_cached(d.draw(COUNTS)), lambda: pool.cache_page(raw, d.draw(UNHASHABLE)),
             lambda: pool.cache_page(d.draw(COUNTS), "key"), lambda: pool.lookup(d.draw(UNHASHABLE)),
             lambda: pool.copy_page(raw, d.draw(COUNTS)), lambda: pool.stats(d.draw(NOT_EMPTY)),
-            lambda: SeqPages(pool, d.draw(IDS), d.draw(st.one_of(JUNK, BAD_INTS, st.integers(0, 8)))),
+            # page_table=None is the constructor's default (an empty sequence): never drawn as junk here
+            lambda: SeqPages(pool, d.draw(IDS.filter(lambda v: v is not None)),
+                             d.draw(st.one_of(JUNK, BAD_INTS, st.integers(0, 8)))),
             lambda: seq.append(d.draw(st.one_of(JUNK, NEG, st.just(1 << 70)))),
             lambda: seq.try_grow(d.draw(NOT_COUNTS)),
             lambda: seq.num_pages_needed(d.draw(NOT_COUNTS)),
