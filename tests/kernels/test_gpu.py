@@ -93,14 +93,16 @@ def test_decode_tunings(rng, tuning, head_dim, page_size, num_partitions):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 100])
-def test_prefill(rng, dtype, window):
-    """Ragged prefill with cached prefixes equals the reference (the path "auto" picks)."""
+@pytest.mark.parametrize("give_max", [True, False], ids=["max_query_len", "no-max_query_len"])
+def test_prefill(rng, dtype, window, give_max):
+    """Ragged prefill with cached prefixes equals the reference (the path "auto" picks), with the
+    caller's max_query_len and with the bound paged_prefill derives without it."""
     ctx, qlens = [1, 17, 300, 1000], [1, 17, 50, 1000]
     p = make_paged(rng, ctx, num_kv_heads=2, head_dim=128, page_size=16, dtype=dtype)
     qsl = query_start_loc(qlens)
     q = queries(rng, int(qsl[-1]), 8, 128, dtype)
     out = kernels.paged_prefill(*_to_gpu(q, p.k, p.v, p.page_tables, p.context_lens, qsl),
-                                sliding_window=window, max_query_len=max(qlens))
+                                sliding_window=window, max_query_len=max(qlens) if give_max else None)
     ref = ref_paged_prefill(q, p.k, p.v, p.page_tables, p.context_lens, qsl, None, window)
     out = out.get().astype(np.float32)
     assert not np.isnan(out).any()

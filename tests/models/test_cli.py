@@ -147,3 +147,31 @@ def test_run_prefix_caching_flag_reaches_the_engine(engines, flags, cached):
     assert main(argv) == 0
     (llm,) = engines
     assert (llm.prefix_cache is not None) is cached
+
+
+@pytest.mark.parametrize("flag,value,kwarg,want", [
+    ("--dtype", "float32", "dtype", "float32"), ("--device", "cpu", "device", "cpu"),
+    ("--swap-space", "0.5", "swap_space", 0.5), ("--max-num-seqs", "3", "max_num_seqs", 3),
+    ("--admit-batch", "2", "admit_batch", 2), ("--preemption", "recompute", "preemption", "recompute"),
+    ("--eviction", "fifo", "eviction", "fifo"), ("--seed", "9", "seed", 9),
+])
+def test_engine_flags_reach_the_engine(monkeypatch, flag, value, kwarg, want):
+    """Each engine flag's value is the engine's argument (and not its default)."""
+    seen = []
+
+    class Recording(engine.LLM):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "LLM", Recording)
+    base = ["run", "--num-prompts", "3", "--input-len", "8", "--output-len", "3", "--no-progress"]
+    assert main(base + [flag, value]) == 0 and main(base) == 0
+    assert seen[0][kwarg] == want != seen[1][kwarg]
+
+
+def test_range_ratio_zero_gives_every_request_the_same_lengths(engines):
+    assert main(["run", "--num-prompts", "6", "--input-len", "8", "--output-len", "3", "--range-ratio", "0",
+                 "--no-progress"]) == 0
+    (prompts, params, _), = engines[0].calls
+    assert {len(p) for p in prompts} == {8} and {p.max_tokens for p in params} == {3}
