@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -68,7 +69,7 @@ class ServerProcess:
         """Interrupt the server (as Ctrl-C would), kill it if it lingers; its exit status."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        self.proc.terminate()
+        self.proc.send_signal(signal.SIGINT)     # uvicorn shuts down, then the CLI exits 130 with atexit run
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
