@@ -6,8 +6,12 @@
 partitioning and the launch configuration, allocates the partial-output scratch, and converts
 the batch's arrays for the kernel once. ``DecodePlan.run(q, k_cache, v_cache, out)`` then checks
 only that the per-layer arrays have the planned shapes, dtypes and strides, and launches: after
-its first call, through a prepared argument tuple in which only the four per-layer pointers
-change (no Numba dispatch, no per-call argument marshalling).
+its first call, through parameters packed once (``_arrays.PackedLaunch``) in which only the four
+per-layer pointers change, one ``cuLaunchKernel`` (no Numba dispatch, no per-call marshalling).
+
+The kernel: the tensor-core one (kernels/decode_tc.py) for 16-bit caches it serves, with the
+warps a block and the split-K partitions of ``tc_launch``; the CUDA-core one
+(kernels/paged_attention.py) otherwise, or when asked (``kernel="simt"``).
 
 Every layer's cache view of a page-major pool (``PagePool.layer_kv``) has the same shape and
 strides, so one plan serves all layers. A plan holds its batch arrays: keep them unchanged while
@@ -96,7 +100,8 @@ def _pointer(x) -> int:
 class DecodePlan:
     """One step's decode attention, ready to run on each layer's (q, k_cache, v_cache).
 
-    Attributes a caller may read: ``dims`` (AttnDims), ``num_partitions``, ``grid``, ``threads``.
+    Attributes a caller may read: ``dims`` (AttnDims), ``kernel_name`` ("tc" or "simt"; None on
+    the CPU path), ``num_partitions``, ``grid``, ``threads``.
     """
 
     def __init__(self, dims: AttnDims, k_cache, page_tables, context_lens, scale: float, window: int,
