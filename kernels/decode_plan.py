@@ -27,7 +27,7 @@ from pagemem.kernels._arrays import as_device, as_flat_words, launch, num_sms
 from pagemem.kernels._checks import AttnDims, check_attention, check_host_lens, check_same_device, check_window
 from pagemem.kernels._device import bits_dtype, dtype_kind
 from pagemem.kernels.decode import MIN_SPLIT_SPAN, THREADS, THREADS_SPLIT, split_rule
-from pagemem.kernels.decode_tc import make_paged_decode_tc_kernel, tc_eligible, tc_heads_per_block, tc_warps
+from pagemem.kernels.decode_tc import make_paged_decode_tc_kernel, tc_eligible, tc_warps
 from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
                                              make_decode_reduce_kernel, make_paged_decode_kernel)
 
@@ -129,43 +129,38 @@ class DecodePlan:
         d = self.dims
         span = self.page_tables.shape[1] * d.page_size
         span = min(span, self.window) if self.window else span
-        kind = tuning.get("kernel") or ("tc" if tensor_cores_serve(d, k_cache) else "simt")
-        if kind == "tc" and not tensor_cores_serve(d, k_cache):
+        serves = tensor_cores_serve(d, k_cache)
+        kind = tuning.get("kernel") or ("tc" if serves else "simt")
+        if kind == "tc" and not serves:
             raise ValueError(f"kernel='tc': the tensor-core decode serves fp16/bf16 caches with head_dim a multiple "
                              f"of 8 up to 256, pages of 8 tokens or more and 16-byte aligned rows; got {d}")
         self.kernel_name = kind
-        heads = tc_heads_per_block(d.group) if kind == "tc" else heads_per_block(d.group)
+        heads = heads_per_block(d.group)          # both kernels serve up to 8 query heads a block
         num_blocks = d.num_seqs * d.num_kv_heads * (d.group // heads)
+        heads_major = tuning.get("heads_major")
+        heads_major = bool(d.num_seqs <= MAX_GRID_Y if heads_major is None else heads_major)
+        params = (d.head_dim, d.page_size, d.group, heads, d.cache_kind, d.q_kind, self.out_kind)
         if kind == "tc":
             max_registers = tuning.get("max_registers", TC_MAX_REGISTERS)
             warps, parts, part_tokens = tc_launch(num_blocks, span, d.page_size, d.head_dim, num_sms(),
                                                   tuning.get("threads"), tuning.get("num_partitions"), max_registers)
-            threads = 32 * warps
+            self.threads = 32 * warps
+            self.kernel = make_paged_decode_tc_kernel(*params, parts > 1, warps, heads_major, max_registers)
         else:
             threads = tuning.get("threads")
             max_registers = tuning.get("max_registers", MAX_REGISTERS)
-            resident = max(1, 65536 // ((threads or THREADS_SPLIT) * (max_registers or 255)))
             if tuning.get("num_partitions") is None:
+                resident = max(1, 65536 // ((threads or THREADS_SPLIT) * (max_registers or 255)))
                 parts, part_tokens = split_rule(num_blocks, span, d.page_size, num_sms(), resident)
             else:
                 parts = tuning["num_partitions"]
                 part_tokens = -(-span // parts)
-        if kind != "tc":
-            threads = threads or (THREADS_SPLIT if parts > 1 else THREADS)
-        self.num_partitions, self.threads = parts, threads
-        heads_major = tuning.get("heads_major")
-        if heads_major is None:
-            heads_major = d.num_seqs <= MAX_GRID_Y
-        if kind == "tc":
-            self.kernel = make_paged_decode_tc_kernel(d.head_dim, d.page_size, d.group, heads, d.cache_kind,
-                                                      d.q_kind, self.out_kind, parts > 1, threads // 32,
-                                                      bool(heads_major), max_registers)
-        else:
+            self.threads = threads or (THREADS_SPLIT if parts > 1 else THREADS)
             lanes = tuning.get("lanes") or choose_lanes(d.head_dim, heads, d.cache_kind)
-            self.kernel = make_paged_decode_kernel(d.head_dim, d.page_size, d.group, heads, d.cache_kind,
-                                                   d.q_kind, self.out_kind, parts > 1, lanes, self.threads,
+            self.kernel = make_paged_decode_kernel(*params, parts > 1, lanes, self.threads,
                                                    tuning.get("tokens_per_group", TOKENS_PER_GROUP), max_registers,
-                                                   bool(heads_major))
+                                                   heads_major)
+        self.num_partitions = parts
         head_blocks = d.num_kv_heads * (d.group // heads)
         self.grid = (head_blocks, d.num_seqs, parts) if heads_major else (d.num_seqs, head_blocks, parts)
         with self.stream if self.stream is not None and self.on_gpu else _null():

@@ -40,7 +40,6 @@ from pagemem.kernels.paged_attention import make_block_coords, make_merge_states
 
 TILE = 16
 MAX_HEADS = 8          # query heads a block serves (the columns of the P.V product)
-WARPS = 4
 LOG2E = 1.4426950408889634
 MAX_SHARED_FLOATS = 12288   # the warps' merge buffer stays within 48 KiB of static shared memory
 
@@ -51,12 +50,7 @@ def tc_eligible(head_dim: int, page_size: int, cache_kind: int) -> bool:
     return cache_kind in (F16, BF16) and head_dim % 8 == 0 and 8 <= head_dim <= 256 and page_size >= 8
 
 
-def tc_heads_per_block(group: int) -> int:
-    """Largest divisor of the GQA group size that is at most 8."""
-    return max(c for c in range(1, MAX_HEADS + 1) if group % c == 0)
-
-
-def tc_warps(head_dim: int, warps: int = WARPS) -> int:
+def tc_warps(head_dim: int, warps: int) -> int:
     """Warps a block may have: the merge buffer holds warps x 8 heads x head_dim floats."""
     while warps > 1 and warps * MAX_HEADS * head_dim > MAX_SHARED_FLOATS:
         warps //= 2
@@ -65,7 +59,7 @@ def tc_warps(head_dim: int, warps: int = WARPS) -> int:
 
 @functools.cache
 def make_paged_decode_tc_kernel(head_dim: int, page_size: int, group: int, heads: int, cache_kind: int,
-                                q_kind: int, out_kind: int, split: bool, warps: int = WARPS,
+                                q_kind: int, out_kind: int, split: bool, warps: int,
                                 heads_major: bool = True, max_registers: int | None = None):
     """Decode attention over pages on the tensor cores; same arguments and outputs as
     ``make_paged_decode_kernel`` (kernels/paged_attention.py), with ``warps`` warps a block.
