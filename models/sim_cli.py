@@ -266,15 +266,18 @@ def calibrate(args) -> StepModel:
     check_output_path(args.out, "--out")
     check_device(args.device)
     ps, steps = args.page_size, args.decode_steps
-    per_seq = -(-(max(args.context_lens) + steps + 2) // ps)
+    budget = max(16384, max(args.prefill_tokens))
+    per_seq = -(-(max(args.context_lens) + _decode_max_tokens(max(args.batch_sizes), max(args.context_lens), steps,
+                                                              budget)) // ps)
     prefill_seqs = -(-max(args.prefill_tokens) // args.prefill_prompt_len)
-    num_pages = max(args.batch_sizes) * per_seq + prefill_seqs * -(-(args.prefill_prompt_len + 1) // ps) \
+    need = max(args.batch_sizes) * (per_seq + 1) + prefill_seqs * -(-(args.prefill_prompt_len + 1) // ps) \
         + 2 * args.swap_pages + 1
+    num_pages = -(-need * 100 // 98)    # admission keeps the engine's 1% watermark of the pool free
     probe = LLM(args.model, dtype=args.dtype, device=args.device, page_size=ps, num_pages=2, swap_space=0)
     swap_gib = 4 * args.swap_pages * probe.pool.config.page_bytes / 2**30
     llm = LLM(probe.model, page_size=ps, num_pages=num_pages, swap_space=swap_gib, preemption="swap",
               max_num_seqs=max(max(args.batch_sizes), prefill_seqs),
-              max_num_batched_tokens=max(16384, max(args.prefill_tokens)), seed=args.seed)
+              max_num_batched_tokens=budget, seed=args.seed)
     del probe
     llm.warmup(max(args.context_lens) + steps + 2)
     model = measure_step_model(llm, args.batch_sizes, args.context_lens, steps, args.prefill_tokens,
@@ -321,14 +324,28 @@ def _serve(llm, prompts, max_tokens: int) -> list:
     return llm.stats.steps[n0:]
 
 
+def _decode_max_tokens(batch: int, context: int, steps: int, budget: int) -> int:
+    """Output tokens a calibration request asks for. The prompts of ``batch`` requests prefill in
+    chunks over about ceil(batch * context / (budget - batch)) steps (a step's decode rows take
+    from its token budget too), and a request whose prompt finished early decodes one token in each
+    later step; it must still have ``steps`` + 2 to go when the last prompt is done, so that the
+    whole batch decodes that many steps together."""
+    if budget <= batch:
+        raise ValueError(f"calibrate: a step's {budget} tokens cannot prefill beside {batch} decode rows")
+    return steps + 4 + -(-batch * context // (budget - batch))
+
+
 def _decode_seconds(llm, batch: int, context: int, steps: int, rng, vocab: int) -> float:
-    """Median seconds of the decode-only steps of ``batch`` sequences of ``context`` prompt tokens."""
+    """Median seconds of the decode-only steps of ``batch`` sequences of ``context`` prompt tokens
+    (the first ``steps`` of them after the first, which shares its time with the last prefill).
+    Requests whose prompt finished early are up to that many prefill steps' tokens further on."""
     import statistics
-    recs = _serve(llm, [rng.integers(0, vocab, context).tolist() for _ in range(batch)], steps + 2)
+    max_tokens = _decode_max_tokens(batch, context, steps, llm.scheduler.max_num_batched_tokens)
+    recs = _serve(llm, [rng.integers(0, vocab, context).tolist() for _ in range(batch)], max_tokens)
     dec = [s.seconds for s in recs if s.num_seqs == batch and s.num_tokens == batch]
     if not dec:
         raise RuntimeError(f"calibrate: no decode-only step at batch {batch}, context {context}")
-    return float(statistics.median(dec[1:] or dec))   # the first shares its time with the prefill's take-in
+    return float(statistics.median(dec[1:steps + 1] or dec))
 
 
 def _prefill_seconds(llm, tokens: int, prompt_len: int, repeats: int, rng, vocab: int) -> float:

@@ -206,3 +206,15 @@ def test_simulate_seed_draws_the_trace(tmp_path):
                      "--seed", seed, "--save-trace", str(path), "--no-progress"]) == 0
         traces[name] = path.read_text()
     assert traces["a"] == traces["b"] != traces["c"]
+
+
+def test_calibrate_measures_a_batch_whose_prompts_take_several_prefill_steps(tmp_path):
+    """40 prompts of 2048 tokens prefill over 5 steps of 16,384 tokens: the first prompts finish
+    and decode while the last ones prefill. Their requests must still be running when the
+    last prompt is done, or no step decodes the whole batch (the default grid's 256 x 2048 did this)."""
+    out = tmp_path / "step_model.json"
+    assert main(["calibrate", "--model", "random:tiny", "--device", "cpu", "--batch-sizes", "40",
+                 "--context-lens", "2048", "--decode-steps", "2", "--prefill-tokens", "16",
+                 "--prefill-prompt-len", "8", "--swap-pages", "2", "--repeats", "1", "--out", str(out)]) == 0
+    model = StepModel.load(out)
+    assert model.decode_batch == (40,) and model.decode_s[0][0] > 0
