@@ -116,6 +116,71 @@ def make_quad_load(kind: int, mode: int):
     return quad
 
 
+TILE_WORDS = 8          # uint64 words a thread loads before it uses the first (loads in flight)
+
+
+def _generated(name: str, src: str, env: dict):
+    """A device function from source built for fixed sizes: the tile's loads and calls are
+    written out one by one, so that its values stay in registers (a loop over a local array
+    the compiler does not unroll keeps them in local memory, and reuses one register for every
+    other load, which leaves two loads in flight)."""
+    ns = dict(env)
+    exec(compile(src, f"<pagemem.kernels.sampling_device:{name}>", "exec"), ns)
+    return _dev(ns[name])
+
+
+@functools.cache
+def make_row_scan(kind: int, mode: int, body, tile_words: int = TILE_WORDS):
+    """scan(words, bits, r, vocab, off, stride, state, ctx) -> state: ``body(x0, x1, x2, x3, q,
+    state, ctx) -> state`` over the quads off, off + stride, ... of row r (four float32 logits,
+    ids 4q .. 4q+3; past the vocabulary -inf, so a body checks 4q + e < vocab).
+
+    The row is read in tiles of UNROLL quads a thread, all loaded before the first is used, so
+    that a thread keeps ``tile_words`` loads in flight instead of one: a loop that loads one quad
+    and uses it waits out the memory latency once per quad, which held a block of the sampling
+    kernels to a small share of the bandwidth. Loads past the last whole quad repeat it (every
+    load is unconditional) and are skipped; the partial quad at the end goes through ``quad``."""
+    quad = make_quad_load(kind, mode)
+    get = unpack[kind]
+    if mode == SCALARS:
+        @_dev
+        def scan_scalars(words, bits, r, vocab, off, stride, state, ctx):
+            for q in range(off, (vocab + 3) // 4, stride):
+                x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
+                state = body(x0, x1, x2, x3, q, state, ctx)
+            return state
+        return scan_scalars
+    per = 2 if mode == WORD32 else 1
+    U = max(1, tile_words // per)
+    lines = ["def tile(words, r, q0, stride, nfull, state, ctx):", "    last = nfull - 1"]
+    for u in range(U):
+        lines.append(f"    c{u} = min(q0 + {u} * stride, last)")
+    for u in range(U):                      # every load first
+        if per == 1:
+            lines.append(f"    w{u} = words[r, c{u}]")
+        else:
+            lines.append(f"    w{u}a = words[r, 2 * c{u}]")
+            lines.append(f"    w{u}b = words[r, 2 * c{u} + 1]")
+    for u in range(U):
+        xs = (f"get(w{u}, 0), get(w{u}, 1), get(w{u}, 2), get(w{u}, 3)" if per == 1 else
+              f"get(w{u}a, 0), get(w{u}a, 1), get(w{u}b, 0), get(w{u}b, 1)")
+        lines.append(f"    if q0 + {u} * stride < nfull:")
+        lines.append(f"        state = body({xs}, q0 + {u} * stride, state, ctx)")
+    lines.append("    return state")
+    tile = _generated("tile", "\n".join(lines) + "\n", {"body": body, "get": get, "min": min})
+
+    @_dev
+    def scan(words, bits, r, vocab, off, stride, state, ctx):
+        nfull = vocab // 4
+        for q0 in range(off, nfull, stride * U):
+            state = tile(words, r, q0, stride, nfull, state, ctx)
+        for q in range(nfull + off, (vocab + 3) // 4, stride):     # the last, partial quad
+            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
+            state = body(x0, x1, x2, x3, q, state, ctx)
+        return state
+    return scan
+
+
 def quad_mode(kind: int, aligned: bool) -> int:
     if not aligned:
         return SCALARS

@@ -34,13 +34,17 @@ from numba import cuda, float32, float64, int32, int64, uint32, uint64
 from pagemem.kernels._arrays import as_device, launch, num_sms
 from pagemem.kernels._device import SIM, bits_dtype, bits_to_f32, dtype_kind, f32_to_bits, make_block_reduce
 from pagemem.kernels.reference_sampling import MIN_P, POSITION, SEED_HI, SEED_LO, TEMPERATURE, TOP_K, TOP_P
-from pagemem.kernels.sampling_device import (INF, MASK, SH32, dist, gumbel, make_block_ops, make_quad_load, mass_of,
-                                             order_key, philox, pick, quad_mode, token_of, word_of)
+from pagemem.kernels.sampling_device import (INF, MASK, SH32, dist, gumbel, make_block_ops, make_quad_load, make_row_scan,
+                                             mass_of, order_key, philox, pick, quad_mode, token_of, word_of)
 
 THREADS = 256
 NB = 2048                                   # histogram bins: one 11-bit digit
 CAP = 2048                                  # candidates finished in shared memory (a power of two)
 MAX_SPLIT = 16                              # blocks sharing one row on the one-pass path
+# uint64 words a thread has in flight in each pass of the filtered kernel (the one-pass kernel:
+# TILE_WORDS): as many as its 128 registers a thread hold without spilling (ptxas, sm_90, fp16
+# and fp32 logits); the gather's atomics and stores leave it the fewest.
+TILE_SOFTMAX, TILE_HISTOGRAM, TILE_GATHER, TILE_DRAW = 4, 8, 2, 4
 # Radix levels over the 32-bit keys: digits of 11, 11 and 10 bits (shifts 21, 10, 0), top first.
 
 
@@ -78,20 +82,26 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
     block_max_u64, block_excl_scan, kth_largest = make_block_ops(NT)
 
     @_dev
+    def softmax_body(x0, x1, x2, x3, q, state, ctx):
+        """(running max, sum of exp(z - max)) with quad q's z = x * inv_t in."""
+        m, s = state
+        vocab, inv_t = ctx
+        for e in range(4):
+            if 4 * q + e < vocab:
+                z = pick(x0, x1, x2, x3, e) * inv_t
+                if z > m:
+                    s = s * math.exp(m - z) + float32(1)
+                    m = z
+                else:
+                    s += math.exp(z - m)
+        return m, s
+
+    softmax_scan = make_row_scan(logit_kind, mode, softmax_body, TILE_SOFTMAX)
+
+    @_dev
     def softmax_stats(words, bits, r, vocab, inv_t, sf, tid):
         """(max z of the row, sum of exp(z - max), this thread's own max z)."""
-        m = -INF
-        s = float32(0)
-        for q in range(tid, (vocab + 3) // 4, NT):
-            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
-            for e in range(4):
-                if 4 * q + e < vocab:
-                    z = pick(x0, x1, x2, x3, e) * inv_t
-                    if z > m:
-                        s = s * math.exp(m - z) + float32(1)
-                        m = z
-                    else:
-                        s += math.exp(z - m)
+        m, s = softmax_scan(words, bits, r, vocab, tid, NT, (-INF, float32(0)), (vocab, inv_t))
         zmax = block_max_f(m, sf, tid)
         w = s * math.exp(m - zmax) if m > -INF else float32(0)
         return zmax, block_sum_f(w, sf, tid), m
@@ -112,6 +122,26 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
         return cut
 
     @_dev
+    def histogram_body(x0, x1, x2, x3, q, outside, ctx):
+        """Count quad q's considered tokens into the histogram; add to ``outside`` the mass of
+        those past the cut but within min-p."""
+        vocab, inv_t, zmax, cut, dmp, limit, prefix, pmask, shift, dmask, hcount, hmass = ctx
+        for e in range(4):
+            if 4 * q + e < vocab:
+                d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
+                key = uint64(f32_to_bits(d))
+                if d <= cut:
+                    if key <= limit and (key & pmask) == prefix:
+                        b = (key >> shift) & dmask
+                        cuda.atomic.add(hcount, b, uint32(1))
+                        cuda.atomic.add(hmass, b, mass_of(d))
+                elif d <= dmp and key <= limit:
+                    outside += mass_of(d)
+        return outside
+
+    histogram_scan = make_row_scan(logit_kind, mode, histogram_body, TILE_HISTOGRAM)
+
+    @_dev
     def histogram(words, bits, r, vocab, inv_t, zmax, cut, dmp, limit, prefix, pmask, shift, dmask,
                   hcount, hmass, tid):
         """Counts and masses of the tokens with d <= cut and key <= limit whose key matches
@@ -121,20 +151,8 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
             hcount[b] = uint32(0)
             hmass[b] = uint64(0)
         cuda.syncthreads()  # bins cleared
-        outside = uint64(0)
-        for q in range(tid, (vocab + 3) // 4, NT):
-            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
-            for e in range(4):
-                if 4 * q + e < vocab:
-                    d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
-                    key = uint64(f32_to_bits(d))
-                    if d <= cut:
-                        if key <= limit and (key & pmask) == prefix:
-                            b = (key >> shift) & dmask
-                            cuda.atomic.add(hcount, b, uint32(1))
-                            cuda.atomic.add(hmass, b, mass_of(d))
-                    elif d <= dmp and key <= limit:
-                        outside += mass_of(d)
+        outside = histogram_scan(words, bits, r, vocab, tid, NT, uint64(0),
+                                 (vocab, inv_t, zmax, cut, dmp, limit, prefix, pmask, shift, dmask, hcount, hmass))
         cuda.syncthreads()  # histogram complete
         return outside
 
@@ -179,6 +197,22 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
         return res
 
     @_dev
+    def gather_body(x0, x1, x2, x3, q, state, ctx):
+        """Append quad q's considered tokens whose key is at most hi_key to the candidates."""
+        vocab, inv_t, zmax, cut, hi_key, cand, sv = ctx
+        for e in range(4):
+            if 4 * q + e < vocab:
+                d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
+                key = uint64(f32_to_bits(d))
+                if d <= cut and key <= hi_key:
+                    at = cuda.atomic.add(sv, 5, uint64(1))
+                    if at < uint64(CAP_):
+                        cand[at] = (key << SH32) | uint64(4 * q + e)
+        return state
+
+    gather_scan = make_row_scan(logit_kind, mode, gather_body, TILE_GATHER)
+
+    @_dev
     def gather(words, bits, r, vocab, inv_t, zmax, cut, hi_key, cand, sv, tid):
         """cand[:n] = (key << 32 | id) of every token with d <= cut and key <= hi_key, the rest
         padded with the largest value, then sorted (bitonic). Callers know from a histogram that
@@ -188,16 +222,7 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
         for i in range(tid, CAP_, NT):
             cand[i] = ~uint64(0)
         cuda.syncthreads()  # counter and padding ready
-        for q in range(tid, (vocab + 3) // 4, NT):
-            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
-            for e in range(4):
-                if 4 * q + e < vocab:
-                    d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
-                    key = uint64(f32_to_bits(d))
-                    if d <= cut and key <= hi_key:
-                        at = cuda.atomic.add(sv, 5, uint64(1))
-                        if at < uint64(CAP_):
-                            cand[at] = (key << SH32) | uint64(4 * q + e)
+        gather_scan(words, bits, r, vocab, tid, NT, int64(0), (vocab, inv_t, zmax, cut, hi_key, cand, sv))
         cuda.syncthreads()  # all gathered
         n = min(int64(sv[5]), int64(CAP_))
         size = 2
@@ -276,37 +301,55 @@ def make_sample_kernel(logit_kind: int, mode: int, threads: int = THREADS, cap: 
         return block_max_u64(best, sv, 8, tid)
 
     @_dev
+    def one_pass_body(x0, x1, x2, x3, q, best, ctx):
+        """best, or the largest order key of quad q's tokens by z + Gumbel noise (z alone when
+        greedy) if larger."""
+        vocab, inv_t, greedy, pos, k0, k1 = ctx
+        w0, w1, w2, w3 = (uint64(0), uint64(0), uint64(0), uint64(0))
+        if not greedy:
+            w0, w1, w2, w3 = philox(uint64(q), pos, uint64(0), uint64(0), k0, k1)
+        for e in range(4):
+            i = 4 * q + e
+            if i < vocab:
+                v = pick(x0, x1, x2, x3, e) * inv_t
+                if not greedy:
+                    v += gumbel(pick(w0, w1, w2, w3, e))
+                best = max(best, order_key(v, i))
+        return best
+
+    one_pass_scan = make_row_scan(logit_kind, mode, one_pass_body)
+
+    @_dev
     def one_pass(words, bits, r, vocab, inv_t, greedy, pos, k0, k1, part, split, tid):
         """This block's share of argmax(z + Gumbel noise), or of argmax(z) when greedy."""
-        best = uint64(0)
-        for q in range(part * NT + tid, (vocab + 3) // 4, NT * split):
-            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
-            w0, w1, w2, w3 = (uint64(0), uint64(0), uint64(0), uint64(0))
-            if not greedy:
-                w0, w1, w2, w3 = philox(uint64(q), pos, uint64(0), uint64(0), k0, k1)
+        return one_pass_scan(words, bits, r, vocab, part * NT + tid, NT * split, uint64(0),
+                             (vocab, inv_t, greedy, pos, k0, k1))
+
+    @_dev
+    def draw_body(x0, x1, x2, x3, q, best, ctx):
+        """best, or the largest order key of (Gumbel - d) over quad q's considered tokens if
+        larger. The noise is drawn only for a quad that holds one (most hold none once a cut is
+        known)."""
+        vocab, inv_t, zmax, cut, limit, pos, k0, k1 = ctx
+        d0 = dist(x0, inv_t, zmax)
+        d1 = dist(x1, inv_t, zmax)
+        d2 = dist(x2, inv_t, zmax)
+        d3 = dist(x3, inv_t, zmax)
+        if min(min(d0, d1), min(d2, d3)) <= cut:
+            w0, w1, w2, w3 = philox(uint64(q), pos, uint64(0), uint64(0), k0, k1)
             for e in range(4):
                 i = 4 * q + e
-                if i < vocab:
-                    v = pick(x0, x1, x2, x3, e) * inv_t
-                    if not greedy:
-                        v += gumbel(pick(w0, w1, w2, w3, e))
-                    best = max(best, order_key(v, i))
+                d = pick(d0, d1, d2, d3, e)
+                if i < vocab and d <= cut and uint64(f32_to_bits(d)) <= limit:
+                    best = max(best, order_key(gumbel(pick(w0, w1, w2, w3, e)) - d, i))
         return best
+
+    draw_scan = make_row_scan(logit_kind, mode, draw_body, TILE_DRAW)
 
     @_dev
     def draw_pass(words, bits, r, vocab, inv_t, zmax, cut, limit, pos, k0, k1, tid):
         """argmax of (Gumbel - d) over the tokens with d <= cut and key <= limit."""
-        best = uint64(0)
-        for q in range(tid, (vocab + 3) // 4, NT):
-            x0, x1, x2, x3 = quad(words, bits, r, q, vocab)
-            w0, w1, w2, w3 = philox(uint64(q), pos, uint64(0), uint64(0), k0, k1)
-            for e in range(4):
-                i = 4 * q + e
-                if i < vocab:
-                    d = dist(pick(x0, x1, x2, x3, e), inv_t, zmax)
-                    if d <= cut and uint64(f32_to_bits(d)) <= limit:
-                        best = max(best, order_key(gumbel(pick(w0, w1, w2, w3, e)) - d, i))
-        return best
+        return draw_scan(words, bits, r, vocab, tid, NT, uint64(0), (vocab, inv_t, zmax, cut, limit, pos, k0, k1))
 
     # Two blocks an SM for the filtered path (its shared memory allows it); the one-pass kernel
     # holds few registers and needs no cap.

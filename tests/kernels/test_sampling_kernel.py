@@ -224,6 +224,22 @@ def test_kernel_greedy_and_fp16_logits(rng, vocab):
 
 
 @needs_sim
+@pytest.mark.parametrize("dtype, vocab", [(np.float32, 2002), (np.float16, 2048)])
+def test_kernel_rows_of_several_tiles(rng, dtype, vocab):
+    """Rows long enough that each of 32 threads reads several tiles of quads (loads clamped past
+    the row's last whole quad and skipped), fp32 ending in a half quad (2002): every path draws
+    the oracle's token, greedy the argmax, one-pass rows also spread over two blocks."""
+    logits = (rng.standard_normal((5, vocab)) * 2).astype(dtype)
+    params = pack_params([0.0, 1.0, 0.8, 0.7, 1.1], [0, 0, 50, 0, 20], [1.0, 1.0, 0.9, 1.0, 0.8],
+                         [0.0, 0.0, 0.0, 0.05, 0.0], [11, 12, 13, 14, 15], [7, 8, 9, 10, 11])
+    want = _gumbel_oracle(logits[1:].astype(np.float32), params[:, 1:])
+    for split in (1, 2):
+        got = _kernel_draws(logits, params, split=split)
+        assert got[0] == int(logits[0].astype(np.float32).argmax())
+        np.testing.assert_array_equal(got[1:], want)
+
+
+@needs_sim
 @pytest.mark.parametrize("cap", [2048, 32])
 def test_kernel_logprobs_match_the_reference(rng, cap):
     from pagemem.kernels.sampling_kernel import logprobs_cuda
