@@ -230,15 +230,17 @@ class PackedLaunch:
                 self._vals[i] = np.int64(np.uint64(p)) if isinstance(p, np.uint64) else int(p)
         base = self._vals.ctypes.data
         self._ptrs = (ctypes.c_void_p * len(params))(*(base + 8 * i for i in range(len(params))))
-        self._function = ctypes.c_void_p(raw.function.ptr)
         self._raw = raw              # keeps the module (and so the function) loaded
-        self._dims = (*_dim3(grid), *_dim3(block))
+        # cuLaunchKernel's leading arguments as ctypes values made once (no conversion per call)
+        self._head = (ctypes.c_void_p(raw.function.ptr), *(ctypes.c_uint(v) for v in (*_dim3(grid), *_dim3(block))),
+                      ctypes.c_uint(0))
+        self._launch = _driver_launch()
 
     def set(self, i: int, value: int) -> None:
         self._vals[i] = value
 
     def launch(self, stream_ptr: int) -> None:
-        rc = _driver_launch()(self._function, *self._dims, 0, stream_ptr, self._ptrs, None)
+        rc = self._launch(*self._head, stream_ptr, self._ptrs, None)
         if rc:
             raise RuntimeError(f"cuLaunchKernel failed with CUresult {rc}")
 

@@ -19,6 +19,7 @@ the plan is used.
 """
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 from numba import float32
 
@@ -32,6 +33,7 @@ from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, ch
                                              make_decode_reduce_kernel, make_paged_decode_kernel)
 
 MAX_GRID_Y = 65535
+_DTYPES = {dtype_kind(t, "dtype"): np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32)}
 TC_MAX_REGISTERS = None  # ptxas' own choice: no spills (108 / 165 / 233 registers at head_dim 64 / 128 / 256)
 # Registers a thread of the tensor-core kernel holds, by 64-dim chunks of head_dim (ptxas for sm_90,
 # rounded up to its allocation unit of 8), for the occupancy the launch rule assumes.
@@ -117,6 +119,9 @@ class DecodePlan:
         self.q_shape = (dims.num_seqs, dims.num_q_heads, dims.head_dim)
         self._raw = self._reduce_raw = None
         self.kernel_name = None
+        self._q_dtype, self._out_dtype = _DTYPES[dims.q_kind], _DTYPES[out_kind]
+        self._array_type = type(page_tables)
+        self._aligned16 = False
         if self.kernel_path:
             self._plan_launch(k_cache, tuning)
 
@@ -135,6 +140,7 @@ class DecodePlan:
             raise ValueError(f"kernel='tc': the tensor-core decode serves fp16/bf16 caches with head_dim a multiple "
                              f"of 8 up to 256, pages of 8 tokens or more and 16-byte aligned rows; got {d}")
         self.kernel_name = kind
+        self._aligned16 = kind == "tc"
         heads = heads_per_block(d.group)          # both kernels serve up to 8 query heads a block
         num_blocks = d.num_seqs * d.num_kv_heads * (d.group // heads)
         heads_major = tuning.get("heads_major")
@@ -181,30 +187,50 @@ class DecodePlan:
         """Attention of each sequence's new token (q [num_seqs, num_q_heads, head_dim]) over this
         layer's cache; writes ``out`` (default: a new array of q's dtype) and returns it. Enqueued
         on the plan's stream; nothing waits."""
-        self._check(q, k_cache, v_cache, out)
+        if not self._matches(q, k_cache, v_cache, out):
+            self._check(q, k_cache, v_cache, out)
         if out is None:
             out = _empty(q.shape, q.dtype, self.on_gpu)
         if not self.kernel_path:
             return _cpu.paged_decode_cpu(q, k_cache, v_cache, self.page_tables, self.context_lens, self.scale,
                                          out, self.window, self.dims)
         if self._raw is None or (q.strides, out.strides) != self._layer_strides:
+            self._check_aligned(_pointer(k_cache), _pointer(v_cache))
             self._first_launch(q, k_cache, v_cache, out)
             return out
         main, (o_at, q_at, k_at, v_at) = self._raw
-        main.set(o_at, out.data.ptr)
+        k_ptr, v_ptr, o_ptr = k_cache.data.ptr, v_cache.data.ptr, out.data.ptr
+        self._check_aligned(k_ptr, v_ptr)
+        main.set(o_at, o_ptr)
         main.set(q_at, q.data.ptr)
-        main.set(k_at, k_cache.data.ptr)
-        main.set(v_at, v_cache.data.ptr)
+        main.set(k_at, k_ptr)
+        main.set(v_at, v_ptr)
         stream = self.stream.ptr if self.stream is not None else _current_stream_ptr()
         main.launch(stream)
         if self._reduce_raw is not None:
             reduce, r_at = self._reduce_raw
-            reduce.set(r_at, out.data.ptr)
+            reduce.set(r_at, o_ptr)
             reduce.launch(stream)
         return out
 
+    def _matches(self, q, k_cache, v_cache, out) -> bool:
+        """The per-layer arrays have the planned shapes, dtypes, strides and array type: the fast
+        test run() makes on every call (dtypes by identity; _check decides when it fails)."""
+        return (type(q) is self._array_type and q.shape == self.q_shape and q.dtype is self._q_dtype
+                and type(k_cache) is self._array_type and k_cache.shape == self.cache_shape
+                and k_cache.strides == self.cache_strides and k_cache.dtype is self.cache_dtype
+                and type(v_cache) is self._array_type and v_cache.shape == self.cache_shape
+                and v_cache.strides == self.cache_strides and v_cache.dtype is self.cache_dtype
+                and (out is None or (type(out) is self._array_type and out.shape == self.q_shape
+                                     and out.dtype is self._out_dtype)))
+
+    def _check_aligned(self, k_ptr: int, v_ptr: int) -> None:
+        if self._aligned16 and (k_ptr | v_ptr) & 15:
+            raise ValueError("k_cache, v_cache: the planned tensor-core kernel reads 16-byte runs; these caches "
+                             "do not start on a 16-byte boundary")
+
     def _check(self, q, k_cache, v_cache, out) -> None:
-        """The per-layer arrays match the plan: cheap tuple and dtype comparisons only."""
+        """The per-layer arrays match the plan (raises naming the argument that does not)."""
         if tuple(q.shape) != self.q_shape or (out is not None and tuple(out.shape) != self.q_shape):
             raise ValueError(f"q, out: expected shape {self.q_shape} (the plan's), got {tuple(q.shape)}"
                              + ("" if out is None else f" and {tuple(out.shape)}"))
@@ -215,11 +241,9 @@ class DecodePlan:
         if dtype_kind(q.dtype, "q") != self.dims.q_kind or (out is not None and dtype_kind(out.dtype, "out") != self.out_kind):
             raise TypeError(f"q, out: dtypes differ from the plan's (q {q.dtype}"
                             + ("" if out is None else f", out {out.dtype}") + ")")
-        if isinstance(q, np.ndarray) == self.on_gpu or isinstance(k_cache, np.ndarray) == self.on_gpu:
-            raise TypeError("q: the plan was made for " + ("CuPy" if self.on_gpu else "NumPy") + " arrays")
-        if self.kernel_name == "tc" and (_pointer(k_cache) | _pointer(v_cache)) & 15:
-            raise ValueError("k_cache, v_cache: the planned tensor-core kernel reads 16-byte runs; these caches "
-                             "do not start on a 16-byte boundary")
+        for name, a in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+            if a is not None and isinstance(a, np.ndarray) == self.on_gpu:
+                raise TypeError(f"{name}: the plan was made for " + ("CuPy" if self.on_gpu else "NumPy") + " arrays")
 
     def _args(self, q, k_cache, v_cache, out) -> tuple:
         (k_flat, _), (v_flat, _) = as_flat_words(k_cache), as_flat_words(v_cache)

@@ -92,6 +92,30 @@ def test_decode_kernel_choice(rng):
         plan_decode(p.page_tables, p.context_lens, 4, p.k, kernel="tc", kernel_path=True)
 
 
+def test_decode_plan_run_checks_each_call(rng):
+    """run() on arrays of a subclass (its fast test fails, the full one passes) equals the
+    reference; a cache view that does not start on a 16-byte boundary is refused before any
+    launch (the packed relaunch, GPU only, makes the same test: test_gpu.py); so is an out of
+    another dtype."""
+    from pagemem.kernels.decode_plan import plan_decode
+
+    class Sub(np.ndarray):
+        pass
+    p = make_paged(rng, [5, 9], head_dim=16, page_size=8, dtype=np.float16)
+    q = queries(rng, 2, 4, 16, np.float16)
+    plan = plan_decode(p.page_tables, p.context_lens, 4, p.k, kernel_path=True, scale=0.5)
+    assert plan.kernel_name == "tc"
+    out = plan.run(q.view(Sub), p.k.view(Sub), p.v.view(Sub), np.zeros_like(q).view(Sub))
+    assert_close(np.asarray(out), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens, 0.5), np.dtype(np.float16))
+    buf = np.zeros(p.kv.nbytes + 16, np.uint8)
+    shifted = buf[2:2 + p.kv.nbytes].view(np.float16).reshape(p.kv.shape)   # 2 bytes past an aligned base
+    k_bad = np.lib.stride_tricks.as_strided(shifted[:, 0, 0], p.k.shape, p.k.strides)
+    with pytest.raises(ValueError, match="16-byte"):
+        plan.run(q, k_bad, p.v)
+    with pytest.raises(TypeError, match="q, out"):
+        plan.run(q, p.k, p.v, np.zeros(q.shape, np.float32))
+
+
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
 def test_decode_v1(rng, dtype):
     """The naive baseline kernel equals the reference too (it is the bench's yardstick)."""
