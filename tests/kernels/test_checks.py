@@ -115,6 +115,19 @@ def test_flash_tiling_sizes():
     for define in ("#define HEAD_DIM 96", "#define MT 2", "#define PACK 1", "#define SUB_N 32", '#define ELEM "bf16"'):
         assert define in src
     assert "#define SUB_N 64" in source(64, Tiling(sub_n=0), bf16=False)
+    assert src.index("#define HEAD_DIM 96") < src.index('extern "C" __global__') and "pagemem_flash_prefill" in src
+
+
+def test_cuda_sources_ship_beside_their_loaders():
+    """The CUDA C++ of the fused prefill and the swap's row copy are package files (installed
+    with the wheel: pyproject's package-data), each defining the entry points its loader asks for."""
+    from importlib.resources import files
+    from pagemem.kernels import swap_copy
+    kernels_dir = files("pagemem.kernels")
+    assert "pagemem_flash_prefill" in (kernels_dir / "prefill_flash.cu").read_text()
+    assert swap_copy._SRC == (kernels_dir / "swap_copy.cu").read_text()
+    for b in swap_copy.WORD_BYTES:
+        assert f"PAGEMEM_COPY_ROWS({b}," in swap_copy._SRC
 
 
 def test_decode_lengths_the_docs_forbid(case):
