@@ -40,9 +40,9 @@ class _ModelShim:
 def trace(llm) -> dict:
     """Wrap the engine's step parts with host timers; returns the per-part lists it fills."""
     import pagemem.models.engine as eng
-    parts: dict = {"schedule": [], "launch": [], "take_in": [], "kind": [], "pack": [], "forward": [], "graph": [],
+    parts: dict = {"schedule": [], "launch": [], "collect": [], "kind": [], "pack": [], "forward": [], "graph": [],
                    "sample": []}
-    sched, launch, take_in = llm.scheduler.schedule, llm._launch, llm._take_in
+    sched, launch, collect = llm.scheduler.schedule, llm._launch, llm._collect
 
     def timed(name, fn):
         @functools.wraps(fn)
@@ -56,7 +56,7 @@ def trace(llm) -> dict:
     def launch_kind(step, *a):
         parts["kind"].append("decode" if step.num_tokens == len(step.requests) else "prefill")
         return timed("launch", launch)(step, *a)
-    llm.scheduler.schedule, llm._launch, llm._take_in = timed("schedule", sched), launch_kind, timed("take_in", take_in)
+    llm.scheduler.schedule, llm._launch, llm._collect = timed("schedule", sched), launch_kind, timed("collect", collect)
     eng.pack_batch = timed("pack", eng.pack_batch)
     forward = timed("forward", llm.model.forward)
     llm.model = _ModelShim(llm.model, forward)
@@ -72,9 +72,9 @@ def report(parts: dict) -> None:
         idx = [i for i, k in enumerate(kinds) if k == kind]
         if not idx:
             continue
-        # take_in[i] is the wait for step i's ids, done right after step i+1 was queued
+        # collect[i] is the wait for step i's ids, done right after step i+1 was queued
         cells = [f"{name} {1e3 * sum(parts[name][i] for i in idx if i < len(parts[name])) / len(idx):.2f} ms"
-                 for name in ("schedule", "launch", "take_in")]
+                 for name in ("schedule", "launch", "collect")]
         print(f"trace {kind:7s} x{len(idx)}: mean " + ", ".join(cells))
     for name in ("pack", "forward", "graph", "sample"):
         if parts[name]:
@@ -116,7 +116,7 @@ def main() -> None:
         if parts is not None:
             report(parts)
             import pagemem.models.engine as eng
-            del llm.scheduler.schedule, llm._launch, llm._take_in, llm._sample
+            del llm.scheduler.schedule, llm._launch, llm._collect, llm._sample
             llm.model = llm.model.inner
             eng.pack_batch = eng.pack_batch.__wrapped__ if hasattr(eng.pack_batch, "__wrapped__") else eng.pack_batch
             if llm.graphs is not None:

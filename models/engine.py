@@ -76,7 +76,10 @@ class StepRecord:
 
 
 @dataclass(slots=True)
-class _Live:
+class _RequestState:
+    """What the engine keeps of a request beside the scheduler's Request: how it samples and
+    stops, its prompt text, its timings, why it finished and its log-probabilities."""
+
     params: SamplingParams
     seed: int                          # the request's draws depend on it and the position only
     prompt: str | None
@@ -133,14 +136,14 @@ class LLM:
                                    admit_batch=admit_batch, stream=self.stream)
         self.seed = seed
         self.async_scheduling = bool(async_scheduling)
-        self._inflight: _InFlight | None = None
-        self._last_take_in = 0.0
-        self._flip = 0
+        self._inflight: _StepInFlight | None = None
+        self._last_collect_t = 0.0
+        self._pinned_slot = 0
         self._pinned = None
         if self.stream is not None:      # two sets of pinned buffers: one per step in flight
             self._pinned = [_Pinned(max_num_seqs) for _ in range(2)]
         self.stats = EngineStats()
-        self._live: dict[Request, _Live] = {}
+        self._states: dict[Request, _RequestState] = {}
         self._next_id = 0
 
     def warmup(self, max_context_len: int) -> None:
@@ -232,7 +235,7 @@ class LLM:
 
     def _queue(self, text: str | None, ids: list[int], params: SamplingParams, priority: int) -> Request:
         req = self.scheduler.add(self._next_id, ids, params.max_tokens, priority)
-        self._live[req] = _Live(params, request_seed(params, self.seed, self._next_id), text,
+        self._states[req] = _RequestState(params, request_seed(params, self.seed, self._next_id), text,
                                 logprobs=[] if params.logprobs is not None else None)
         self._next_id += 1
         return req
@@ -269,27 +272,27 @@ class LLM:
     def abort(self, req: Request) -> None:
         """Retire ``req`` wherever it is (waiting, running, swapped): its pages go back to the
         pool now; a token of it still in flight is dropped when it arrives."""
-        live = self._live.get(req)
-        if live is None:
+        state = self._states.get(req)
+        if state is None:
             raise ValueError(f"request {getattr(req, 'request_id', req)!r} is not in this engine")
         if req.status is not Status.FINISHED:
             self.scheduler.finish(req)
-        if not live.finish_reason:
-            live.finish_reason, live.done_t = "abort", time.perf_counter()
+        if not state.finish_reason:
+            state.finish_reason, state.done_t = "abort", time.perf_counter()
 
     def _abort(self, reqs: Sequence[Request]) -> None:
         """After a failed step: drop the step in flight (its ids never arrive) and retire reqs."""
         cur, self._inflight = self._inflight, None
         if cur is not None:
             try:
-                self._take_in(cur)       # other callers' requests keep their tokens
+                self._collect(cur)       # other callers' requests keep their tokens
             except Exception:  # noqa: BLE001 -- the step itself is broken: its ids are lost
                 for req in cur.sampled:
                     req.num_pending = max(0, req.num_pending - 1)
         for req in reqs:
             if req.status is not Status.FINISHED:
                 self.scheduler.finish(req)
-            self._live.pop(req, None)
+            self._states.pop(req, None)
 
     def chat(self, messages, params: SamplingParams | Sequence[SamplingParams] | None = None, **kwargs) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to each of a
@@ -327,14 +330,14 @@ class LLM:
                                f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.swapped)} swapped")
         cur = self._launch(step, prev, t0) if step is not None and step.requests else None
         if prev is not None:
-            finished += self._take_in(prev)
+            finished += self._collect(prev)
         self._inflight = cur
-        if cur is not None and not cur.deferred:
-            finished += self._take_in(cur)
+        if cur is not None and not cur.collect_later:
+            finished += self._collect(cur)
             self._inflight = None
         return finished
 
-    def _launch(self, step, prev: _InFlight | None, t0: float) -> _InFlight:
+    def _launch(self, step, prev: _StepInFlight | None, t0: float) -> _StepInFlight:
         """Queue the step's forward and sampling on the engine's stream; report it to the
         scheduler as advanced. Decode rows whose last token is still in flight read its id
         from ``prev``'s device tokens."""
@@ -347,12 +350,12 @@ class LLM:
         # that do not sample this step, mid-prompt chunks, get greedy settings and are ignored)
         packed = np.zeros((kernels.NUM_FIELDS, len(seqs)), dtype=np.int32)
         if rows:
-            live = [self._live[r] for r in sampled]
-            packed[:, rows] = pack_rows([x.params for x in live], [x.seed for x in live], [r.num_tokens for r in sampled])
+            states = [self._states[r] for r in sampled]
+            packed[:, rows] = pack_rows([x.params for x in states], [x.seed for x in states], [r.num_tokens for r in sampled])
         # Every device operation of the step (batch upload, forward, sampling) runs on one stream.
         with self.stream if self.stream is not None else contextlib.nullcontext():
             logits, graph_ids = self._forward(tokens, positions, seqs, step.query_lens, feed, prev, packed)
-            cur = _InFlight(step, sampled, t0)
+            cur = _StepInFlight(step, sampled, t0)
             self._sample(cur, logits, rows, packed, graph_ids)
         self.scheduler.advance(step, sampled)
         return cur
@@ -383,62 +386,62 @@ class LLM:
         tail = self.model.forward(tail_tokens, positions[nd:], batch, self.pool)
         return (tail if nd == 0 else self.xp.concatenate([head[0], tail])), None
 
-    def _sample(self, cur: _InFlight, logits, rows: list[int], packed: np.ndarray, ids=None) -> None:
+    def _sample(self, cur: _StepInFlight, logits, rows: list[int], packed: np.ndarray, ids=None) -> None:
         """Draw every sampling row's token on the device (``ids``: already drawn by the graph)
         and, for requests that ask, its log-probabilities; start their copy to the host without
         waiting. With async scheduling they are taken in after the next step is queued."""
         if not rows:
-            cur.host = np.empty(0, dtype=np.int32)
+            cur.host_ids = np.empty(0, dtype=np.int32)
             return
         if len(rows) < logits.shape[0]:
             at = self.xp.asarray(rows)
             logits, packed = logits[at], packed[:, rows]                    # [len(rows), V], [F, len(rows)]
             ids = None if ids is None else ids[at]
-        flip = self._flip = self._flip ^ 1
-        params = packed if self.stream is None else self._pinned[flip].upload_params(packed, self.stream)
+        slot = self._pinned_slot = self._pinned_slot ^ 1      # two pinned sets: this step's and the one in flight
+        params = packed if self.stream is None else self._pinned[slot].upload_params(packed, self.stream)
         if ids is None:
             ids = kernels.sample(logits, params, stream=self.stream)        # [len(rows)] int32
-        num_top = max((self._live[r].params.logprobs for r in cur.sampled
-                       if self._live[r].params.logprobs is not None), default=None)
+        num_top = max((self._states[r].params.logprobs for r in cur.sampled
+                       if self._states[r].params.logprobs is not None), default=None)
         lp = None if num_top is None else kernels.sample_logprobs(logits, params, ids, num_top, stream=self.stream)
-        cur.tokens, cur.deferred = ids, self.async_scheduling
+        cur.tokens, cur.collect_later = ids, self.async_scheduling
         if self.stream is None:
-            cur.host, cur.logprobs = ids, lp
+            cur.host_ids, cur.logprobs = ids, lp
             return
-        cur.host, cur.logprobs, cur.event = self._pinned[flip].download(ids, lp, self.stream)
+        cur.host_ids, cur.logprobs, cur.event = self._pinned[slot].download(ids, lp, self.stream)
 
-    def _take_in(self, cur: _InFlight) -> int:
+    def _collect(self, cur: _StepInFlight) -> int:
         """The step's sampled ids are on the host (waits for its copy alone, not the device):
         append them, retire requests that stop, record the step. Returns how many finished."""
         if cur.event is not None:
             cur.event.synchronize()
-        ids = cur.host.tolist()
+        ids = cur.host_ids.tolist()
         now = time.perf_counter()
         keep, finished = {}, 0
         for j, (req, tok) in enumerate(zip(cur.sampled, ids)):
-            live = self._live.get(req)
-            if live is None or live.finish_reason:   # stopped or aborted while this row ran: drop it
+            state = self._states.get(req)
+            if state is None or state.finish_reason:   # stopped or aborted while this row ran: drop it
                 req.num_pending -= 1
                 continue
             keep[req] = tok
-            if live.logprobs is not None:
-                live.logprobs.append(_token_logprobs(cur.logprobs, j, tok, live.params.logprobs))
+            if state.logprobs is not None:
+                state.logprobs.append(_token_logprobs(cur.logprobs, j, tok, state.params.logprobs))
         self.scheduler.resolve(keep)
         for req, tok in keep.items():
-            live = self._live[req]
-            if live.first_token_t is None:
-                live.first_token_t = now
+            state = self._states[req]
+            if state.first_token_t is None:
+                state.first_token_t = now
             num_out = len(req.token_ids) - req.num_prompt_tokens     # ids known so far, this one included
-            reason = stop_reason(live.params, tok, num_out, self.model.eos_token_ids)
+            reason = stop_reason(state.params, tok, num_out, self.model.eos_token_ids)
             if reason is not None:
-                live.done_t, live.finish_reason = now, reason
+                state.done_t, state.finish_reason = now, reason
                 if req.status is not Status.FINISHED:
                     self.scheduler.finish(req)
                 finished += 1
         # The step's share of wall time: since the previous step's ids came in (or since this step
         # began, after an idle gap), so that steps in flight together are not counted twice.
-        seconds = now - max(self._last_take_in, cur.t0)
-        self._last_take_in = now
+        seconds = now - max(self._last_collect_t, cur.t0)
+        self._last_collect_t = now
         self._measure_prefill(cur.step, seconds)
         self._record(now, seconds, cur.step)
         return finished
@@ -469,12 +472,12 @@ class LLM:
 
     def is_finished(self, req: Request) -> bool:
         """Whether ``req`` (from add_request) has stopped: by a stop rule, its length, or abort."""
-        return bool(self._live[req].finish_reason)
+        return bool(self._states[req].finish_reason)
 
     def logprobs_so_far(self, req: Request) -> list[TokenLogprobs]:
         """The log-probabilities of ``req``'s tokens taken in so far (empty unless its
         SamplingParams asked for them); the list grows as steps come in: copy it to keep it."""
-        return self._live[req].logprobs or []
+        return self._states[req].logprobs or []
 
     def pop_output(self, req: Request) -> RequestOutput:
         """The finished request's output; the engine forgets it (call once, after is_finished)."""
@@ -483,28 +486,28 @@ class LLM:
         return self._output(req)
 
     def _output(self, req: Request) -> RequestOutput:
-        live = self._live.pop(req)
+        state = self._states.pop(req)
         out_ids = req.token_ids[req.num_prompt_tokens:]
-        first = live.first_token_t
+        first = state.first_token_t
         ttft = first - self.stats.start_t if first is not None else float("nan")
-        tpot = (live.done_t - first) / (len(out_ids) - 1) if len(out_ids) > 1 else 0.0
-        return RequestOutput(req.request_id, live.prompt, req.token_ids[:req.num_prompt_tokens], out_ids,
-                             self.model.tokenizer.decode(out_ids), live.finish_reason, ttft, tpot,
-                             req.num_preemptions, req.num_cached_tokens, live.logprobs)
+        tpot = (state.done_t - first) / (len(out_ids) - 1) if len(out_ids) > 1 else 0.0
+        return RequestOutput(req.request_id, state.prompt, req.token_ids[:req.num_prompt_tokens], out_ids,
+                             self.model.tokenizer.decode(out_ids), state.finish_reason, ttft, tpot,
+                             req.num_preemptions, req.num_cached_tokens, state.logprobs)
 
 
 @dataclass(slots=True, eq=False)
-class _InFlight:
-    """A queued step whose sampled ids may still be on the device."""
+class _StepInFlight:
+    """A queued step whose sampled ids may still be on the device; ``_collect`` takes them in."""
 
     step: object                   # the ScheduledStep
     sampled: list[Request]         # requests that sampled, in the order of ``tokens``
     t0: float
     tokens: object = None          # [len(sampled)] int32 ids on the device (NumPy on the CPU)
-    host: np.ndarray | None = None  # where they land on the host
+    host_ids: np.ndarray | None = None  # where they land on the host
     logprobs: tuple | None = None  # (chosen [n], top ids [n, N], top logprobs [n, N]) on the host
     event: object = None           # recorded after the copies to the host
-    deferred: bool = False         # taken in after the next step is queued
+    collect_later: bool = False    # collected after the next step is queued
 
 
 class _Pinned:
@@ -558,10 +561,10 @@ def _token_logprobs(lp, j: int, token: int, num_top: int) -> TokenLogprobs:
     return TokenLogprobs(int(token), float(chosen[j]), top)
 
 
-def _feed_rows(reqs: list[Request], prev: _InFlight | None) -> tuple[np.ndarray, np.ndarray] | None:
+def _feed_rows(reqs: list[Request], prev: _StepInFlight | None) -> tuple[np.ndarray, np.ndarray] | None:
     """For rows whose token is still in flight (decode rows, packed first, so row i is token i):
     (row indices, their indices into ``prev.tokens``), or None when there are none."""
-    if prev is None or not prev.deferred:
+    if prev is None or not prev.collect_later:
         return None
     at = {req: j for j, req in enumerate(prev.sampled)}
     pairs = [(i, at[r]) for i, r in enumerate(reqs) if r.num_pending]

@@ -109,7 +109,7 @@ def test_failed_generate_queues_nothing(tiny):
     llm = LLM(tiny, num_pages=8, page_size=4, swap_space=0)
     with pytest.raises(ValueError, match="needs"):
         llm.generate([[1, 2, 3], list(range(40))], GREEDY)      # the second can never fit
-    assert not llm.scheduler.has_unfinished() and not llm._live
+    assert not llm.scheduler.has_unfinished() and not llm._states
     (out,) = llm.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
 
@@ -207,7 +207,7 @@ def test_async_scheduling_keeps_one_step_in_flight(tiny, params):
     llm = LLM(tiny, num_pages=64, swap_space=0)
     llm.add_request([1, 2, 3], params)
     llm.step()                                                     # prefill queued, its id in flight
-    assert llm._inflight is not None and llm._inflight.deferred
+    assert llm._inflight is not None and llm._inflight.collect_later
     (req,) = llm.scheduler.running
     assert req.num_pending == 1 and len(req.token_ids) == 3
     llm.step()                                                     # decode queued, prefill's id in

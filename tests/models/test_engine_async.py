@@ -229,7 +229,7 @@ def _check_step(llm: LLM, reqs, seen: dict) -> None:
     flying = set(llm._inflight.sampled) if llm._inflight is not None else set()
     eos = llm.model.eos_token_ids
     for r in reqs:
-        sp = llm._live[r].params
+        sp = llm._states[r].params
         assert 0 <= r.num_pending <= 1
         if r.num_pending:
             assert r in flying, f"request {r.request_id} has an id pending outside the step in flight"
@@ -389,7 +389,7 @@ def test_generate_serves_requests_added_by_hand_and_reuses_the_engine():
         assert (llm._inflight is not None) == flag
         with pytest.raises(ValueError, match="needs"):       # rejected whole, the step in flight untouched
             llm.generate([[1, 2], list(range(250))], _greedy(4))
-        assert (llm._inflight is not None) == flag and len(llm._live) == len(hand)
+        assert (llm._inflight is not None) == flag and len(llm._states) == len(hand)
         first = [o.token_ids for o in llm.generate(prompts, params)]
         assert first == want
         assert [r.token_ids[r.num_prompt_tokens:] for r in reqs] == want_hand

@@ -71,7 +71,7 @@ def _fixed_tokens() -> list[int]:
 
 
 def _serves_like_a_fresh_engine(llm: LLM) -> None:
-    assert not llm.has_unfinished() and not llm._live
+    assert not llm.has_unfinished() and not llm._states
     llm.pool.check_integrity()
     (out,) = llm.generate([FIXED], FIXED_PARAMS)
     assert out.token_ids == _fixed_tokens()

@@ -27,7 +27,7 @@ def tiny():
 def _state(llm: LLM):
     """What a refused call must leave as it was."""
     s = llm.scheduler
-    return (llm._next_id, len(llm._live), len(s.waiting), len(s.running), len(s.swapped),
+    return (llm._next_id, len(llm._states), len(s.waiting), len(s.running), len(s.swapped),
             llm.pool.num_free_pages, llm._inflight)
 
 
@@ -219,7 +219,7 @@ def test_a_failing_step_leaves_the_engine_usable(tiny):
     llm.model = _FailingOnce(tiny)
     with pytest.raises(ValueError, match="planted"):
         llm.generate([[1, 2, 3], [4, 5]], GREEDY)
-    assert not llm.has_unfinished() and not llm._live and llm.pool.stats().num_used == 0
+    assert not llm.has_unfinished() and not llm._states and llm.pool.stats().num_used == 0
     llm.pool.check_integrity()
     assert [o.token_ids for o in llm.generate([[1, 2, 3]], GREEDY)] == generate(tiny, [[1, 2, 3]], GREEDY)
 
