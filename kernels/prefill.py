@@ -79,41 +79,42 @@ def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_sta
 
 def _prefill_chunk(q, k_cache, v_cache, page_tables, context_lens, qsl, scale, out, stream, window,
                    dims: AttnDims, rows: int, tm: int, xp, tuning: tuple):
-    nt, snt, regs = tuning
+    threads, softmax_threads, regs = tuning
     n, hk, d, g, kind = page_tables.shape[0], dims.num_kv_heads, dims.head_dim, dims.group, dims.cache_kind
     words = d * np.dtype(k_cache.dtype).itemsize // 8
     k_dense = xp.empty((n, hk, tm, d), k_cache.dtype)      # [S, Hkv, Tm, D]
     v_dense = xp.empty((n, hk, tm, d), k_cache.dtype)
-    launch(make_gather_kv_kernel(words, dims.page_size), (-(-tm * words // nt), hk, n), nt, stream,
+    launch(make_gather_kv_kernel(words, dims.page_size), (-(-tm * words // threads), hk, n), threads, stream,
            as_device(k_dense, np.uint64), as_device(v_dense, np.uint64), as_device(k_cache, np.uint64),
            as_device(v_cache, np.uint64), as_device(page_tables), as_device(context_lens))
     q_dense = xp.empty((n, hk, rows, d), k_cache.dtype)    # [S, Hkv, Qm * G, D]
     if dims.q_kind == kind and _words_ok(q):
-        launch(make_gather_q_words_kernel(words, g, kind), (-(-rows * words // nt), hk, n), nt, stream,
+        launch(make_gather_q_words_kernel(words, g, kind), (-(-rows * words // threads), hk, n), threads, stream,
                as_device(q_dense, np.uint64), as_device(q, np.uint64), as_device(qsl), np.float32(scale))
     else:
-        launch(make_gather_q_kernel(d, g, dims.q_kind, kind), (-(-rows * d // nt), hk, n), nt, stream,
+        launch(make_gather_q_kernel(d, g, dims.q_kind, kind), (-(-rows * d // threads), hk, n), threads, stream,
                as_device(q_dense, bits_dtype(kind)), as_device(q, bits_dtype(dims.q_kind)), as_device(qsl),
                np.float32(scale))
     scores = matmul(xp, q_dense.reshape(n * hk, rows, d), k_dense.reshape(n * hk, tm, d), True, stream)
     scores = scores.reshape(n, hk, rows, tm)                # [S, Hkv, Qm * G, Tm]
-    plan = _softmax_plan(tm * np.dtype(k_cache.dtype).itemsize, snt) if regs else None
+    plan = _softmax_plan(tm * np.dtype(k_cache.dtype).itemsize, softmax_threads) if regs else None
     if plan is None:
-        snt = snt or SOFTMAX_THREADS
-        launch(make_prefill_softmax_kernel(g, kind, snt), (rows, hk, n), snt, stream,
+        softmax_threads = softmax_threads or SOFTMAX_THREADS
+        launch(make_prefill_softmax_kernel(g, kind, softmax_threads), (rows, hk, n), softmax_threads, stream,
                as_device(scores, bits_dtype(kind)), as_device(qsl), as_device(context_lens), window)
     else:
-        snt, wpt = plan
-        launch(make_prefill_softmax_regs_kernel(g, kind, snt, wpt), (rows, hk, n), snt, stream,
+        softmax_threads, words_per_thread = plan
+        launch(make_prefill_softmax_regs_kernel(g, kind, softmax_threads, words_per_thread), (rows, hk, n),
+               softmax_threads, stream,
                as_device(scores, np.uint64), as_device(qsl), as_device(context_lens), window)
     o_dense = matmul(xp, scores.reshape(n * hk, rows, tm), v_dense.reshape(n * hk, tm, d), False, stream)
     o_dense = o_dense.reshape(n, hk, rows, d)               # [S, Hkv, Qm * G, D]
     out_kind = dtype_kind(out.dtype, "out")
     if out_kind == kind and _words_ok(out):
-        launch(make_scatter_out_words_kernel(words, g), (-(-rows * words // nt), hk, n), nt, stream,
+        launch(make_scatter_out_words_kernel(words, g), (-(-rows * words // threads), hk, n), threads, stream,
                as_device(out, np.uint64), as_device(o_dense, np.uint64), as_device(qsl))
     else:
-        launch(make_scatter_out_kernel(d, g, kind, out_kind), (-(-rows * d // nt), hk, n), nt, stream,
+        launch(make_scatter_out_kernel(d, g, kind, out_kind), (-(-rows * d // threads), hk, n), threads, stream,
                as_device(out, bits_dtype(out_kind)), as_device(o_dense, bits_dtype(kind)), as_device(qsl))
 
 
@@ -132,16 +133,16 @@ def _softmax_plan(row_bytes: int, threads: int | None) -> tuple[int, int] | None
     if row_bytes % 8:
         return None
     if threads:
-        wpt = -(-words // threads)
-        return (threads, wpt) if wpt <= REG_WORDS else None
-    return next(((nt, wpt) for nt, wpt in SOFTMAX_CLASSES if words <= nt * wpt), None)
+        per_thread = -(-words // threads)
+        return (threads, per_thread) if per_thread <= REG_WORDS else None
+    return next(((n, per_thread) for n, per_thread in SOFTMAX_CLASSES if words <= n * per_thread), None)
 
 
 def prefill_key_classes(itemsize: int) -> list[int]:
     """The longest score row (keys, page-padded context) of each one-read softmax variant for a
     cache of ``itemsize`` bytes: an engine's start-up warm-up compiles each by running one
     prompt of that length."""
-    return [nt * wpt * 8 // itemsize for nt, wpt in SOFTMAX_CLASSES]
+    return [threads * per_thread * 8 // itemsize for threads, per_thread in SOFTMAX_CLASSES]
 
 
 def _array_module(x):
