@@ -23,7 +23,8 @@ from pagemem.backend import resolve_device, to_dtype
 from pagemem.config import check_fraction, check_int
 from pagemem.eviction import make_policy
 from pagemem.prefix_cache import PrefixCache
-from pagemem.scheduler import PREEMPTION_MODES, Request, Scheduler, Status
+from pagemem.preemption import check_mode
+from pagemem.scheduler import Request, Scheduler, Status
 from pagemem.swap import HostSwap
 
 CPU_POOL_BYTES = 1 << 30   # default pool size on the CPU, where free memory is not probed
@@ -651,8 +652,7 @@ def _check_engine_args(model, dtype, device, page_size, num_pages, utilization, 
         raise TypeError(f"watermark must be a number, got {type(watermark).__name__} {watermark!r}")
     if not 0.0 <= watermark < 1.0:
         raise ValueError(f"watermark must be in [0, 1), got {watermark}")
-    if not isinstance(preemption, str) or preemption not in PREEMPTION_MODES:
-        raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
+    check_mode(preemption, "preemption")
     if preemption != "recompute" and swap_space == 0:
         raise ValueError(f"preemption={preemption!r} needs swap_space > 0")
     if isinstance(eviction, str) or eviction is None:

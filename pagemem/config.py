@@ -83,10 +83,6 @@ class PoolConfig:
     def page_bytes(self) -> int:
         return int(np.prod(self.page_shape)) * self.np_dtype.itemsize
 
-    @property
-    def num_usable_pages(self) -> int:
-        return self.num_pages - 1
-
     @classmethod
     def from_memory(
         cls,

@@ -13,9 +13,6 @@ A policy is any object with these four methods (all O(1) or O(log n)):
     __len__()               number of evictable pages
     __contains__(page_id)
 
-and optionally ``forget(page_id)``: the page's cached contents were dropped, so any age the
-policy keeps for it (FIFO) starts over.
-
 The built-in policies check their arguments: ``add`` takes an int page id (>= 1) not already in
 the policy and an int priority, ``remove`` a page in the policy, ``pop_victim`` a non-empty
 policy; anything else raises TypeError or ValueError naming the argument, changing nothing.
@@ -128,16 +125,11 @@ class FIFO:
             raise _empty()
         while True:
             born, page_id = heapq.heappop(self._heap)
-            # skip entries left by remove() and by an age reset (forget, then add again)
+            # skip entries left by remove() and by an earlier eviction of the page (an older age)
             if page_id in self._live and self._born.get(page_id) == born:
                 self._live.remove(page_id)
                 del self._born[page_id]  # evicted: its contents are gone, its age too
                 return page_id
-
-    def forget(self, page_id: int) -> None:
-        """The page's cached contents were dropped (overwritten); reset its age."""
-        _hashable_id(page_id)
-        self._born.pop(page_id, None)
 
     def __len__(self) -> int:
         return len(self._live)

@@ -91,23 +91,23 @@ class SeqPages:
     def __repr__(self) -> str:
         return f"SeqPages(num_tokens={self.num_tokens}, page_table={self.page_table})"
 
-    def _needs_cow(self, num_new_tokens: int) -> bool:
+    def needs_copy_on_write(self, num_new_tokens: int) -> bool:
         """Appending would write into a partial last page that another sequence shares."""
         return (num_new_tokens > 0 and self.num_tokens % self.pool.page_size != 0
-                and self.pool._refcount[self.page_table[-1]] > 1)
+                and self.pool.refcounts[self.page_table[-1]] > 1)
 
     def num_pages_needed(self, num_new_tokens: int) -> int:
         """Pages append(num_new_tokens) would allocate, a copy-on-write page included."""
         if type(num_new_tokens) is int and num_new_tokens == 1 and self.num_tokens % self.pool.page_size:
             # decode into a partial last page, the common case: a page only if it is shared
-            return int(self.pool._refcount[self.page_table[-1]] > 1)
+            return int(self.pool.refcounts[self.page_table[-1]] > 1)
         if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, (int, np.integer)):
             raise TypeError(f"num_new_tokens must be an int, got {type(num_new_tokens).__name__}")
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
         ps = self.pool.page_size
         grow = -(-(self.num_tokens + num_new_tokens) // ps) - len(self.page_table)
-        return grow + int(self._needs_cow(num_new_tokens))
+        return grow + int(self.needs_copy_on_write(num_new_tokens))
 
     def can_append(self, num_new_tokens: int) -> bool:
         return self.pool.can_allocate(self.num_pages_needed(num_new_tokens))
@@ -125,7 +125,7 @@ class SeqPages:
     def grow(self, num_new_tokens: int, stream=None) -> None:
         """append() without computing the slots (a scheduler packs them later with pack_batch)."""
         need = self.num_pages_needed(num_new_tokens)
-        cow = self._needs_cow(num_new_tokens)
+        cow = self.needs_copy_on_write(num_new_tokens)
         new_pages = self.pool.allocate(need) if need else []  # raises OutOfPages, nothing changed
         if cow:
             old, copy = self.page_table[-1], new_pages.pop(0)
@@ -140,7 +140,7 @@ class SeqPages:
         into a private partial last page, the common case, allocates nothing and checks nothing
         else (a scheduler calls this for every running sequence every step)."""
         if (type(num_new_tokens) is int and num_new_tokens == 1 and self.num_tokens % self.pool.page_size
-                and self.pool._refcount[self.page_table[-1]] == 1):
+                and self.pool.refcounts[self.page_table[-1]] == 1):
             self.num_tokens += 1
             return True
         if not self.pool.can_allocate(self.num_pages_needed(num_new_tokens)):
@@ -175,11 +175,11 @@ class SeqPages:
 
 def _owned_pages(pool: PagePool, page_table) -> list[int]:
     """``page_table`` as a new list of ints after checking each is a distinct page in use."""
-    pool._check_ids(page_table, "page_table")
+    pool.check_page_ids(page_table, "page_table")
     pages = [int(p) for p in page_table]
     if len(set(pages)) != len(pages):
         raise ValueError(f"page_table: page ids repeat in {pages}")
-    free = [p for p in pages if pool._refcount[p] == 0]
+    free = [p for p in pages if pool.refcounts[p] == 0]
     if free:
         raise ValueError(f"page_table: pages {free} are free; a SeqPages takes pages its caller holds")
     return pages

@@ -25,7 +25,6 @@ from pagemem.config import PoolConfig, check_int
 from pagemem.eviction import EvictionPolicy, make_policy
 
 NULL_PAGE = 0
-_NO_KEY = object()  # uncache's marker for "no key": None is a key like any other
 
 
 class OutOfPages(RuntimeError):
@@ -61,6 +60,7 @@ class PagePool:
         # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
         self.kv = self.xp.zeros((config.num_pages, *config.page_shape), dtype=config.np_dtype)
         self._refcount = [0] * config.num_pages
+        self.refcounts: Sequence[int] = self._refcount   # the same list, for others to read: only the pool writes
         # Why a deque: pop-front and append are O(1) C calls, and a batch moves in one C loop
         # (extend, starmap(popleft)). A clean page never leaves from the middle of the queue
         # (evictable pages live in the policy), so no keyed removal is needed.
@@ -83,7 +83,7 @@ class PagePool:
         return num_pages <= len(self._free) + len(self.policy)
 
     def refcount(self, page_id: int) -> int:
-        self._check_ids([page_id], "page_id")
+        self.check_page_ids([page_id], "page_id")
         return self._refcount[page_id]
 
     def layer_kv(self, layer: int):
@@ -124,11 +124,11 @@ class PagePool:
         """Drop one reference to each page. A page reaching refcount 0 joins the back of the
         free queue (clean) or the eviction policy (cached, with ``priority``), in the order
         given: free a sequence's pages in reverse so its tail is reused or evicted first."""
-        if type(page_ids) is list and type(priority) is int and page_ids and self._are_private(page_ids):
+        if type(page_ids) is list and type(priority) is int and page_ids and self.are_private(page_ids):
             self._release_private(page_ids, priority)  # the common case, checked in C-level passes
             return
         rc = self._refcount
-        self._check_ids(page_ids, "page_ids")
+        self.check_page_ids(page_ids, "page_ids")
         priority = check_int(priority, "priority")
         if len(page_ids) == 1:
             if rc[page_ids[0]] < 1:
@@ -147,8 +147,8 @@ class PagePool:
                 else:
                     free.append(p)
 
-    def _free_held(self, page_ids: list[int], priority: int = 0) -> None:
-        """free() of a caller's own list of distinct valid int ids, checked when it took them
+    def free_prechecked(self, page_ids: list[int], priority: int = 0) -> None:
+        """free() of a list of distinct valid int ids the caller checked when it took them
         (HostSwap's in-flight pages): only the refcounts are checked again; anything unusual
         goes through free(), which raises the precise error."""
         if type(priority) is int and self._at_refcount_one(page_ids):
@@ -173,7 +173,7 @@ class PagePool:
 
     def share(self, page_ids: Sequence[int]) -> None:
         """Add one reference to each page, which must be in use (e.g. a forked sequence)."""
-        self._check_ids(page_ids, "page_ids")
+        self.check_page_ids(page_ids, "page_ids")
         rc = self._refcount
         for p in page_ids:
             if rc[p] == 0:
@@ -184,7 +184,7 @@ class PagePool:
     def touch(self, page_ids: Sequence[int]) -> None:
         """Add one reference to each cached page, reviving it from the eviction policy if its
         refcount was 0 (a prefix-cache hit). A clean free page cannot be touched: its data is garbage."""
-        self._check_ids(page_ids, "page_ids")
+        self.check_page_ids(page_ids, "page_ids")
         rc = self._refcount
         for p in page_ids:
             if rc[p] == 0 and p not in self._key_of:
@@ -198,7 +198,7 @@ class PagePool:
     def cache_page(self, page_id: int, key: Hashable) -> bool:
         """Index a used, full page under ``key`` (any hashable). Returns False (and changes nothing)
         when the key already names another page or this page already has a key."""
-        self._check_ids([page_id], "page_id")
+        self.check_page_ids([page_id], "page_id")
         _check_key(key)
         if self._refcount[page_id] == 0:
             raise ValueError(f"cache_page: page {page_id} is free")
@@ -215,21 +215,13 @@ class PagePool:
 
     def is_cached(self, page_id: int) -> bool:
         """Whether a page id of this pool has a prefix-cache key. Changes nothing."""
-        self._check_ids([page_id], "page_id")
+        self.check_page_ids([page_id], "page_id")
         return page_id in self._key_of
 
-    def uncache(self, page_id: int) -> None:
-        """Drop a page's prefix-cache key (its contents are about to change). An evictable page
-        becomes clean free."""
-        self._check_ids([page_id], "page_id")
-        key = self._key_of.pop(page_id, _NO_KEY)
-        if key is _NO_KEY:
-            return
-        del self._page_of[key]
-        if self._refcount[page_id] == 0:
-            self.policy.remove(page_id)
-            self._free.append(page_id)
-        getattr(self.policy, "forget", lambda p: None)(page_id)
+    def cache_key(self, page_id: int) -> Hashable:
+        """The page's prefix-cache key, or None when it has none (is_cached tells that from a None key)."""
+        self.check_page_ids([page_id], "page_id")
+        return self._key_of.get(page_id)
 
     def _evict_one(self) -> int:
         page_id = self.policy.pop_victim()
@@ -241,7 +233,7 @@ class PagePool:
     def copy_page(self, src: int, dst: int, stream=None) -> None:
         """Copy every layer's K/V of page ``src`` into ``dst`` (copy-on-write), on ``stream``.
         Both pages must be in use and ``dst`` owned by the caller alone (refcount 1)."""
-        self._check_ids([src, dst], "page_ids")
+        self.check_page_ids([src, dst], "page_ids")
         if self._refcount[src] < 1 or self._refcount[dst] != 1 or dst in self._key_of:
             raise ValueError(f"copy_page: src {src} must be in use (refcount {self._refcount[src]}) and dst {dst} "
                              f"private and uncached (refcount {self._refcount[dst]})")
@@ -252,10 +244,10 @@ class PagePool:
             self.kv[dst] = self.kv[src]
 
     # ---- checks ----------------------------------------------------------------------------------
-    def _are_private(self, page_ids: Sequence[int]) -> bool:
+    def are_private(self, page_ids: Sequence[int]) -> bool:
         """Whether ``page_ids`` (not empty) are distinct valid page ids held by one reference each,
-        as Python ints. Checked in C-level passes (~60 ns a page); False sends a caller to its
-        general path, which raises the precise error or handles shared pages."""
+        as Python ints. Checked in C-level passes (~60 ns a page); on False a caller takes its
+        general path, which raises the precise error or handles shared pages. Changes nothing."""
         n = len(page_ids)
         if n == 1:
             p = page_ids[0]
@@ -271,7 +263,7 @@ class PagePool:
         rc = self._refcount
         return (itemgetter(*page_ids)(rc) if len(page_ids) > 1 else (rc[page_ids[0]],)).count(1) == len(page_ids)
 
-    def _check_ids(self, page_ids: Sequence[int], name: str) -> None:
+    def check_page_ids(self, page_ids: Sequence[int], name: str) -> None:
         """TypeError unless ``page_ids`` is a sequence (or 1-d array) of ints; ValueError naming the
         first id outside [1, num_pages)."""
         if type(page_ids) is not list and (isinstance(page_ids, (str, bytes)) or not isinstance(

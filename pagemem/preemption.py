@@ -6,25 +6,30 @@ Two ways, as in vLLM v0:
                 shares stay resident with this sequence's reference (swapping them frees nothing).
                 The page table is kept, with the swapped positions refilled on resume.
     recompute   every page is freed (tail first; prefix-cached pages stay evictable); only the
-                token count is kept. Resume allocates pages again (reusing prefix-cache hits) and
-                the caller recomputes the K/V of the tokens after the hit.
+                token count is kept. Nothing is resumed: the caller prefills the tokens again
+                (a Scheduler re-admits the request, reusing prefix-cache hits).
 
 ``Preemptor.choose`` (mode "auto") compares the two with measured figures: the achieved swap
 bandwidth of completed tickets (``HostSwap.bandwidth``) and the prefill tokens/s the caller
-measures (``prefill_tokens_per_s``). A scheduler calls ``preempt`` and ``resume``; nothing here
-decides *which* sequence to preempt.
+measures (``prefill_tokens_per_s``). A scheduler calls ``preempt`` and, after a swap, ``resume``;
+nothing here decides *which* sequence to preempt.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pagemem.page_table import SeqPages
-from pagemem.pool import NULL_PAGE, OutOfPages
-from pagemem.prefix_cache import PrefixCache
+from pagemem.pool import NULL_PAGE
 from pagemem.swap import HostSwap, OutOfHostPages, SwapTicket
 
-MODES = ("auto", "swap", "recompute")
+MODES = ("swap", "recompute", "auto")
+
+
+def check_mode(mode, name: str = "mode") -> str:
+    """``mode`` if it is one of MODES, else ValueError naming the argument."""
+    if mode not in MODES:
+        raise ValueError(f"{name} must be one of {MODES}, got {mode!r}")
+    return mode
 
 
 @dataclass(eq=False, slots=True)
@@ -36,7 +41,7 @@ class Preempted:
     page_table: list[int] = field(default_factory=list)  # swap: resident pages, NULL_PAGE where swapped
     swapped_at: list[int] = field(default_factory=list)  # swap: positions in page_table of ticket pages
     ticket: SwapTicket | None = None
-    resumed: bool = False
+    spent: bool = False            # resumed or discarded: the record holds nothing any more
 
     @property
     def resident(self) -> list[int]:
@@ -51,15 +56,13 @@ class Preemptor:
     update it with ``set_prefill_rate`` as measurements come in.
     """
 
-    def __init__(self, swap: HostSwap | None, prefix_cache: PrefixCache | None = None,
-                 prefill_tokens_per_s: float | None = None, pool=None) -> None:
+    def __init__(self, swap: HostSwap | None, prefill_tokens_per_s: float | None = None, pool=None) -> None:
         if swap is None and pool is None:
             raise ValueError("give swap (a HostSwap) or, for recompute only, pool")
         if swap is not None and pool is not None and swap.pool is not pool:
             raise ValueError("pool: swap belongs to another pool")
         self.swap = swap
         self.pool = swap.pool if swap is not None else pool
-        self.prefix_cache = prefix_cache
         self.prefill_tokens_per_s: float | None = None
         if prefill_tokens_per_s is not None:
             self.set_prefill_rate(prefill_tokens_per_s)
@@ -110,8 +113,7 @@ class Preemptor:
         and ``swap.flush`` queues their copy, with the step's other deferred swaps (HostSwap).
         Raises ValueError (bad mode or seq), OutOfHostPages (mode "swap", host full); either way
         nothing changed."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_mode(mode)
         if not isinstance(seq, SeqPages) or seq.pool is not self.pool:
             raise ValueError("seq must be a SeqPages of this Preemptor's pool")
         if mode == "auto":
@@ -133,58 +135,33 @@ class Preemptor:
         seq.page_table, seq.num_tokens = [], 0
         return out
 
-    def can_resume(self, p: Preempted) -> bool:
-        """Whether ``resume`` would find enough free device pages now (no prefix-cache credit)."""
-        need = len(p.swapped_at) if p.mode == "swap" else -(-p.num_tokens // self.pool.page_size)
-        return self.pool.can_allocate(need) if need else True
-
-    def resume(self, p: Preempted, token_ids: Sequence[int] | None = None, stream=None, *,
-               defer: bool = False) -> tuple[SeqPages, int]:
-        """Give a preempted sequence its pages back: ``(seq, num_computed)`` where the K/V of
-        tokens ``[num_computed, num_tokens)`` must be recomputed by the caller (none after a swap).
-
-        swap: the ticket is swapped in on ``stream`` (the compute stream waits on it); with
-        ``defer``, by ``swap.flush``, together with the step's other deferred swap-ins.
-        recompute: prefix-cache hits for ``token_ids`` (if a PrefixCache was given) are reused,
-        the rest allocated. The returned seq owns one reference per page; ``p`` is spent.
-        Raises OutOfPages (check can_resume), ValueError (spent record); nothing changed then.
-        """
-        if not isinstance(p, Preempted) or p.resumed:
-            raise ValueError("p must be a Preempted record not yet resumed")
-        if p.mode == "swap":
-            table = list(p.page_table)
-            if p.ticket is not None:
-                for i, page_id in zip(p.swapped_at, self.swap.swap_in(p.ticket, stream, defer=defer)):
-                    table[i] = page_id
-            p.resumed = True
-            return SeqPages(self.pool, table, p.num_tokens), p.num_tokens
-        if token_ids is not None and len(token_ids) < p.num_tokens:
-            raise ValueError(f"token_ids: {len(token_ids)} tokens, the sequence had {p.num_tokens}")
-        hits: list[int] = []
-        if self.prefix_cache is not None and token_ids is not None:
-            hits = self.prefix_cache.match(token_ids[:p.num_tokens])
-        seq = SeqPages(self.pool, hits, len(hits) * self.pool.page_size)
-        try:
-            seq.append(p.num_tokens - seq.num_tokens)
-        except OutOfPages:
-            seq.free()  # give the hits back: nothing changed but LRU order of revived pages
-            raise
-        p.resumed = True
-        return seq, len(hits) * self.pool.page_size
+    def resume(self, p: Preempted, stream=None, *, defer: bool = False) -> SeqPages:
+        """Give a swap-preempted sequence its pages back: the ticket is swapped in on ``stream``
+        (the compute stream waits on it); with ``defer``, by ``swap.flush``, together with the
+        step's other deferred swap-ins. The returned seq owns one reference per page; ``p`` is spent.
+        Raises OutOfPages, ValueError (a recompute or spent record); nothing changed then."""
+        if not isinstance(p, Preempted) or p.spent or p.mode != "swap":
+            raise ValueError("p must be a swap Preempted record not yet resumed")
+        table = list(p.page_table)
+        if p.ticket is not None:
+            for i, page_id in zip(p.swapped_at, self.swap.swap_in(p.ticket, stream, defer=defer)):
+                table[i] = page_id
+        p.spent = True
+        return SeqPages(self.pool, table, p.num_tokens)
 
     def discard(self, p: Preempted) -> None:
         """Drop a preempted sequence for good (aborted): its ticket and resident references go."""
-        if p.resumed:
-            raise ValueError("p was already resumed")
+        if p.spent:
+            raise ValueError("p is spent (resumed or discarded)")
         if p.ticket is not None:
             self.swap.discard(p.ticket)
         resident = p.resident
         if resident:
             self.pool.free(resident[::-1])
-        p.resumed = True
+        p.spent = True
 
     def _exclusive_positions(self, seq: SeqPages) -> list[int]:
         return [i for i, pid in enumerate(seq.page_table) if self.pool.refcount(pid) == 1]
 
 
-__all__ = ["MODES", "OutOfHostPages", "Preempted", "Preemptor"]
+__all__ = ["MODES", "OutOfHostPages", "Preempted", "Preemptor", "check_mode"]

@@ -123,7 +123,7 @@ class PrefixCache:
         many it registered last step), so only the new ones are hashed: O(new pages) per call.
         """
         self._check_tokens(token_ids)
-        self.pool._check_ids(page_table, "page_table")
+        self.pool.check_page_ids(page_table, "page_table")
         if len(page_table) * self.page_size < len(token_ids):
             raise ValueError(f"page_table: {len(page_table)} pages cannot hold {len(token_ids)} tokens")
         start = check_int(start, "start", 0, len(page_table))
@@ -143,7 +143,7 @@ class PrefixCache:
         """Digest of page ``start - 1``: from its key in the pool's index when it has one, else the chain."""
         if start == 0:
             return self.root
-        key = self.pool._key_of.get(page_table[start - 1])
+        key = self.pool.cache_key(page_table[start - 1])
         ps = self.page_size
         if key is not None and key[1] == tuple(int(t) for t in token_ids[(start - 1) * ps:start * ps]):
             return _digest(*key)

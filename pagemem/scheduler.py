@@ -38,11 +38,9 @@ from typing import Any
 
 from pagemem.page_table import SeqPages
 from pagemem.pool import PagePool
-from pagemem.preemption import Preempted, Preemptor
+from pagemem.preemption import Preempted, Preemptor, check_mode
 from pagemem.prefix_cache import PrefixCache
 from pagemem.swap import HostSwap, OutOfHostPages
-
-PREEMPTION_MODES = ("swap", "recompute", "auto")
 
 
 class Status(enum.Enum):
@@ -70,7 +68,6 @@ class Request:
     num_cached_tokens: int = 0        # prompt tokens served by the prefix cache
     num_registered_pages: int = 0     # leading full pages already offered to the prefix cache
     num_pending: int = 0              # sampled tokens the caller has not reported yet (advance/resolve)
-    preempted_by: dict = field(default_factory=lambda: {"swap": 0, "recompute": 0})  # by final mode
     num_demotions: int = 0            # swap preemptions turned into recompute ones (host copy dropped)
     _key: tuple = field(init=False, repr=False, compare=False)   # _order(), fixed at creation
 
@@ -119,9 +116,7 @@ class Scheduler:
                  preemption: str = "recompute", swap: HostSwap | None = None,
                  prefix_cache: PrefixCache | None = None,
                  watermark: float = 0.01, admit_batch: int = 1, stream=None) -> None:
-        if preemption not in PREEMPTION_MODES:
-            raise ValueError(f"preemption must be one of {PREEMPTION_MODES}, got {preemption!r}")
-        if preemption != "recompute" and swap is None:
+        if check_mode(preemption, "preemption") != "recompute" and swap is None:
             raise ValueError(f"preemption={preemption!r} needs a HostSwap (swap=...)")
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -134,7 +129,7 @@ class Scheduler:
             raise ValueError(f"admit_batch must be an int >= 1, got {admit_batch!r}")
         self.admit_batch = admit_batch
         self.pool, self.swap, self.prefix_cache = pool, swap, prefix_cache
-        self.preemptor = Preemptor(swap, prefix_cache, pool=pool)
+        self.preemptor = Preemptor(swap, pool=pool)
         self.preemption, self.stream = preemption, stream
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.watermark_pages = int(watermark * (pool.num_pages - 1))
@@ -193,7 +188,7 @@ class Scheduler:
             self.running.sort(key=_ORDER)
             self._sorted[id(self.running)] = True
         queue = self.running[::-1]                                # most important last: pop() is O(1)
-        prefill, stream, ps, rc = 0, self.stream, self.pool.page_size, self.pool._refcount
+        prefill, stream, ps, rc = 0, self.stream, self.pool.page_size, self.pool.refcounts
         swap = self.swap
         while queue and budget > 0:     # once per running request a step: kept to plain operations
             req = queue.pop()
@@ -206,7 +201,7 @@ class Scheduler:
                 # grows when the pages are there (after queueing deferred swaps if it copies on write)
                 while not (pages.try_grow(n, stream) if swap is None or not swap.has_deferred
                            else self._try_grow(pages, n)):
-                    if not queue and self._demote_one(req):
+                    if not queue and self._demote_one_below(req):
                         continue
                     victim = queue.pop(0) if queue else req     # least important, latest arrived
                     preempted.append((victim, self._preempt(victim)))
@@ -219,23 +214,18 @@ class Scheduler:
             budget -= n
             if n != 1 or left != 1 or req.num_computed < req.num_prompt_tokens:
                 prefill += n
-        resumed: list[Request] = []
-        if not preempted:
-            budget, more = self._resume_swapped(out, lens, budget, resumed)
-            prefill += more
-            if not self.swapped:     # swapped requests come back before any new one is admitted
-                prefill += self._admit_waiting(out, lens, budget)
+        rows = [] if preempted else self._resume_swapped(budget)
+        resumed = [req for req, _ in rows]
+        if not preempted and not self.swapped:   # swapped requests come back before any new one is admitted
+            rows += self._admit_waiting(budget - sum(n for _, n in rows))
+        for req, n in rows:
+            out.append(req)
+            lens.append(n)
+            if n != 1 or req.num_tokens - req.num_computed != 1 or req.num_computed < req.num_prompt_tokens:
+                prefill += n
         if swap is not None and swap.has_deferred:
             swap.flush(stream)       # the step's swap-outs as one copy, its swap-ins as another
-        if lens.count(1) == len(lens):   # decode rows only: already in order
-            return ScheduledStep(out, lens, preempted, resumed, prefill)
-        # Decode rows first, in order: the model runs them through the decode kernel, the rest
-        # through prefill, shortest context first (ties in order), so a model can cut them into
-        # groups of similar length. The selections run in C: a step may hold thousands of rows.
-        decode = list(compress(out, map((1).__eq__, lens)))
-        rest = sorted(compress(range(len(out)), map((1).__ne__, lens)), key=lambda i: out[i].pages.num_tokens)
-        return ScheduledStep(decode + [out[i] for i in rest], [1] * len(decode) + [lens[i] for i in rest],
-                             preempted, resumed, prefill)
+        return ScheduledStep(*_decode_rows_first(out, lens), preempted, resumed, prefill)
 
     def update(self, step: ScheduledStep, new_tokens: dict[Request, int]) -> None:
         """Record that ``step`` ran: its K/V are cached; append each sampled token.
@@ -321,14 +311,13 @@ class Scheduler:
         else:
             self._requeue(req)
         req.num_preemptions += 1
-        req.preempted_by[record.mode] += 1
         self.num_preemptions[record.mode] += 1
         return record.mode
 
     def _try_grow(self, pages: SeqPages, n: int) -> bool:
         """SeqPages.try_grow, after queueing the step's deferred swaps if the growth would copy a
         shared page (copy-on-write writes a fresh page, maybe one a deferred swap-out still reads)."""
-        if self.swap is not None and self.swap.has_deferred and pages._needs_cow(n):
+        if self.swap is not None and self.swap.has_deferred and pages.needs_copy_on_write(n):
             self.swap.flush(self.stream)
         return pages.try_grow(n, self.stream)
 
@@ -336,12 +325,11 @@ class Scheduler:
         """Pages kept free at admission; waived when nothing runs, so a lone request always fits."""
         return self.watermark_pages if self.running else 0
 
-    def _resume_swapped(self, out: list[Request], lens: list[int], budget: int,
-                        resumed: list[Request]) -> tuple[int, int]:
+    def _resume_swapped(self, budget: int) -> list[tuple[Request, int]]:
         """Swap requests back in, most important first, while pages and the budget allow.
-        Returns the budget left and the prefill tokens of the resumed rows."""
+        Returns their rows: (request, tokens to compute this step)."""
         self.swapped.sort(key=_ORDER)
-        prefill = 0
+        rows = []
         while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.swapped[0]
             if req.num_pending:      # its ids are not known yet; next step
@@ -352,42 +340,40 @@ class Scheduler:
                 if self.running or not self._demote_for(req, total):
                     break
             self.swapped.pop(0)
-            req.pages, _ = self.preemptor.resume(req.preempted, stream=self.stream, defer=True)
+            req.pages = self.preemptor.resume(req.preempted, stream=self.stream, defer=True)
             req.preempted, req.num_registered_pages = None, 0   # swapped-in pages are new, unindexed
-            prefill += self._start(req, n, out, lens)
-            resumed.append(req)
+            rows.append(self._start(req, n))
             budget -= n
-        return budget, prefill
+        return rows
 
     def _demote_for(self, head: Request, need: int) -> bool:
         """Nothing runs and ``head``, the most important swapped request, needs ``need`` pages
         that are not there: demote less important swapped requests until they are. Returns
         whether they are."""
         while not self.pool.can_allocate(need):
-            if not self._demote_one(head):
+            if not self._demote_one_below(head):
                 return False
         return True
 
-    def _demote_one(self, than: Request) -> bool:
+    def _demote_one_below(self, req: Request) -> bool:
         """A swapped request keeps the pages it shares resident, and only resuming it frees them.
-        When they stand in the way of a more important request (one running alone that cannot
-        grow, or the first swapped one when nothing runs), the least important such request
-        less important than ``than`` becomes a recompute preemption: its host copy is dropped,
-        its resident references go back to the pool (prefix-cached, for its own prefill later).
-        Returns whether one was demoted; without this the queue could wait on itself."""
-        key = than._order()
-        for req in sorted(self.swapped, key=_ORDER, reverse=True):
-            if req._order() <= key:
+        When they stand in the way of ``req`` (running alone and unable to grow, or the first swapped
+        request when nothing runs), the least important such request less important than ``req``
+        becomes a recompute preemption: its host copy is dropped, its resident references go back
+        to the pool (prefix-cached, for its own prefill later). Returns whether one was demoted;
+        without this the queue could wait on itself."""
+        key = req._order()
+        for victim in sorted(self.swapped, key=_ORDER, reverse=True):
+            if victim._order() <= key:
                 return False
-            if req.preempted.resident:
-                self.swapped.remove(req)
-                self.preemptor.discard(req.preempted)
-                req.preempted = None
-                self._requeue(req)           # still one preemption, now to be recomputed
-                for counts in (req.preempted_by, self.num_preemptions):
-                    counts["swap"] -= 1
-                    counts["recompute"] += 1
-                req.num_demotions += 1
+            if victim.preempted.resident:
+                self.swapped.remove(victim)
+                self.preemptor.discard(victim.preempted)
+                victim.preempted = None
+                self._requeue(victim)        # still one preemption, now to be recomputed
+                self.num_preemptions["swap"] -= 1
+                self.num_preemptions["recompute"] += 1
+                victim.num_demotions += 1
                 self.num_demotions += 1
                 return True
         return False
@@ -402,18 +388,18 @@ class Scheduler:
         req.num_computed, req.num_registered_pages, req.status = 0, 0, Status.WAITING
         self._append(self.waiting, req)
 
-    def _admit_waiting(self, out: list[Request], lens: list[int], budget: int) -> int:
+    def _admit_waiting(self, budget: int) -> list[tuple[Request, int]]:
         """Admit waiting requests in order. With ``admit_batch`` > 1, while others run, wait until
         that many sequence slots are free: prefills then come in batches and most steps stay
         pure decode (which a CUDA graph can replay), at some cost in time to first token.
-        Returns the prefill tokens of the admitted rows."""
+        Returns their rows: (request, tokens to compute this step)."""
         slots = self.max_num_seqs - len(self.running)
         if self.running and slots < min(self.admit_batch, len(self.waiting)):
-            return 0
+            return []
         if not self._sorted[id(self.waiting)]:
             self.waiting.sort(key=_ORDER)
             self._sorted[id(self.waiting)] = True
-        prefill = 0
+        rows = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:      # prefill needs every token id; next step
@@ -422,7 +408,7 @@ class Scheduler:
             hits = self.prefix_cache.peek(req.token_ids) if self.prefix_cache is not None else []
             computed = len(hits) * self.pool.page_size
             n = min(req.num_tokens - computed, budget)
-            revived = sum(1 for p in hits if self.pool._refcount[p] == 0)
+            revived = sum(1 for p in hits if self.pool.refcounts[p] == 0)
             if not self.pool.can_allocate(self._pages_to_grow(computed, n) + revived + self._watermark()):
                 break
             self.waiting.pop(0)
@@ -431,22 +417,30 @@ class Scheduler:
             req.num_computed = computed
             req.num_registered_pages = len(cached)
             req.num_cached_tokens = max(req.num_cached_tokens, min(computed, req.num_prompt_tokens))
-            prefill += self._start(req, n, out, lens)
+            rows.append(self._start(req, n))
             budget -= n
-        return prefill
+        return rows
 
     def _pages_to_grow(self, num_tokens: int, n: int) -> int:
         ps = self.pool.page_size
         return -(-(num_tokens + n) // ps) - -(-num_tokens // ps)
 
-    def _start(self, req: Request, n: int, out: list[Request], lens: list[int]) -> int:
-        """Run ``n`` tokens of ``req`` this step; returns them if they are prefill (see schedule())."""
-        if self.swap is not None and self.swap.has_deferred and req.pages._needs_cow(n):
+    def _start(self, req: Request, n: int) -> tuple[Request, int]:
+        """Run ``n`` tokens of ``req`` this step; returns its row."""
+        if self.swap is not None and self.swap.has_deferred and req.pages.needs_copy_on_write(n):
             self.swap.flush(self.stream)       # a copy-on-write may write a page a deferred copy reads
         req.pages.grow(n, self.stream)         # may raise OutOfPages: then nothing changed
         req.status = Status.RUNNING
         self._append(self.running, req)
-        out.append(req)
-        lens.append(n)
-        decode = n == 1 and req.num_tokens - req.num_computed == 1 and req.num_computed >= req.num_prompt_tokens
-        return 0 if decode else n
+        return req, n
+
+
+def _decode_rows_first(out: list[Request], lens: list[int]) -> tuple[list[Request], list[int]]:
+    """Decode rows first, in order: the model runs them through the decode kernel, the rest
+    through prefill, shortest context first (ties in order), so a model can cut them into
+    groups of similar length. The selections run in C: a step may hold thousands of rows."""
+    if lens.count(1) == len(lens):   # decode rows only: already in order
+        return out, lens
+    decode = list(compress(out, map((1).__eq__, lens)))
+    rest = sorted(compress(range(len(out)), map((1).__ne__, lens)), key=lambda i: out[i].pages.num_tokens)
+    return decode + [out[i] for i in rest], [1] * len(decode) + [lens[i] for i in rest]

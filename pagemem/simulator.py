@@ -29,6 +29,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 from pagemem.config import PoolConfig
 from pagemem.pool import PagePool
+from pagemem.preemption import check_mode
 from pagemem.prefix_cache import PrefixCache
 from pagemem.scheduler import Request, Scheduler, ScheduledStep, Status
 from pagemem.swap import HostSwap
@@ -61,7 +62,7 @@ class SimConfig:
             raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size!r}")
         if not (isinstance(self.swap_space, (int, float)) and 0 <= self.swap_space < math.inf):
             raise ValueError(f"swap_space must be a finite number of GiB >= 0, got {self.swap_space!r}")
-        if self.preemption in ("swap", "auto") and self.swap_space == 0:
+        if check_mode(self.preemption, "preemption") != "recompute" and self.swap_space == 0:
             raise ValueError(f"preemption={self.preemption!r} needs swap_space > 0")
 
 

@@ -128,17 +128,6 @@ def _check_path(path, page_bytes: int) -> str:
     return path
 
 
-def _id_array(ids, name: str, lo: int, hi: int) -> np.ndarray:
-    """[n >= 1] int64 of a sequence of ints in [lo, hi); TypeError/ValueError naming ``name``."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
-        raise TypeError(f"{name} must be a sequence of ints, got {type(ids).__name__}")
-    for i in ids:
-        check_int(i, name, lo, hi - 1)
-    if len(ids) == 0:
-        raise ValueError(f"{name} is empty")
-    return np.asarray(ids, dtype=np.int64)
-
-
 class HostSwap:
     """A pool of host pages (pinned on CUDA, NumPy on the CPU) that device pages swap to.
 
@@ -174,7 +163,6 @@ class HostSwap:
             kv_words = pool.kv.reshape(pool.num_pages, -1).view(f"u{word}")
             self._engines = {kind: CopyEngine(kind, kv_words, self.host.ctypes.data, self.page_bytes,
                                               self.staging_pages, copy_kernel=copy_kernel) for kind in (D2H, H2D)}
-            self.out_stream, self.in_stream = self._engines[D2H].stream, self._engines[H2D].stream
         else:
             self.host = np.zeros(shape, dtype=pool.config.np_dtype)
         self._host_free = np.ones(self.num_host_pages, dtype=bool)
@@ -188,7 +176,6 @@ class HostSwap:
         self.num_calls = {"out": 0, "in": 0}     # copies queued: one a call, or a flush's direction
         self.wait_s = 0.0                        # host seconds blocked on copies (wait, reclaim(wait=True))
         self.num_pages_out = self.num_pages_in = 0
-        self.last_path = ""
 
     def _host_pages(self, num_host_pages, num_bytes) -> int:
         """The host pool's size in pages from exactly one of the two ways to give it."""
@@ -225,16 +212,6 @@ class HostSwap:
             raise ValueError(f"direction must be 'out' or 'in', got {direction!r}")
         return self._bandwidth[direction]
 
-    def choose_path(self, device_ids: Sequence[int], host_slots: Sequence[int]) -> str:
-        """'runs' when the mean merged run is at least ``min_run_bytes``, else 'gather' (or the
-        fixed path). ``device_ids``: page ids of this pool; ``host_slots``: as many host slots.
-        Changes nothing."""
-        ids = _id_array(device_ids, "device_ids", 1, self.pool.num_pages)
-        slots = _id_array(host_slots, "host_slots", 0, self.num_host_pages)
-        if len(ids) != len(slots):
-            raise ValueError(f"host_slots: {len(slots)} slots for {len(ids)} device_ids")
-        return self._plan(ids, slots).path
-
     def _plan(self, device_ids, host_slots) -> CopyPlan:
         return plan_copies(device_ids, host_slots, self.path, self.page_bytes, self.min_run_bytes, self.staging_pages)
 
@@ -267,7 +244,7 @@ class HostSwap:
         if defer:
             ticket.staged = True
             self._staged_out.append((ticket, page_ids))
-            self.pool._free_held(page_ids[::-1], priority)   # flush() copies them before anything writes
+            self.pool.free_prechecked(page_ids[::-1], priority)   # flush() copies them before anything writes
         else:
             ticket.event = pend.event
             self._pending.append(pend)
@@ -391,7 +368,7 @@ class HostSwap:
     # ---- internals ---------------------------------------------------------------------------
     def _finish(self, p: _Pending) -> None:
         if p.page_ids:
-            self.pool._free_held(p.page_ids[::-1], p.priority)
+            self.pool.free_prechecked(p.page_ids[::-1], p.priority)
         if len(p.host_slots):
             self._host_free[p.host_slots] = True
         if p.direction in ("out", "in"):
@@ -416,11 +393,11 @@ class HostSwap:
             raise TypeError(f"page_ids must be a sequence of ints, got {type(page_ids).__name__}")
         if len(page_ids) == 0:
             raise ValueError("page_ids is empty")
-        if self.pool._are_private(page_ids):
+        if self.pool.are_private(page_ids):
             return list(page_ids)
         ids = np.array(page_ids)
         if ids.dtype.kind not in "iu" or ids.ndim != 1 or ids.min() < 1 or ids.max() >= self.pool.num_pages:
-            self.pool._check_ids(page_ids, "page_ids")  # raises, naming the offending id
+            self.pool.check_page_ids(page_ids, "page_ids")  # raises, naming the offending id
             raise TypeError("page_ids must be a flat sequence of ints")
         ids = ids.astype(np.int64, copy=False)
         page_ids = ids.tolist()
@@ -428,8 +405,8 @@ class HostSwap:
         if (srt[1:] == srt[:-1]).any():
             repeated = sorted({int(p) for p in srt[1:][srt[1:] == srt[:-1]]})
             raise ValueError(f"page_ids: pages {repeated} given more than once")
-        rcs = operator.itemgetter(*page_ids)(self.pool._refcount) if len(page_ids) > 1 else (
-            self.pool._refcount[page_ids[0]],)
+        rcs = operator.itemgetter(*page_ids)(self.pool.refcounts) if len(page_ids) > 1 else (
+            self.pool.refcounts[page_ids[0]],)
         if rcs.count(1) != len(rcs):
             p, rc = next((p, rc) for p, rc in zip(page_ids, rcs) if rc != 1)
             if rc == 0:
@@ -454,7 +431,6 @@ class HostSwap:
         and the ``after`` events, setting pend's timing events and its call (what the copies need
         until they end); ``stream`` waits on a swap-in, or on a swap-out of pages already given
         back (``pend.released``); nothing blocks the host."""
-        self.last_path = plan.path
         self.num_calls["out" if kind == D2H else "in"] += 1
         if not self.cuda:
             t0 = time.perf_counter()
@@ -487,7 +463,7 @@ class HostSwap:
         if any(t not in self._live or not t.staged for t, _ in self._staged_out) or \
                 sum(t.staged for t in self._live) != len(self._staged_out):
             problems.append("deferred swap-outs and staged tickets disagree")
-        unref = [p for q in self._pending for p in q.page_ids if self.pool._refcount[p] < 1]
+        unref = [p for q in self._pending for p in q.page_ids if self.pool.refcounts[p] < 1]
         if unref:
             problems.append(f"pages {unref} held by in-flight swap-outs have refcount 0")
         if problems:

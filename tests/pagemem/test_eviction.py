@@ -44,16 +44,6 @@ def test_fifo_keeps_first_age_across_revival():
     assert evict_order(pool, 4) == [3, 1, 5, 2]
 
 
-def test_fifo_uncache_resets_age():
-    pool = cached_pool("fifo")
-    pool.free([4, 6])       # ages: 4(t0) 6(t1)
-    pool.touch([4])
-    pool.uncache(4)         # contents overwritten: age forgotten
-    pool.cache_page(4, "k4-new")
-    pool.free([4])          # ages: 6(t1) 4(t2)
-    assert evict_order(pool, 2) == [6, 4]
-
-
 def test_priority_lowest_level_first_lru_within_level():
     pool = cached_pool("priority")
     pool.free([1, 2], priority=5)   # level 5: 1 -> 2

@@ -1,6 +1,6 @@
-"""Paths no other test reached: uncaching an evictable page, fragmentation against a hand count,
-PoolConfig.from_memory's CUDA branch and the backend's CUDA probes, each with a stand-in for the
-device (a module posing as CuPy, or the free-memory probe replaced)."""
+"""Paths no other test reached: fragmentation against a hand count, PoolConfig.from_memory's CUDA
+branch and the backend's CUDA probes, each with a stand-in for the device (a module posing as
+CuPy, or the free-memory probe replaced)."""
 from __future__ import annotations
 
 import sys
@@ -12,38 +12,6 @@ import pytest
 import pagemem.backend as backend
 import pagemem.config as config
 from pagemem import FIFO, PagePool, PoolConfig, SeqPages
-
-
-@pytest.mark.parametrize("eviction", ["lru", "fifo", "priority"])
-def test_uncache_of_an_evictable_page_makes_it_clean_free(eviction):
-    """An evictable page (refcount 0, still cached) that is uncached leaves the policy and joins the
-    back of the clean free queue; its key is gone, the free count is unchanged, and allocation hands
-    it out as a clean page (no eviction counted)."""
-    pool = PagePool(PoolConfig(5, 4, 1, 1, 4, "float32", "cpu"), eviction)
-    a, b, c, d = pool.allocate(4)
-    pool.cache_page(b, "kb")
-    pool.cache_page(c, "kc")
-    pool.free([b, c])                       # policy: b -> c; clean free queue empty
-    assert pool.num_free_pages == 2 and b in pool.policy
-    pool.uncache(b)                         # queue: b | policy: c
-    assert b not in pool.policy and list(pool._free) == [b] and pool.lookup("kb") is None
-    assert pool.num_free_pages == 2 and not pool.is_cached(b)
-    pool.check_integrity()
-    assert pool.allocate(1) == [b] and pool.num_evictions == 0
-    assert pool.allocate(1) == [c] and pool.num_evictions == 1
-    pool.check_integrity()
-
-
-def test_uncache_of_a_used_page_keeps_its_reference():
-    pool = PagePool(PoolConfig(5, 4, 1, 1, 4, "float32", "cpu"))
-    [p] = pool.allocate(1)
-    pool.cache_page(p, "k")
-    pool.uncache(p)
-    pool.uncache(p)                         # a page without a key: nothing to do
-    assert pool.refcount(p) == 1 and pool.lookup("k") is None
-    pool.free([p])
-    assert list(pool._free)[-1] == p and p not in pool.policy
-    pool.check_integrity()
 
 
 def test_fragmentation_against_a_hand_count():
@@ -178,9 +146,9 @@ def test_copy_page_and_cache_page_refuse_pages_in_the_wrong_state():
     with pytest.raises(ValueError, match="cache_page: page 7 is free"):
         pool.cache_page(7, "k7")
     np.testing.assert_array_equal(pool.kv, before)
-    pool.uncache(c)
-    pool.copy_page(a, c)
-    assert (pool.kv[c] == 1.0).all()
+    [d] = pool.allocate(1)                              # private and uncached
+    pool.copy_page(a, d)
+    assert (pool.kv[d] == 1.0).all()
     pool.check_integrity()
 
 

@@ -1,4 +1,4 @@
-"""Preemptor: swap and recompute preemption, resume, and the measured cost model of 'auto'."""
+"""Preemptor: swap and recompute preemption, resume after a swap, and the measured cost model of 'auto'."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,10 +10,10 @@ from pagemem import (NULL_PAGE, HostSwap, OutOfHostPages, OutOfPages, PagePool, 
 PS = 4
 
 
-def make(num_pages: int = 13, num_host_pages: int = 8, prefix: bool = False, rate: float | None = None):
+def make(num_pages: int = 13, num_host_pages: int = 8, rate: float | None = None):
     pool = PagePool(PoolConfig(num_pages, PS, 1, 1, 4, "float32", "cpu"))
     swap = HostSwap(pool, num_host_pages)
-    return pool, swap, Preemptor(swap, PrefixCache(pool) if prefix else None, rate)
+    return pool, swap, Preemptor(swap, rate)
 
 
 def seq_with(pool: PagePool, num_tokens: int, seed: int = 0) -> SeqPages:
@@ -43,26 +43,25 @@ def test_swap_preempt_and_resume_restores_data_and_keeps_shared_pages_resident()
     assert p.mode == "swap" and p.swapped_at == [2, 3]           # only the exclusive pages
     assert p.page_table == [a, b, NULL_PAGE, NULL_PAGE] and pool.refcount(a) == 2
     assert swap.num_free_host_pages == 6
-    seq, num_computed = pre.resume(p)
+    seq = pre.resume(p)
     check(pool, swap)
-    assert num_computed == seq.num_tokens == 13 and seq.page_table[:2] == [a, b]
+    assert seq.num_tokens == 13 and seq.page_table[:2] == [a, b]
     for i, page_id in enumerate(seq.page_table):
         np.testing.assert_array_equal(pool.kv[page_id], data[i])
     with pytest.raises(ValueError, match="not yet resumed"):
         pre.resume(p)
 
 
-def test_recompute_preempt_frees_pages_and_resume_reuses_prefix_hits():
-    pool, swap, pre = make(prefix=True)
+def test_recompute_preempt_frees_every_page_and_leaves_nothing_to_resume():
+    pool, swap, pre = make()
     tokens = list(range(1, 12))                   # 11 tokens: pages 0, 1 full, page 2 partial
     seq = seq_with(pool, 11)
-    pre.prefix_cache.register(seq.page_table, tokens)
+    PrefixCache(pool).register(seq.page_table, tokens)
     p = pre.preempt(seq, "recompute")
     check(pool, swap)
     assert p.mode == "recompute" and p.num_tokens == 11 and pool.stats().num_used == 0
-    seq2, num_computed = pre.resume(p, tokens)
-    assert num_computed == 8 and seq2.num_tokens == 11          # tokens 8..10 to recompute
-    check(pool, swap)
+    with pytest.raises(ValueError, match="swap Preempted"):   # its tokens are prefilled again instead
+        pre.resume(p)
 
 
 def test_swap_mode_with_host_full_raises_and_changes_nothing():
@@ -109,15 +108,14 @@ def test_auto_without_prefill_rate_is_a_caller_error():
 
 
 def test_resume_without_pages_raises_out_of_pages_and_changes_nothing():
-    pool, swap, pre = make(num_pages=5, prefix=True)
-    p = pre.preempt(seq_with(pool, 12), "recompute")
+    pool, swap, pre = make(num_pages=5)
+    p = pre.preempt(seq_with(pool, 12), "swap")
     hog = pool.allocate(2)
-    assert not pre.can_resume(p)
     with pytest.raises(OutOfPages):
-        pre.resume(p, list(range(12)))
-    assert not p.resumed and pool.stats().num_used == 2
+        pre.resume(p)
+    assert not p.spent and pool.stats().num_used == 2 and swap.num_free_host_pages == swap.num_host_pages - 3
     pool.free(hog)
-    seq, _ = pre.resume(p, list(range(12)))
+    seq = pre.resume(p)
     assert seq.num_tokens == 12
     check(pool, swap)
 
@@ -160,7 +158,7 @@ def test_deferred_swap_preemptions_free_pages_at_once_and_resume_in_one_flush():
     assert pool.num_free_pages == free + 2 + 2 and swap.num_calls["out"] == 0
     assert swap.flush() == 4 and swap.num_calls["out"] == 1
     check(pool, swap)
-    (sb, _), (sc, _) = pre.resume(pb, defer=True), pre.resume(pc, defer=True)
+    sb, sc = pre.resume(pb, defer=True), pre.resume(pc, defer=True)
     assert swap.flush() == 4 and swap.num_calls["in"] == 1
     for name, s in (("b", sb), ("c", sc)):
         for p, d in zip(s.page_table, data[name]):

@@ -516,7 +516,7 @@ def test_first_in_line_to_resume_while_nothing_runs_demotes_a_less_important_one
     assert st.resumed == [h] and st.requests == [h] and st.query_lens == [8]
     assert lo.status is Status.WAITING and lo.preempted is None and lo.num_computed == 0
     assert (lo.num_demotions, sched.num_demotions) == (1, 1)
-    assert lo.preempted_by == {"swap": 0, "recompute": 1} and sched.num_preemptions == {"swap": 1, "recompute": 1}
+    assert lo.num_preemptions == 1 and sched.num_preemptions == {"swap": 1, "recompute": 1}
     assert sched.swap.num_free_host_pages == 64           # L's copy dropped, H's swapped in (and reclaimed)
     while sched.has_unfinished():
         step()
@@ -544,7 +544,7 @@ def test_demotion_never_takes_a_more_important_swapped_request():
     assert st.requests == [c, a] and st.query_lens == [1, 5] and pool.num_free_pages == 1
     st = step()
     assert st.preempted == [(a, "swap")] and st.requests == [c]
-    assert y.status is Status.SWAPPED and y.preempted is record and not record.resumed
+    assert y.status is Status.SWAPPED and y.preempted is record and not record.spent
     assert sched.num_demotions == 0 and pool.refcount(1) == 2     # Y's resident reference and C's
     while sched.has_unfinished():
         step()

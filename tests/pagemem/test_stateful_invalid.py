@@ -63,7 +63,7 @@ class InvalidPoolMachine(PoolMachine):
             lambda: pool.allocate(d.draw(COUNTS)), lambda: pool.can_allocate(d.draw(NOT_COUNTS)),
             lambda: pool.free(d.draw(IDS)), lambda: pool.share(d.draw(IDS)), lambda: pool.touch(d.draw(IDS)),
             lambda: pool.free([raw], priority=d.draw(JUNK)), lambda: pool.refcount(d.draw(COUNTS)),
-            lambda: pool.layer_kv(d.draw(st.one_of(JUNK, NEG, HUGE))), lambda: pool.uncache(d.draw(COUNTS)),
+            lambda: pool.layer_kv(d.draw(st.one_of(JUNK, NEG, HUGE))), lambda: pool.cache_key(d.draw(COUNTS)),
             lambda: pool.is_cached(d.draw(COUNTS)), lambda: pool.cache_page(raw, d.draw(UNHASHABLE)),
             lambda: pool.cache_page(d.draw(COUNTS), "key"), lambda: pool.lookup(d.draw(UNHASHABLE)),
             lambda: pool.copy_page(raw, d.draw(COUNTS)), lambda: pool.stats(d.draw(NOT_EMPTY)),
@@ -167,7 +167,7 @@ class SwapMachine(RuleBasedStateMachine):
             lambda: s.can_swap_out(d.draw(NOT_COUNTS)),
             lambda: s.reclaim(wait=d.draw(st.one_of(st.floats(), st.text(max_size=2), st.none(), st.integers()))),
             lambda: s.wait(d.draw(st.one_of(JUNK, st.just(SwapTicket([0], 32))))),
-            lambda: s.choose_path(d.draw(IDS), d.draw(IDS)), lambda: s.bandwidth(d.draw(st.one_of(JUNK, st.text(max_size=3).filter(lambda t: t not in ("in", "out"))))),
+            lambda: s.bandwidth(d.draw(st.one_of(JUNK, st.text(max_size=3).filter(lambda t: t not in ("in", "out"))))),
         ]
 
     @rule(data=st.data())

@@ -235,10 +235,8 @@ def test_random_cycles_bit_exact_cpu(path):
     random_cycles("cpu", steps=3000, seed=7, path=path)
 
 
-@pytest.mark.parametrize("path", ["auto", "runs", "gather", "direct"])
-def test_cpu_swap_takes_the_chosen_paths_plan(path, monkeypatch):
-    """Each swap_out and swap_in asks plan_copies for the HostSwap's path and carries out what it
-    returns: last_path names it ("auto" resolves as choose_path does) and the bytes follow the plan."""
+def record_plans(monkeypatch) -> list:
+    """The plans HostSwap gets from plan_copies from now on, in order."""
     import pagemem.swap as swap_module
     plans, real = [], swap_module.plan_copies
 
@@ -246,18 +244,24 @@ def test_cpu_swap_takes_the_chosen_paths_plan(path, monkeypatch):
         plans.append(real(*args))
         return plans[-1]
     monkeypatch.setattr(swap_module, "plan_copies", recording)
+    return plans
+
+
+@pytest.mark.parametrize("path", ["auto", "runs", "gather", "direct"])
+def test_cpu_swap_takes_the_chosen_paths_plan(path, monkeypatch):
+    """Each swap_out and swap_in asks plan_copies for the HostSwap's path and carries out what it
+    returns ("auto" resolves to "gather" here) and the bytes follow the plan."""
+    plans = record_plans(monkeypatch)
     rng = np.random.default_rng(2)
     pool, swap = make(num_pages=17, num_host_pages=12, path=path, staging_bytes=1024)   # 2-page staging
     pages = pool.allocate(9)
     ids = [pages[i] for i in (4, 0, 5, 6, 7, 1)]             # a run of three and scattered pages
     data = fill_random_bits(pool, ids, rng)
     want = "gather" if path == "auto" else path              # 512-byte pages: runs far below 8 MiB
-    assert swap.choose_path(ids, list(range(6))) == want
     ticket = swap.swap_out(ids)
-    assert [p.path for p in plans] == [want, want] and swap.last_path == want   # choose_path's, then swap_out's
-    assert plans[-1].ids.tolist() == ids
+    assert [p.path for p in plans] == [want] and plans[-1].ids.tolist() == ids
     back = swap.swap_in(ticket)
-    assert plans[-1].path == want and plans[-1].ids.tolist() == back and len(plans) == 3
+    assert plans[-1].path == want and plans[-1].ids.tolist() == back and len(plans) == 2
     for old, new in zip(ids, back):
         assert_bits(pool, new, data[old])
     check(pool, swap)
@@ -447,12 +451,13 @@ def test_reclaim_of_pages_freed_behind_the_tickets_back_raises_and_changes_nothi
     assert list(pool._free) == free_before and pool.refcount(pages[0]) == 1
 
 
-def test_choose_path_is_the_mean_run_rule():
-    """choose_path: "runs" when merged runs average min_run_bytes, else "gather"; a fixed path wins."""
-    pool, swap = make(num_pages=17, num_host_pages=12, min_run_bytes=4 * 512)   # 512-byte pages
-    assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "runs"      # one run of 2048 bytes
-    assert swap.choose_path([1, 2, 3, 9], [0, 1, 2, 3]) == "gather"    # runs of 1536 and 512 bytes
-    swap.path = "direct"
-    assert swap.choose_path([1, 2, 3, 4], [0, 1, 2, 3]) == "direct"
-    swap.path = "runs"
-    assert swap.choose_path([1, 9], [0, 1]) == "runs"
+def test_swap_out_takes_the_mean_run_rule(monkeypatch):
+    """A swap_out's plan: "runs" when merged runs average min_run_bytes, else "gather"; a fixed path wins."""
+    plans = record_plans(monkeypatch)
+    for path, ids, want in (("auto", [1, 2, 3, 4], "runs"),      # one run of 2048 bytes
+                            ("auto", [1, 2, 3, 9], "gather"),    # runs of 1536 and 512 bytes
+                            ("direct", [1, 2, 3, 4], "direct"), ("runs", [1, 9], "runs")):
+        pool, swap = make(num_pages=17, num_host_pages=12, min_run_bytes=4 * 512, path=path)   # 512-byte pages
+        pool.allocate(16)
+        swap.swap_out(ids)                                      # host slots 0, 1, ...
+        assert plans[-1].path == want
