@@ -16,7 +16,7 @@
 #   e2e           bench_e2e.py (the engine against HF transformers, greedy and sampled)
 #   pressure      bench_pressure.py (swap / recompute / auto at 2x and 4x)
 #   swap          bench_swap.py (small pages, batched calls, duplex)
-#   serve         bench_serve.py (Poisson arrivals against pagemem serve)
+#   serve         bench_serve.py (Poisson arrivals against pagemem serve; SERVE_ARGS: more flags)
 #   validate      validate_simulator.py (calibrate, then simulator against the engine)
 # STAGE_TIMEOUT_<name> (seconds) overrides a stage's limit. pytest runs with -o addopts=: no
 # coverage tracing in GPU runs.
@@ -54,7 +54,7 @@ for stage in "$@"; do
     pressure) cmd=(python3 bench/bench_pressure.py ${PRESSURE_ARGS:-} --json "$OUT/pressure.json") ;;
     swap) cmd=(python3 -m pytest bench/bench_swap.py --benchmark-only -s -p no:cacheprovider -o addopts= \
                --benchmark-json="$OUT/swap.json" --benchmark-columns=median,rounds) ;;
-    serve) cmd=(python3 bench/bench_serve.py --json "$OUT/serve.json") ;;
+    serve) cmd=(python3 bench/bench_serve.py ${SERVE_ARGS:-} --no-progress --json "$OUT/serve.json") ;;
     validate) cmd=(python3 bench/validate_simulator.py --json "$OUT/validate.json") ;;
     *) echo "unknown stage $stage"; summary+=("$stage: unknown"); continue ;;
   esac
