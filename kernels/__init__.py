@@ -35,7 +35,8 @@ from pagemem.kernels._checks import check_attention, check_int_array, check_same
 from pagemem.kernels.reference_sampling import MAX_LOGPROBS, NUM_FIELDS
 from pagemem.kernels.reference_sampling import pack_params as pack_sampling_params
 
-__all__ = ["store_kv", "paged_decode", "plan_decode", "paged_prefill", "prefill_is_fused", "rms_norm", "apply_rope", "silu_mul",
+__all__ = ["store_kv", "paged_decode", "plan_decode", "paged_prefill", "prefill_is_fused", "prefill_calls",
+           "prefill_warmup_lengths", "rms_norm", "apply_rope", "silu_mul",
            "sample", "sample_logprobs", "pack_sampling_params", "NUM_FIELDS", "MAX_LOGPROBS"]
 
 
@@ -107,6 +108,28 @@ def prefill_is_fused(k_cache) -> bool:
         return False
     from pagemem.kernels.prefill_flash import config_supported
     return config_supported(k_cache.dtype, k_cache.shape[3], k_cache.device.id)
+
+
+def prefill_calls(k_cache, query_lens, context_lens) -> list[tuple[int, int]]:
+    """How to call paged_prefill on prompts of these new-token and context lengths (host ints,
+    one per prompt, in batch order) over caches shaped like ``k_cache``: prompt ranges [a, b), one
+    call each. One call where the fused kernel runs (its cost follows each sequence's own
+    tokens); otherwise groups of similar lengths (``prefill.prefill_groups``), since the cuBLAS
+    route pads every sequence of a call to its longest query and context."""
+    if len(query_lens) <= 1 or prefill_is_fused(k_cache):
+        return [(0, len(query_lens))]
+    from pagemem.kernels.prefill import prefill_groups
+    return prefill_groups(query_lens, context_lens, k_cache.shape[1])
+
+
+def prefill_warmup_lengths(k_cache, limit: int) -> list[int]:
+    """Prompt lengths, at most ``limit`` tokens, whose prefill (one prompt a call) compiles every
+    kernel paged_prefill may run over caches like ``k_cache``, for an engine's start-up: one
+    prompt for the fused kernel, else one per softmax variant of the cuBLAS route."""
+    if prefill_is_fused(k_cache):
+        return [max(1, min(64, limit))]
+    from pagemem.kernels.prefill import prefill_key_classes
+    return sorted({max(1, min(n, limit)) for n in prefill_key_classes(np.dtype(k_cache.dtype).itemsize)})
 
 
 def rms_norm(x, weight, eps: float, residual=None, out=None, stream=None):

@@ -28,6 +28,10 @@ SOFTMAX_THREADS = 128
 # (threads, uint64 words per thread) of the one-read softmax, smallest first: rows of up to
 # 256 * REG_WORDS words (8192 fp16 keys) stay in registers.
 SOFTMAX_CLASSES = ((128, 1), (128, 2), (128, 4), (128, REG_WORDS), (256, REG_WORDS))
+# prefill_groups: a call's fixed cost (about ten launches) in units of query x key elements,
+# about 1k x 1k; beyond MAX_GROUP_ROWS prompts the quadratic search is skipped (one call).
+GROUP_PENALTY = 1 << 20
+MAX_GROUP_ROWS = 64
 
 
 def paged_prefill_cuda(q, k_cache, v_cache, page_tables, context_lens, query_start_loc, scale: float,
@@ -136,6 +140,33 @@ def _softmax_plan(row_bytes: int, threads: int | None) -> tuple[int, int] | None
         per_thread = -(-words // threads)
         return (threads, per_thread) if per_thread <= REG_WORDS else None
     return next(((n, per_thread) for n, per_thread in SOFTMAX_CLASSES if words <= n * per_thread), None)
+
+
+def prefill_groups(query_lens, context_lens, page_size: int, penalty: int | None = None) -> list[tuple[int, int]]:
+    """Split prompts 0..n (host new-token and context lengths) into contiguous groups [a, b), one
+    call of this route each, minimizing the padded work (the route pads every sequence of a call
+    to its longest query and page-rounded context): sum of rows * longest query * longest
+    context, plus ``penalty`` per group (a call's fixed cost in the same units). Exact dynamic
+    programme over cut points; prompts sorted by length (as the scheduler packs them) group best."""
+    n = len(query_lens)
+    penalty = GROUP_PENALTY if penalty is None else penalty
+    if n <= 1 or n > MAX_GROUP_ROWS:
+        return [(0, n)]
+    q = [int(x) for x in query_lens]
+    t = [-(-int(c) // page_size) * page_size for c in context_lens]
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        mq = mt = 0
+        for a in range(b - 1, -1, -1):
+            mq, mt = max(mq, q[a]), max(mt, t[a])
+            cost = best[a] + (b - a) * mq * mt + penalty
+            if best[b] is None or cost < best[b]:
+                best[b], cut[b] = cost, a
+    groups, b = [], n
+    while b > 0:
+        groups.append((cut[b], b))
+        b = cut[b]
+    return groups[::-1]
 
 
 def prefill_key_classes(itemsize: int) -> list[int]:

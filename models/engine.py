@@ -154,13 +154,9 @@ class LLM:
         if self.model.device != "cuda":
             return
         from pagemem import kernels
-        from pagemem.kernels.prefill import prefill_key_classes
         pool_tokens = (self.pool.num_pages - 1) * self.pool.page_size
         limit = min(max_context_len, self.model.config.max_position_embeddings, pool_tokens) - 2
-        if kernels.prefill_is_fused(self.pool.layer_kv(0)[0]):
-            lens = [max(1, min(64, limit))]      # one fused prefill kernel serves every length
-        else:
-            lens = sorted({max(1, min(n, limit)) for n in prefill_key_classes(self.pool.config.np_dtype.itemsize)})
+        lens = kernels.prefill_warmup_lengths(self.pool.layer_kv(0)[0], limit)
         next_id = self._next_id
         for n in lens:   # one at a time: together they would share prefill calls, hence variants
             self.generate([[0] * n], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))

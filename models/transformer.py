@@ -32,10 +32,6 @@ from pagemem.backend import module_of
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 _F32 = np.float32
-# prefill_groups: a group's fixed cost (about ten launches) in units of query x key elements,
-# about 1k x 1k; beyond MAX_GROUP_ROWS prefill rows the quadratic search is skipped.
-GROUP_PENALTY = 1 << 20
-MAX_GROUP_ROWS = 64
 
 
 def rope_buffer(config: ModelConfig, xp=np) -> Array:
@@ -161,39 +157,14 @@ def _paged_attention(q: Array, k_cache: Array, v_cache: Array, batch: PagedBatch
 
 
 def attention_groups(batch: PagedBatch, pool: PagePool) -> list[tuple[int, int]]:
-    """The prefill rows' calls of every layer: one call where paged_prefill runs the fused kernel
-    (its work follows each sequence's own length; q is converted to the cache dtype), else
-    prefill_groups, since the cuBLAS route pads every sequence of a call to its longest query
-    and context."""
-    if kernels.prefill_is_fused(pool.layer_kv(0)[0]):
-        return [(batch.num_decode_seqs, batch.num_seqs)]
-    return prefill_groups(batch, pool.page_size)
-
-
-def prefill_groups(batch: PagedBatch, page_size: int, penalty: int | None = None) -> list[tuple[int, int]]:
-    """Split the prefill rows [num_decode_seqs, num_seqs) into contiguous groups [a, b) that
-    minimize the padded work, sum of rows * longest query * longest context, plus ``penalty``
-    per group (a call's fixed cost in the same units). Exact dynamic programme over cut points;
-    rows sorted by length (as the scheduler packs them) group best. One group without host lens."""
+    """The prefill rows' paged_prefill calls, the same for every layer (``kernels.prefill_calls``
+    decides, by the route the pool's caches take): row ranges [a, b) of the batch. One call
+    without host lengths (a PagedBatch built by hand)."""
     nd, n = batch.num_decode_seqs, batch.num_seqs
-    penalty = GROUP_PENALTY if penalty is None else penalty
-    if batch.host_query_lens is None or n - nd <= 1 or n - nd > MAX_GROUP_ROWS:
+    if batch.host_query_lens is None:
         return [(nd, n)]
-    q = batch.host_query_lens.tolist()
-    t = (-(-batch.host_context_lens // page_size) * page_size).tolist()
-    best, cut = [0] + [None] * (n - nd), [0] * (n - nd + 1)
-    for b in range(1, n - nd + 1):
-        mq = mt = 0
-        for a in range(b - 1, -1, -1):
-            mq, mt = max(mq, q[nd + a]), max(mt, t[nd + a])
-            cost = best[a] + (b - a) * mq * mt + penalty
-            if best[b] is None or cost < best[b]:
-                best[b], cut[b] = cost, a
-    groups, b = [], n - nd
-    while b > 0:
-        groups.append((nd + cut[b], nd + b))
-        b = cut[b]
-    return groups[::-1]
+    calls = kernels.prefill_calls(pool.layer_kv(0)[0], batch.host_query_lens[nd:], batch.host_context_lens[nd:])
+    return [(nd + a, nd + b) for a, b in calls]
 
 
 def _in_dtype(x: Array, dtype) -> Array:

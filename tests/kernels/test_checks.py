@@ -163,3 +163,18 @@ def test_check_host_lens_takes_host_values_only():
         check_host_lens((2, 3), 4, np.array([13, 1]))
     with pytest.raises(ValueError, match="query_start_loc: seq 1 has 2 new tokens but context_len 1"):
         check_host_lens((2, 3), 4, np.array([12, 1]), np.array([0, 11, 13]), 13)
+
+
+def test_prefill_calls_and_warmup_lengths_follow_the_route():
+    """On caches the fused kernel does not serve (here NumPy ones): prompts grouped by length
+    (two long prompts share a call, the short one goes alone: 2*2000*2000 + 8*16 + 2 calls'
+    cost is less than 3*2000*2000 + one call's), and one warm-up prompt per softmax variant of
+    the cuBLAS route, capped at the limit."""
+    from pagemem.kernels.prefill import GROUP_PENALTY, prefill_key_classes
+    k = np.zeros((4, 16, 2, 64), np.float16)
+    assert 2 * 2000 * 2000 + 8 * 16 + 2 * GROUP_PENALTY < 3 * 2000 * 2000 + GROUP_PENALTY
+    assert kernels.prefill_calls(k, [2000, 2000, 8], [2000, 2000, 8]) == [(0, 2), (2, 3)]
+    assert kernels.prefill_calls(k, [10, 12, 20], [10, 12, 20]) == [(0, 3)]      # small: one call is cheaper
+    assert kernels.prefill_calls(k, [7], [9]) == [(0, 1)] and kernels.prefill_calls(k, [], []) == [(0, 0)]
+    assert kernels.prefill_warmup_lengths(k, 10**6) == sorted(prefill_key_classes(2))
+    assert kernels.prefill_warmup_lengths(k, 100) == [100]

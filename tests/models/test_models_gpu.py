@@ -74,7 +74,10 @@ def test_fused_prefill_in_a_model_matches_transformers(tmp_path):
     tf.Qwen2ForCausalLM(cfg).eval().save_pretrained(tmp_path)
     hf = tf.Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
     model = load_model(tmp_path, dtype="float16", device="cuda")
-    assert kernels.prefill_is_fused(cp.empty((2, 16, 2, 64), cp.float16))
+    fused_cache = cp.empty((2, 16, 2, 64), cp.float16)
+    assert kernels.prefill_is_fused(fused_cache)
+    assert kernels.prefill_calls(fused_cache, [2000, 2000, 8], [2000, 2000, 8]) == [(0, 3)]   # one call: no padding
+    assert kernels.prefill_warmup_lengths(fused_cache, 1000) == [64]
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 300, 170).tolist(), rng.integers(0, 300, 37).tolist()]
     for got, prompt in zip(prefill_logits(model, prompts, page_size=16), prompts):

@@ -110,25 +110,28 @@ def test_random_ragged_schedules(hf_checkpoints, chunks, page_size):
 
 
 def _lens_batch(query_lens, context_lens, page_size=16):
-    """A PagedBatch over a NumPy pool whose sequences have these lengths (contents unused)."""
+    """(a PagedBatch, its NumPy pool) of sequences of these lengths (contents unused)."""
     from pagemem import PagePool, PoolConfig
     pages = sum(-(-c // page_size) for c in context_lens) + 1
     pool = PagePool(PoolConfig(pages, page_size=page_size, num_layers=1, num_kv_heads=1, head_dim=8, device="cpu"))
     seqs = [SeqPages(pool) for _ in context_lens]
     for s, c in zip(seqs, context_lens):
         s.append(c)
-    return pack_batch(seqs, query_lens, np)
+    return pack_batch(seqs, query_lens, np), pool
 
 
 def test_prefill_groups_written_out():
-    """Decode row 0 is never grouped; with a per-group cost of 10k the two short prompts share a
-    call and the two long ones go alone: 2*12*16 + 500*512 + 520*528 + 3*10k = 560,944, less than
-    any other cut (one group: 4*520*528 + 10k = 1,108,240; four: 570,912)."""
-    from pagemem.models.transformer import prefill_groups
-    batch = _lens_batch([1, 10, 12, 500, 520], [40, 10, 12, 500, 520])
-    assert prefill_groups(batch, 16, penalty=10_000) == [(1, 3), (3, 4), (4, 5)]
-    assert prefill_groups(batch, 16, penalty=10**9) == [(1, 5)]
-    assert prefill_groups(batch, 16, penalty=0) == [(1, 2), (2, 3), (3, 4), (4, 5)]
+    """With a per-group cost of 10k the two short prompts share a call and the two long ones go
+    alone: 2*12*16 + 500*512 + 520*528 + 3*10k = 560,944, less than any other cut (one group:
+    4*520*528 + 10k = 1,108,240; four: 570,912). In a batch the decode row 0 is never grouped."""
+    from pagemem.kernels.prefill import prefill_groups
+    from pagemem.models.transformer import attention_groups
+    lens = [10, 12, 500, 520]
+    assert prefill_groups(lens, lens, 16, penalty=10_000) == [(0, 2), (2, 3), (3, 4)]
+    assert prefill_groups(lens, lens, 16, penalty=10**9) == [(0, 4)]
+    assert prefill_groups(lens, lens, 16, penalty=0) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    batch, pool = _lens_batch([1, *lens], [40, *lens])
+    assert attention_groups(batch, pool) == [(1, 5)]      # the default cost: one call
 
 
 @settings(max_examples=scaled(30), deadline=None)
@@ -136,23 +139,23 @@ def test_prefill_groups_written_out():
 def test_prefill_groups_are_optimal(lens, penalty):
     """The dynamic programme's cost equals the best of every way to cut the rows."""
     import itertools
-    from pagemem.models.transformer import prefill_groups
-    batch = _lens_batch(lens, lens, page_size=8)
+    from pagemem.kernels.prefill import prefill_groups
 
     def cost(groups):
         return sum((b - a) * max(lens[a:b]) * max(-(-c // 8) * 8 for c in lens[a:b]) + penalty for a, b in groups)
     n = len(lens)
     best = min(cost(list(zip((0, *cuts), (*cuts, n))))
                for k in range(n) for cuts in itertools.combinations(range(1, n), k))
-    groups = prefill_groups(batch, 8, penalty=penalty)
+    groups = prefill_groups(lens, lens, 8, penalty=penalty)
     assert [a for a, _ in groups[1:]] == [b for _, b in groups[:-1]] and groups[0][0] == 0 and groups[-1][1] == n
     assert cost(groups) == best
 
 
 def test_prefill_groups_give_the_same_logits(hf_checkpoints, monkeypatch):
     """Prefill rows split into one call each (no per-group cost) get their solo logits."""
-    import pagemem.models.transformer as tf
-    monkeypatch.setattr(tf, "GROUP_PENALTY", 0)
+    import pagemem.kernels.prefill as prefill_route
+    from pagemem.models.transformer import attention_groups
+    monkeypatch.setattr(prefill_route, "GROUP_PENALTY", 0)
     model = load_model(hf_checkpoints["llama"][0], device="cpu")
     prompts = [PROMPT[:3], PROMPT[:9], PROMPT]
     solos = [prefill_logits(model, [p])[0][-1] for p in prompts]
@@ -161,7 +164,7 @@ def test_prefill_groups_give_the_same_logits(hf_checkpoints, monkeypatch):
     for s, p in zip(seqs, prompts):
         s.append(len(p))
     batch = pack_batch(seqs, [len(p) for p in prompts], pool.xp)
-    assert len(tf.prefill_groups(batch, 4)) == 3
+    assert attention_groups(batch, pool) == [(0, 1), (1, 2), (2, 3)]
     ids = np.concatenate([np.asarray(p) for p in prompts])
     pos = np.concatenate([np.arange(len(p)) for p in prompts])
     logits = model.forward(ids, pos, batch, pool)
