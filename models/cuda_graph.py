@@ -17,8 +17,10 @@ time on the engine's stream, so sharing temporaries between graphs is safe.
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -32,17 +34,24 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
                  1024)
 
 
-_FEED = None
-
-
-def _feed_kernel(cp):
+@functools.cache
+def _feed_kernel():
     """token_ids[i] = ids[src[i]] where src[i] >= 0: a decode row's token sampled by the step
     before, still on the device."""
-    global _FEED
-    if _FEED is None:
-        _FEED = cp.ElementwiseKernel("int32 src, raw T ids", "int32 tok",
-                                     "if (src >= 0) tok = (int)ids[src];", "pagemem_feed_tokens")
-    return _FEED
+    import cupy as cp
+    return cp.ElementwiseKernel("int32 src, raw T ids", "int32 tok", "if (src >= 0) tok = (int)ids[src];",
+                                "pagemem_feed_tokens")
+
+
+@dataclass(eq=False)
+class _Captured:
+    """One captured bucket: its graph, the pinned host buffer and device buffer of every input it
+    reads (one copy up a step), and the event recorded after the last copy out of ``host``."""
+
+    graph: object
+    host: np.ndarray
+    dev: object
+    uploaded: object = None
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:
@@ -58,9 +67,7 @@ class DecodeGraphs:
         self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_num_seqs) + (max_num_seqs,)
         self.max_seqs = max_num_seqs
         self.mempool = cp.cuda.MemoryPool()
-        self.graphs: dict[tuple[int, int], object] = {}
-        self.static: dict[tuple[int, int], tuple] = {}   # key -> (pinned host inputs, device inputs)
-        self.uploaded: dict[tuple[int, int], object] = {}  # key -> event after its last input copy
+        self.graphs: dict[tuple[int, int], _Captured] = {}     # (batch bucket, page bucket) -> capture
         with cp.cuda.using_allocator(self.mempool.malloc):
             self.logits = cp.empty((max_num_seqs, model.config.vocab_size), dtype=cp.float32)  # [B, V]
             self.ids = cp.zeros(max_num_seqs, dtype=cp.int32)                                   # [B] drawn
@@ -89,23 +96,22 @@ class DecodeGraphs:
                 feed = (feed[0], feed[1], feed[2].copy())
             if not self._try_capture(key):
                 return None
-        host, dev = self.static[key]
-        uploaded = self.uploaded.get(key)
-        if uploaded is not None:
-            uploaded.synchronize()     # the last copy out of this pinned buffer has left it
-        self._fill(host, key, tokens, positions, seqs, packed)
-        v = self._views(host, key)
+        g = self.graphs[key]
+        if g.uploaded is not None:
+            g.uploaded.synchronize()   # the last copy out of this pinned buffer has left it
+        self._fill(g.host, key, tokens, positions, seqs, packed)
+        v = self._views(g.host, key)
         v["token_src"][:] = -1
         if feed is not None:
             v["token_src"][feed[0]] = feed[1]
-        dev.set(host, stream=self.stream)            # one host-to-device copy of every input
-        if uploaded is None:
-            uploaded = self.uploaded[key] = self.cp.cuda.Event(block=False, disable_timing=True)
-        uploaded.record(self.stream)
+        g.dev.set(g.host, stream=self.stream)        # one host-to-device copy of every input
+        if g.uploaded is None:
+            g.uploaded = self.cp.cuda.Event(block=False, disable_timing=True)
+        g.uploaded.record(self.stream)
         if feed is not None:
-            d = self._views(dev, key)
-            _feed_kernel(self.cp)(d["token_src"], feed[2], d["token_ids"])
-        self.graphs[key].launch(stream=self.stream)
+            d = self._views(g.dev, key)
+            _feed_kernel()(d["token_src"], feed[2], d["token_ids"])
+        g.graph.launch(stream=self.stream)
         self.num_replays += 1
         return self.logits[:n], self.ids[:n]
 
@@ -193,7 +199,7 @@ class DecodeGraphs:
                 self._forward(batch, v, key)
             finally:
                 graph = self.stream.end_capture()
-        self.graphs[key], self.static[key] = graph, (host, dev)   # dev holds every input the graph reads
+        self.graphs[key] = _Captured(graph, host, dev)   # dev holds every input the graph reads
         self.num_captures += 1
 
     def _forward(self, batch: PagedBatch, v: dict, key) -> None:
