@@ -31,7 +31,8 @@ from hypothesis_budget import scaled
 
 from _oracle import assert_same_greedy, ours
 from pagemem import kernels
-from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, load_model
+from pagemem.models.generate import generate
 from pagemem.models.engine import LLM
 from pagemem import pack_batch
 from pagemem.scheduler import Status

@@ -15,7 +15,8 @@ from hypothesis_budget import scaled
 
 from _oracle import assert_same_greedy, ours
 from pagemem.backend import cuda_unavailable_reason
-from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, load_model
+from pagemem.models.generate import generate
 from pagemem.models.engine import LLM
 from pagemem.models.sampling import SEED_LIMIT
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, load_model
+from pagemem.models.generate import generate
 from pagemem.models.engine import LLM
 
 pytestmark = pytest.mark.gpu

@@ -10,7 +10,8 @@ import pytest
 
 from pagemem import PagePool
 from pagemem.eviction import FIFO, LRU, Priority
-from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, load_model
+from pagemem.models.generate import generate
 from pagemem.models import engine
 from pagemem.models.engine import CPU_POOL_BYTES, LLM, default_pool_config
 from pagemem.scheduler import ScheduledStep

@@ -13,7 +13,8 @@ import transformers as tf
 from transformers.utils.quantization_config import GgufConfig
 
 from _helpers import prefill_logits, scale_error
-from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, load_model
+from pagemem.models.generate import generate
 from pagemem.models.gguf import load_gguf_weights, metadata, config_from_gguf, open_gguf, unpermute_qk
 from pagemem.models.weights import tensor_specs
 

@@ -7,7 +7,8 @@ import torch
 
 from _helpers import prefill_logits, scale_error
 from hf_models import ARCHS
-from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, load_model
+from pagemem.models.generate import generate
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 8, 9, 10, 11, 12], [200, 1, 2], [77]]
 

@@ -7,7 +7,8 @@ import torch
 
 from _helpers import prefill_logits, scale_error
 from hf_models import ARCHS
-from pagemem.models import SamplingParams, generate, load_model
+from pagemem.models import SamplingParams, load_model
+from pagemem.models.generate import generate
 from pagemem.backend import to_host
 
 pytestmark = pytest.mark.gpu

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from pagemem.models import PRESETS, SamplingParams, generate, load_model
+from pagemem.models import PRESETS, SamplingParams, load_model
+from pagemem.models.generate import generate
 from pagemem.models.presets import preset_config, random_weights
 from pagemem.models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from pagemem.models.weights import tensor_specs
