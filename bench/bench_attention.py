@@ -109,7 +109,7 @@ def decode_variants(case: Case, sweep: bool = False):
     from pagemem.kernels import paged_decode
     from pagemem.kernels._checks import check_attention
     from pagemem.kernels.decode import paged_decode_cuda
-    from pagemem.kernels.paged_decode_v1 import paged_decode_v1
+    from bench.paged_decode_v1 import paged_decode_v1
     out = cp.empty_like(case.q)
     dims = check_attention(case.q, case.k, case.v, case.page_tables, case.context_lens, out, case.q.shape[0])
     args = (case.q, case.k, case.v, case.page_tables, case.context_lens)

@@ -119,7 +119,7 @@ def test_decode_plan_run_checks_each_call(rng):
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
 def test_decode_v1(rng, dtype):
     """The naive baseline kernel equals the reference too (it is the bench's yardstick)."""
-    from pagemem.kernels.paged_decode_v1 import paged_decode_v1
+    from bench.paged_decode_v1 import paged_decode_v1
     p = make_paged(rng, [1, 5, 9], dtype=dtype)
     q = queries(rng, 3, 4, 16, dtype)
     out = paged_decode_v1(q, p.k, p.v, p.page_tables, p.context_lens, 0.5, np.empty_like(q), window=4)

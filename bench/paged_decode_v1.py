@@ -2,7 +2,7 @@
 
 One block per (sequence, query head), one thread per output element, one token per block step
 with a shared-memory tree reduction of q.k; scalar 16-bit loads; the KV head is read once per
-query head. Not on the launcher path (``kernels.paged_decode`` runs _v2); bench only.
+query head. Not part of the library: bench_attention times it beside the library's kernels.
 """
 from __future__ import annotations
 
