@@ -284,8 +284,7 @@ class LLM:
             try:
                 self._collect(cur)       # other callers' requests keep their tokens
             except Exception:  # noqa: BLE001 -- the step itself is broken: its ids are lost
-                for req in cur.sampled:
-                    req.num_pending = max(0, req.num_pending - 1)
+                self.scheduler.drop_pending(cur.sampled)
         for req in reqs:
             if req.status is not Status.FINISHED:
                 self.scheduler.finish(req)
@@ -414,15 +413,16 @@ class LLM:
             cur.event.synchronize()
         ids = cur.host_ids.tolist()
         now = time.perf_counter()
-        keep, finished = {}, 0
+        keep, dropped, finished = {}, [], 0
         for j, (req, tok) in enumerate(zip(cur.sampled, ids)):
             state = self._states.get(req)
             if state is None or state.finish_reason:   # stopped or aborted while this row ran: drop it
-                req.num_pending -= 1
+                dropped.append(req)
                 continue
             keep[req] = tok
             if state.logprobs is not None:
                 state.logprobs.append(_token_logprobs(cur.logprobs, j, tok, state.params.logprobs))
+        self.scheduler.drop_pending(dropped)
         self.scheduler.resolve(keep)
         for req, tok in keep.items():
             state = self._states[req]

@@ -265,6 +265,14 @@ class Scheduler:
             if req.pages is not None:
                 self._register(req)
 
+    def drop_pending(self, reqs) -> None:
+        """Forget a pending token of each of ``reqs`` (one per occurrence) whose id will never be
+        reported: the request stopped or was aborted while its row ran, or the step that drew it
+        failed. Requests with no pending token left are passed over."""
+        for req in reqs:
+            if req.num_pending > 0:
+                req.num_pending -= 1
+
     def _register(self, req: Request) -> None:
         """Offer the request's newly full pages, of known and computed tokens, to the prefix cache."""
         known = min(req.num_computed, len(req.token_ids))

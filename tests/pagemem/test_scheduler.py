@@ -427,6 +427,23 @@ def test_lagged_driver_gives_identical_outputs(mode, prefix):
     assert lag_seen > 0 and sum(sched.num_preemptions.values()) > 0
 
 
+def test_dropped_pending_tokens_leave_the_count():
+    """An id that will never be reported (its request stopped while the row ran) is dropped: the
+    count goes back, the known ids stay, and a request with nothing pending is passed over."""
+    pool = PagePool(PoolConfig(16, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
+    sched = Scheduler(pool, max_num_batched_tokens=64, watermark=0.0)
+    a, b = sched.add("a", [1, 2, 3], 5), sched.add("b", [4], 5)
+    st = sched.schedule()
+    sched.advance(st, [a, b])
+    sched.advance(sched.schedule(), [a])               # a: two ids in flight, b: one
+    sched.drop_pending([a, b, b])                      # b's second entry has nothing left: passed over
+    assert (a.num_pending, b.num_pending, a.num_tokens, b.num_tokens) == (1, 0, 4, 1)
+    sched.resolve({a: 9})
+    assert a.token_ids == [1, 2, 3, 9] and a.num_pending == 0
+    with pytest.raises(ValueError, match="no pending token"):
+        sched.resolve({b: 1})
+
+
 def test_pending_tokens_count_and_wait_for_admission():
     """A request with a pending id counts it in num_tokens and decodes it next step; preempted by
     recompute meanwhile, it is not admitted again until the id is resolved."""
