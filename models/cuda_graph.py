@@ -21,7 +21,7 @@ import functools
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -41,6 +41,18 @@ def _feed_kernel():
     import cupy as cp
     return cp.ElementwiseKernel("int32 src, raw T ids", "int32 tok", "if (src >= 0) tok = (int)ids[src];",
                                 "pagemem_feed_tokens")
+
+
+class TokenFeed(NamedTuple):
+    """Decode rows whose input token is still on the device, drawn by the step before: row
+    ``rows[k]`` (row i is token i) reads ``ids[src[k]]`` instead of its host token."""
+
+    rows: np.ndarray               # [k] int64
+    src: np.ndarray                # [k] int64 indices into ids
+    ids: object                    # the previous step's drawn ids (a device array)
+
+    def select(self, keep: np.ndarray) -> "TokenFeed":
+        return TokenFeed(self.rows[keep], self.src[keep], self.ids)
 
 
 @dataclass(eq=False)
@@ -80,20 +92,21 @@ class DecodeGraphs:
         return (self.disabled is None and 0 < len(seqs) <= self.max_seqs
                 and all(q == 1 for q in query_lens))
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages], feed=None, packed=None):
+    def run(self, tokens: np.ndarray, positions: np.ndarray, seqs: Sequence[SeqPages], feed: TokenFeed | None = None,
+            packed=None):
         """(logits [num_seqs, V] float32, drawn ids [num_seqs] int32): views into the static
         buffers, valid until the next run; or None if capturing failed (the caller runs the step
         eagerly). ``packed`` [NUM_FIELDS, num_seqs] int32: the rows' sampling settings
         (``pagemem.kernels.pack_sampling_params``; None: greedy).
 
-        ``feed``: (rows, src, ids) for rows whose token id is still on the device: row
-        ``rows[k]`` reads ``ids[src[k]]`` (a device array) instead of ``tokens[rows[k]]``."""
+        ``feed``: the rows whose token id is still on the device (they read it there instead
+        of from ``tokens``)."""
         n = len(seqs)
         max_pages = max(len(s.page_table) for s in seqs)
         key = (_bucket(n, self.buckets), self._page_bucket(max_pages))
         if key not in self.graphs:
             if feed is not None:       # capturing draws into self.ids, which may hold the fed ids
-                feed = (feed[0], feed[1], feed[2].copy())
+                feed = feed._replace(ids=feed.ids.copy())
             if not self._try_capture(key):
                 return None
         g = self.graphs[key]
@@ -103,14 +116,14 @@ class DecodeGraphs:
         v = self._views(g.host, key)
         v["token_src"][:] = -1
         if feed is not None:
-            v["token_src"][feed[0]] = feed[1]
+            v["token_src"][feed.rows] = feed.src
         g.dev.set(g.host, stream=self.stream)        # one host-to-device copy of every input
         if g.uploaded is None:
             g.uploaded = self.cp.cuda.Event(block=False, disable_timing=True)
         g.uploaded.record(self.stream)
         if feed is not None:
             d = self._views(g.dev, key)
-            _feed_kernel()(d["token_src"], feed[2], d["token_ids"])
+            _feed_kernel()(d["token_src"], feed.ids, d["token_ids"])
         g.graph.launch(stream=self.stream)
         self.num_replays += 1
         return self.logits[:n], self.ids[:n]

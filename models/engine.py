@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pagemem.models.cuda_graph import TokenFeed
 from pagemem.models.model import Model, load_model
 from pagemem import kernels
 from pagemem.models.sampling import SEED_LIMIT, SamplingParams, pack_rows, request_seed, stop_reason
@@ -338,7 +339,7 @@ class LLM:
         scheduler as advanced. Decode rows whose last token is still in flight read its id
         from ``prev``'s device tokens."""
         tokens, positions = _inputs(step.requests, step.query_lens)
-        feed = _feed_rows(step.requests, prev)           # (token index, index into prev.tokens) or None
+        feed = _feed_rows(step.requests, prev)           # rows reading their token on the device, or None
         seqs = [r.pages for r in step.requests]
         rows = [i for i, r in enumerate(step.requests) if r.pages.num_tokens == r.num_tokens]
         sampled = [step.requests[i] for i in rows]
@@ -350,23 +351,21 @@ class LLM:
             packed[:, rows] = pack_rows([x.params for x in states], [x.seed for x in states], [r.num_tokens for r in sampled])
         # Every device operation of the step (batch upload, forward, sampling) runs on one stream.
         with self.stream if self.stream is not None else contextlib.nullcontext():
-            logits, graph_ids = self._forward(tokens, positions, seqs, step.query_lens, feed, prev, packed)
+            logits, graph_ids = self._forward(tokens, positions, seqs, step.query_lens, feed, packed)
             cur = _StepInFlight(step, sampled, t0)
             self._sample(cur, logits, rows, packed, graph_ids)
         self.scheduler.advance(step, sampled)
         return cur
 
-    def _forward(self, tokens: np.ndarray, positions: np.ndarray, seqs, lens: list[int], feed, prev, packed):
+    def _forward(self, tokens: np.ndarray, positions: np.ndarray, seqs, lens: list[int], feed: TokenFeed | None,
+                 packed):
         """(logits [num_seqs, V], drawn ids [num_seqs] or None). Decode rows (packed first) replay
         a CUDA graph, which also draws their ids under ``packed[:, :nd]``, when one is available;
         the rest, or everything without graphs, run eagerly (and the ids are drawn after)."""
         nd = next((i for i, q in enumerate(lens) if q != 1), len(lens))
         head = None
         if nd and self.graphs is not None and self.graphs.can_run(seqs[:nd], lens[:nd]):
-            head_feed = None
-            if feed is not None:
-                keep = feed[0] < nd
-                head_feed = (feed[0][keep], feed[1][keep], prev.tokens)
+            head_feed = None if feed is None else feed.select(feed.rows < nd)
             head = self.graphs.run(tokens[:nd], positions[:nd], seqs[:nd], head_feed, packed[:, :nd])
         if head is None:
             nd = 0
@@ -374,11 +373,11 @@ class LLM:
             return head
         batch = pack_batch(seqs[nd:], lens[nd:], self.xp)
         tail_tokens = tokens[nd:]                     # decode rows come first: token i is row i
-        if feed is not None and (feed[0] >= nd).any():
-            keep = feed[0] >= nd
+        if feed is not None and (feed.rows >= nd).any():
+            tail_feed = feed.select(feed.rows >= nd)
             tail_tokens = self.xp.asarray(tail_tokens)
-            tail_tokens[self.xp.asarray(feed[0][keep] - nd)] = \
-                prev.tokens[self.xp.asarray(feed[1][keep])].astype(tail_tokens.dtype)
+            tail_tokens[self.xp.asarray(tail_feed.rows - nd)] = \
+                tail_feed.ids[self.xp.asarray(tail_feed.src)].astype(tail_tokens.dtype)
         tail = self.model.forward(tail_tokens, positions[nd:], batch, self.pool)
         return (tail if nd == 0 else self.xp.concatenate([head[0], tail])), None
 
@@ -558,9 +557,9 @@ def _token_logprobs(lp, j: int, token: int, num_top: int) -> TokenLogprobs:
     return TokenLogprobs(int(token), float(chosen[j]), top)
 
 
-def _feed_rows(reqs: list[Request], prev: _StepInFlight | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """For rows whose token is still in flight (decode rows, packed first, so row i is token i):
-    (row indices, their indices into ``prev.tokens``), or None when there are none."""
+def _feed_rows(reqs: list[Request], prev: _StepInFlight | None) -> TokenFeed | None:
+    """The rows whose token is still in flight (decode rows, packed first, so row i is token i),
+    reading it from ``prev.tokens``; None when there are none."""
     if prev is None or not prev.collect_later:
         return None
     at = {req: j for j, req in enumerate(prev.sampled)}
@@ -568,7 +567,7 @@ def _feed_rows(reqs: list[Request], prev: _StepInFlight | None) -> tuple[np.ndar
     if not pairs:
         return None
     a = np.asarray(pairs, dtype=np.int64)
-    return a[:, 0].copy(), a[:, 1].copy()
+    return TokenFeed(a[:, 0].copy(), a[:, 1].copy(), prev.tokens)
 
 
 def _inputs(reqs: list[Request], lens: list[int]) -> tuple[np.ndarray, np.ndarray]:
