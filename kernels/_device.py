@@ -19,6 +19,7 @@ from numba.cuda.core import config
 SIM = bool(config.ENABLE_CUDASIM)
 F16, BF16, F32 = 0, 1, 2
 _KINDS = {np.dtype(np.float16): F16, np.dtype(ml_dtypes.bfloat16): BF16, np.dtype(np.float32): F32}
+KIND_DTYPES = {kind: dtype for dtype, kind in _KINDS.items()}    # F16 | BF16 | F32 -> its dtype
 FULL_MASK = 0xFFFFFFFF
 
 

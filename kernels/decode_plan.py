@@ -19,21 +19,19 @@ the plan is used.
 """
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 from numba import float32
 
 from pagemem.kernels import _arrays, cpu as _cpu
 from pagemem.kernels._arrays import as_device, as_flat_words, launch, num_sms
 from pagemem.kernels._checks import AttnDims, check_attention, check_host_lens, check_same_device, check_window
-from pagemem.kernels._device import bits_dtype, dtype_kind
+from pagemem.kernels._device import KIND_DTYPES, bits_dtype, dtype_kind
 from pagemem.kernels.decode import MIN_SPLIT_SPAN, THREADS, THREADS_SPLIT, split_rule
 from pagemem.kernels.decode_tc import make_paged_decode_tc_kernel, tc_eligible, tc_warps
 from pagemem.kernels.paged_attention import (MAX_REGISTERS, TOKENS_PER_GROUP, choose_lanes, heads_per_block,
                                              make_decode_reduce_kernel, make_paged_decode_kernel)
 
 MAX_GRID_Y = 65535
-_DTYPES = {dtype_kind(t, "dtype"): np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32)}
 TC_MAX_REGISTERS = None  # ptxas' own choice: no spills (108 / 165 / 233 registers at head_dim 64 / 128 / 256)
 # Registers a thread of the tensor-core kernel holds, by 64-dim chunks of head_dim (ptxas for sm_90,
 # rounded up to its allocation unit of 8), for the occupancy the launch rule assumes.
@@ -119,7 +117,7 @@ class DecodePlan:
         self.q_shape = (dims.num_seqs, dims.num_q_heads, dims.head_dim)
         self._raw = self._reduce_raw = None
         self.kernel_name = None
-        self._q_dtype, self._out_dtype = _DTYPES[dims.q_kind], _DTYPES[out_kind]
+        self._q_dtype, self._out_dtype = KIND_DTYPES[dims.q_kind], KIND_DTYPES[out_kind]
         self._array_type = type(page_tables)
         self._aligned16 = False
         if self.kernel_path:

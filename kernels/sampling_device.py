@@ -12,7 +12,7 @@ import math
 
 from numba import cuda, float32, int32, uint64
 
-from pagemem.kernels._device import SIM, F32, f32_to_bits, load_scalar, unpack
+from pagemem.kernels._device import F32, f32_to_bits, load_scalar, unpack
 
 M0, M1, W0, W1 = uint64(0xD2511F53), uint64(0xCD9E8D57), uint64(0x9E3779B9), uint64(0xBB67AE85)
 MASK = uint64(0xFFFFFFFF)
@@ -135,7 +135,7 @@ def make_row_scan(kind: int, mode: int, body, tile_words: int = TILE_WORDS):
     state, ctx) -> state`` over the quads off, off + stride, ... of row r (four float32 logits,
     ids 4q .. 4q+3; past the vocabulary -inf, so a body checks 4q + e < vocab).
 
-    The row is read in tiles of UNROLL quads a thread, all loaded before the first is used, so
+    The row is read in tiles of several quads a thread, all loaded before the first is used, so
     that a thread keeps ``tile_words`` loads in flight instead of one: a loop that loads one quad
     and uses it waits out the memory latency once per quad, which held a block of the sampling
     kernels to a small share of the bandwidth. Loads past the last whole quad repeat it (every

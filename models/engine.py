@@ -154,7 +154,6 @@ class LLM:
         capture the decode CUDA graphs, so no request pays for a compile. No-op on the CPU."""
         if self.model.device != "cuda":
             return
-        from pagemem import kernels
         pool_tokens = (self.pool.num_pages - 1) * self.pool.page_size
         limit = min(max_context_len, self.model.config.max_position_embeddings, pool_tokens) - 2
         lens = kernels.prefill_warmup_lengths(self.pool.layer_kv(0)[0], limit)
@@ -234,7 +233,7 @@ class LLM:
     def _queue(self, text: str | None, ids: list[int], params: SamplingParams, priority: int) -> Request:
         req = self.scheduler.add(self._next_id, ids, params.max_tokens, priority)
         self._states[req] = _RequestState(params, request_seed(params, self.seed, self._next_id), text,
-                                logprobs=[] if params.logprobs is not None else None)
+                                          logprobs=[] if params.logprobs is not None else None)
         self._next_id += 1
         return req
 
