@@ -216,6 +216,6 @@ class DecodeGraphs:
         self.num_captures += 1
 
     def _forward(self, batch: PagedBatch, v: dict, key) -> None:
-        logits = self.model.forward(v["token_ids"], v["positions"], batch, self.pool, mm=self.gemm)  # [b, V]
-        self.logits[:key[0]] = logits
+        self.model.forward(v["token_ids"], v["positions"], batch, self.pool, mm=self.gemm,
+                           out=self.logits[:key[0]])                                         # [b, V]
         kernels.sample(self.logits[:key[0]], v["sample_params"], out=self.ids[:key[0]], stream=self.stream)

@@ -43,10 +43,12 @@ class Model:
         return self.config.eos_token_ids or tuple(self.tokenizer.eos_token_ids)
 
     def forward(self, token_ids: Array, positions: Array, batch: PagedBatch, pool: PagePool, *,
-                all_logits: bool = False, mm=matmul_t) -> Array:
-        """Logits [num_seqs, V] float32 of each sequence's last new token ([T, V] with all_logits).
-        Writes the new tokens' K/V into ``pool``; see ``models.transformer.forward``."""
-        return forward(self.config, self.weights, token_ids, positions, batch, pool, all_logits=all_logits, mm=mm)
+                all_logits: bool = False, mm=matmul_t, out=None) -> Array:
+        """Logits [num_seqs, V] float32 of each sequence's last new token ([T, V] with all_logits),
+        written into ``out`` if given. Writes the new tokens' K/V into ``pool``; see
+        ``models.transformer.forward``."""
+        return forward(self.config, self.weights, token_ids, positions, batch, pool, all_logits=all_logits,
+                       mm=mm, out=out)
 
     def pool_config(self, num_pages: int, page_size: int = 16, dtype: str | None = None) -> PoolConfig:
         """A PoolConfig matching this model's layers, K/V heads, head_dim, dtype and device."""

@@ -186,15 +186,21 @@ def mlp(config: ModelConfig, w: dict, layer: int, x: Array, mm=matmul_t) -> Arra
 
 # ---- the whole model ------------------------------------------------------------------------------
 def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, positions: Array,
-            batch: PagedBatch, pool: PagePool, *, all_logits: bool = False, mm=matmul_t) -> Array:
+            batch: PagedBatch, pool: PagePool, *, all_logits: bool = False, mm=matmul_t, out=None) -> Array:
     """Logits [num_seqs, V] float32 for each sequence's last new token, or [T, V] with all_logits.
-    ``mm(x, w)`` computes every x @ w.T (default: the array module's matmul).
+    ``mm(x, w)`` computes every x @ w.T (default: the array module's matmul). ``out``: a float32
+    array of that shape to write the logits into (the LM head's output is cast on the way in, one
+    pass, where a fresh float32 array and a copy would be two); it is returned.
 
     token_ids, positions: [T] ints, ordered as ``batch.query_start_loc`` says (sequence by
     sequence); the new tokens' K/V are written into ``pool`` at ``batch.slot_mapping``.
     """
     xp = pool.xp
     token_ids, positions = _check_inputs(config, token_ids, positions, batch, pool)
+    if out is not None:            # checked before any K/V is written
+        shape = (batch.num_tokens if all_logits else batch.num_seqs, config.vocab_size)
+        if tuple(out.shape) != shape or out.dtype != _F32:
+            raise ValueError(f"out: expected shape {shape} float32, got {tuple(out.shape)} {out.dtype}")
     w = weights
     x = w["embed.weight"][token_ids]                                       # [T, H]
     rope = None
@@ -214,7 +220,11 @@ def forward(config: ModelConfig, weights: dict[str, Array], token_ids: Array, po
         rows = batch.query_start_loc[1:] - 1
         x, m = x[rows], m[rows]                                            # [num_seqs, H]
     _, x = add_norm(config, w, "norm", x, m)
-    return xp.asarray(linear(x, w["lm_head.weight"], None, mm), dtype=_F32)  # [*, V]
+    logits = linear(x, w["lm_head.weight"], None, mm)                      # [*, V]
+    if out is None:
+        return xp.asarray(logits, dtype=_F32)
+    out[...] = logits
+    return out
 
 
 def _check_inputs(config: ModelConfig, token_ids, positions, batch: PagedBatch, pool: PagePool):

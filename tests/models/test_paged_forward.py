@@ -82,6 +82,27 @@ def test_forward_rejects_mismatched_inputs(hf_checkpoints):
         other.forward(np.asarray([1, 2, 3]), np.arange(3), batch, scrambled_pool(model, 4, 4))
 
 
+def test_forward_writes_logits_into_out(hf_checkpoints):
+    """``out=`` receives the same logits forward returns, and a wrong ``out`` is refused before
+    any K/V reaches the pool."""
+    model = load_model(hf_checkpoints["llama"][0], device="cpu")
+    want = prefill_logits(model, [PROMPT[:6]])[0][-1]
+    pool = scrambled_pool(model, 4, 4, seed=3)
+    seq = SeqPages(pool)
+    seq.append(6)
+    batch = pack_batch([seq], [6], pool.xp)
+    before = pool.kv.copy()
+    for bad in (np.zeros((2, model.config.vocab_size), np.float32), np.zeros((1, model.config.vocab_size), np.float16)):
+        with pytest.raises(ValueError, match="out"):
+            model.forward(np.asarray(PROMPT[:6]), np.arange(6), batch, pool, out=bad)
+        np.testing.assert_array_equal(pool.kv, before)
+    out = np.full((3, model.config.vocab_size), np.nan, np.float32)
+    got = model.forward(np.asarray(PROMPT[:6]), np.arange(6), batch, pool, out=out[1:2])
+    assert got is out[1:2] or np.shares_memory(got, out[1:2])
+    assert scale_error(out[1], want) <= TOL
+    assert np.isnan(out[0]).all() and np.isnan(out[2]).all()
+
+
 @settings(max_examples=scaled(15), deadline=None)
 @given(st.lists(st.lists(st.integers(1, 4), min_size=1, max_size=6), min_size=1, max_size=3),
        st.sampled_from([1, 2, 8]))
