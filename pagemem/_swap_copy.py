@@ -13,7 +13,7 @@ the kernel's loads or stores cross PCIe with no staging buffer and no separate c
 
     plan_copies(ids, slots, ...)  NumPy only: which path, and the runs in page units (CPU-tested)
     copy_numpy(plan, kv, host)    the CPU HostSwap: the plan carried out with NumPy copies
-    CopyEngine.enqueue(plan, ...) CUDA only: one direction's copies on its own stream
+    PinnedCopier.enqueue(plan, ...) CUDA only: one direction's copies on its own stream
 """
 from __future__ import annotations
 
@@ -111,20 +111,20 @@ def plan_copies(ids: Sequence[int], slots: Sequence[int], path: str, page_bytes:
     return CopyPlan("gather", ids, runs, bounds, staging_pages)
 
 
-def copy_numpy(plan: CopyPlan, kv: np.ndarray, host: np.ndarray, kind: int) -> None:
-    """Carry out ``plan`` with NumPy copies, as CopyEngine does with CUDA calls: "runs" one slice
+def copy_numpy(plan: CopyPlan, kv: np.ndarray, host: np.ndarray, direction: int) -> None:
+    """Carry out ``plan`` with NumPy copies, as PinnedCopier does with CUDA calls: "runs" one slice
     copy a run, "gather" chunk by chunk through a staging buffer (``kv[ids]`` taken into it, then
     one copy a host run; H2D the reverse, then scattered), "direct" one fancy-indexed copy.
     kv: [num_pages, ...] and host: [num_host_pages, ...], page-major; writes host (D2H) or kv (H2D)."""
     if plan.path == "direct":
-        if kind == D2H:
+        if direction == D2H:
             host[plan.slots] = kv[plan.ids]
         else:
             kv[plan.ids] = host[plan.slots]
         return
     if plan.path == "runs":
         for d, h, k in plan.runs:
-            if kind == D2H:
+            if direction == D2H:
                 host[h:h + k] = kv[d:d + k]
             else:
                 kv[d:d + k] = host[h:h + k]
@@ -134,21 +134,21 @@ def copy_numpy(plan: CopyPlan, kv: np.ndarray, host: np.ndarray, kind: int) -> N
     for c, c0 in enumerate(range(0, n, m)):                        # chunk c: positions [c0, c0 + k)
         ids = plan.ids[c0:c0 + m]
         k = len(ids)
-        if kind == D2H:
+        if direction == D2H:
             np.take(kv, ids, axis=0, out=stage[:k])
         for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]:
-            if kind == D2H:
+            if direction == D2H:
                 host[h:h + r] = stage[i - c0:i - c0 + r]
             else:
                 stage[i - c0:i - c0 + r] = host[h:h + r]
-        if kind == H2D:
+        if direction == H2D:
             kv[ids] = stage[:k]
 
 
 @dataclass(eq=False, slots=True)
 class CopyCall:
     """One enqueued call: its timing events (``end`` completes when its copies have) and what
-    must live until then. Handed back to ``CopyEngine.release`` once ``end`` completed, which
+    must live until then. Handed back to ``PinnedCopier.release`` once ``end`` completed, which
     reuses the events and the pinned id buffer for later calls."""
 
     start: Any
@@ -157,7 +157,7 @@ class CopyCall:
     keep: tuple = ()         # outgrown device id buffers queued kernels may still read
 
 
-class CopyEngine:
+class PinnedCopier:
     """One direction (D2H or H2D) of HostSwap's copies: its non-blocking stream, and the buffers
     only that stream touches, so stream order makes reusing them safe: the staging pages, the
     device page-id buffer, the ``ready`` event. Per call nothing is allocated once warm: timing
@@ -166,11 +166,11 @@ class CopyEngine:
     ``copy_kernel``: ``pagemem.kernels.swap_copy.copy_pages`` or None (CuPy take / indexed
     assignment); ``cp``: the cupy module (tests pass a stand-in that records the calls)."""
 
-    def __init__(self, kind: int, kv_words: Any, host_ptr: int, page_bytes: int, staging_pages: int,
+    def __init__(self, direction: int, kv_words: Any, host_ptr: int, page_bytes: int, staging_pages: int,
                  cp: Any = None, copy_kernel: Any = None) -> None:
         if cp is None:
             import cupy as cp
-        self.cp, self.kind, self.kv_words, self.host_ptr = cp, kind, kv_words, host_ptr
+        self.cp, self.direction, self.kv_words, self.host_ptr = cp, direction, kv_words, host_ptr
         self.page_bytes, self.staging_pages, self.copy_kernel = page_bytes, staging_pages, copy_kernel
         self.stream = cp.cuda.Stream(non_blocking=True)
         # Reused per call: a wait on an event waits for the record made before the wait was queued.
@@ -197,7 +197,7 @@ class CopyEngine:
         else:
             chunks, pinned, keep, upload = self._prepare_gather(plan)
         start, end = self._free_events.pop() if self._free_events else (self.cp.cuda.Event(), self.cp.cuda.Event())
-        memcpy, sp, kind = self.cp.cuda.runtime.memcpyAsync, self.stream.ptr, self.kind
+        memcpy, sp, direction = self.cp.cuda.runtime.memcpyAsync, self.stream.ptr, self.direction
         # ---- the burst: CUDA calls only, from here to end.record ----
         self.ready.record(compute)   # D2H reads after the last kernel that wrote; H2D writes after the last reader
         self.stream.wait_event(self.ready)
@@ -213,11 +213,11 @@ class CopyEngine:
                 if before is not None:
                     before()
                 for dst, src, nbytes in calls:
-                    memcpy(dst, src, nbytes, kind, sp)
+                    memcpy(dst, src, nbytes, direction, sp)
                 if later is not None:
                     later()
         end.record(self.stream)
-        if kind == H2D or compute_waits:
+        if direction == H2D or compute_waits:
             compute.wait_event(end)
         return CopyCall(start, end, pinned, keep)
 
@@ -241,7 +241,7 @@ class CopyEngine:
 
     def _oriented(self, pairs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """(device address, host address, nbytes) -> memcpyAsync's (dst, src, nbytes) for this direction."""
-        return pairs if self.kind == H2D else [(h, d, b) for d, h, b in pairs]
+        return pairs if self.direction == H2D else [(h, d, b) for d, h, b in pairs]
 
     def _prepare_direct(self, plan: CopyPlan) -> tuple[tuple, Any, tuple, tuple]:
         """Host side of a direct call: the kernel launch as (function, grid, block, args), the
@@ -251,7 +251,7 @@ class CopyEngine:
         n = len(plan.ids)
         pinned = self._pinned_ids(2 * n)
         rows = pinned[1]
-        src, dst = (plan.ids, plan.slots) if self.kind == D2H else (plan.slots, plan.ids)
+        src, dst = (plan.ids, plan.slots) if self.direction == D2H else (plan.slots, plan.ids)
         rows[:n], rows[n:2 * n] = src, dst
         keep = self._grow_idx(2 * n)
         if self._direct is None:
@@ -259,7 +259,7 @@ class CopyEngine:
         vec = 16 if self.page_bytes % 16 == 0 else 8
         words = self.page_bytes // vec
         kv, host = self.kv_words.data.ptr, self.host_ptr
-        src_ptr, dst_ptr = (kv, host) if self.kind == D2H else (host, kv)
+        src_ptr, dst_ptr = (kv, host) if self.direction == D2H else (host, kv)
         blocks = max(1, min(-(-n * words // DIRECT_THREADS), DIRECT_BLOCKS_PER_SM * self._num_sms()))
         args = (np.uint64(src_ptr), np.uint64(dst_ptr), self._idx, np.int64(n), np.int64(words))
         launch = (self._direct[vec], (blocks,), (DIRECT_THREADS,), args)
@@ -304,8 +304,8 @@ class CopyEngine:
             k = min(m, n - c0)
             pairs = [(sptr + (i - c0) * pb, hptr + h * pb, r * pb) for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]]
             rows = pinned[1].ctypes.data + 8 * c0          # ids[c0:], read there by a copy kernel
-            move = self._gather_op(c0, k, rows) if self.kind == D2H else self._scatter_op(c0, k, rows)
-            chunks.append((move, self._oriented(pairs), None) if self.kind == D2H else (None, self._oriented(pairs), move))
+            move = self._gather_op(c0, k, rows) if self.direction == D2H else self._scatter_op(c0, k, rows)
+            chunks.append((move, self._oriented(pairs), None) if self.direction == D2H else (None, self._oriented(pairs), move))
         return chunks, pinned, keep, upload
 
     def _gather_op(self, c0: int, k: int, rows: int):

@@ -53,7 +53,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pagemem._swap_copy import D2H, H2D, CopyEngine, CopyPlan, copy_numpy, direct_ok, plan_copies
+from pagemem._swap_copy import D2H, H2D, CopyPlan, PinnedCopier, copy_numpy, direct_ok, plan_copies
 from pagemem._swap_copy import merge_runs  # noqa: F401  (re-exported: callers import it from here)
 from pagemem.config import check_int
 from pagemem.pool import OutOfPages, PagePool
@@ -106,7 +106,7 @@ class _Pending:
     host_slots: Any = ()           # [n] int64 host slots to free (swap-in, discard)
     priority: int = 0
     released: bool = False         # pages given back before the copy (flush): compute waits on it
-    call: Any = None               # the CopyEngine call, released (events, pinned ids) once done
+    call: Any = None               # the PinnedCopier call, released (events, pinned ids) once done
 
 
 def _joined(arrays: list[np.ndarray]) -> np.ndarray:
@@ -161,8 +161,8 @@ class HostSwap:
             word = next(w for w in (8, 4, 2, 1) if self.page_bytes % w == 0)
             # [num_pages, page_bytes // word] unsigned ints: moves bits, never values
             kv_words = pool.kv.reshape(pool.num_pages, -1).view(f"u{word}")
-            self._engines = {kind: CopyEngine(kind, kv_words, self.host.ctypes.data, self.page_bytes,
-                                              self.staging_pages, copy_kernel=copy_kernel) for kind in (D2H, H2D)}
+            self._copiers = {d: PinnedCopier(d, kv_words, self.host.ctypes.data, self.page_bytes,
+                                             self.staging_pages, copy_kernel=copy_kernel) for d in (D2H, H2D)}
         else:
             self.host = np.zeros(shape, dtype=pool.config.np_dtype)
         self._host_free = np.ones(self.num_host_pages, dtype=bool)
@@ -377,7 +377,7 @@ class HostSwap:
                 import cupy as cp
                 seconds = cp.cuda.get_elapsed_time(p.start, p.event) * 1e-3
             if p.call is not None:        # its events and pinned ids serve later calls
-                self._engines[D2H if p.direction == "out" else H2D].release(p.call)
+                self._copiers[D2H if p.direction == "out" else H2D].release(p.call)
                 p.call = None
             self.last_copy_s[p.direction] = seconds
             self.copy_s[p.direction] += seconds
@@ -425,21 +425,21 @@ class HostSwap:
         if ticket not in self._live:  # made by hand, or its fields edited: it holds no host pages
             raise ValueError(f"{what}: ticket was not issued by this HostSwap's swap_out")
 
-    def _copy(self, plan: CopyPlan, kind: int, stream, after, pend: _Pending) -> None:
-        """Carry out ``plan`` in direction ``kind``. CPU: NumPy copies, done on return (timed with
-        perf_counter). CUDA: queued in one burst on ``kind``'s copy stream after ``stream``'s work
-        and the ``after`` events, setting pend's timing events and its call (what the copies need
+    def _copy(self, plan: CopyPlan, direction: int, stream, after, pend: _Pending) -> None:
+        """Carry out ``plan`` one way (``direction``: D2H or H2D). CPU: NumPy copies, done on
+        return (timed with perf_counter). CUDA: queued in one burst on that direction's copy stream
+        after ``stream``'s work and the ``after`` events, setting pend's timing events and its call (what the copies need
         until they end); ``stream`` waits on a swap-in, or on a swap-out of pages already given
         back (``pend.released``); nothing blocks the host."""
-        self.num_calls["out" if kind == D2H else "in"] += 1
+        self.num_calls["out" if direction == D2H else "in"] += 1
         if not self.cuda:
             t0 = time.perf_counter()
-            copy_numpy(plan, self.pool.kv, self.host, kind)
+            copy_numpy(plan, self.pool.kv, self.host, direction)
             pend.seconds = time.perf_counter() - t0
             return
         import cupy as cp
         compute = stream if stream is not None else cp.cuda.get_current_stream()
-        call = self._engines[kind].enqueue(plan, compute, after, compute_waits=pend.released)
+        call = self._copiers[direction].enqueue(plan, compute, after, compute_waits=pend.released)
         pend.start, pend.event, pend.call = call.start, call.end, call
 
     # ---- checks ------------------------------------------------------------------------------

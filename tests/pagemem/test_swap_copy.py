@@ -1,4 +1,4 @@
-"""HostSwap's CUDA copy paths on the CPU: plans checked by simulating them in NumPy, and CopyEngine
+"""HostSwap's CUDA copy paths on the CPU: plans checked by simulating them in NumPy, and PinnedCopier
 run against a stand-in for CuPy whose copies are memmoves on NumPy memory and whose calls are logged."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pagemem import HostSwap, PagePool, PoolConfig
-from pagemem._swap_copy import D2H, H2D, CopyEngine, copy_numpy, merge_runs, plan_copies
+from pagemem._swap_copy import D2H, H2D, PinnedCopier, copy_numpy, merge_runs, plan_copies
 from test_swap import random_cycles
 
 WORDS = 6  # uint32 words per page in these tests: 24-byte pages
@@ -146,7 +146,7 @@ def test_copy_numpy_is_fancy_indexing(path, staging_pages):
         np.testing.assert_array_equal(kv[ids], want)
 
 
-# ---- CopyEngine against a stand-in for CuPy ------------------------------------------------------
+# ---- PinnedCopier against a stand-in for CuPy ----------------------------------------------------
 class DevArray(np.ndarray):
     """NumPy memory standing in for a CuPy array: ``.data.ptr`` is its address."""
 
@@ -162,7 +162,7 @@ class Pinned(bytearray):
 
 
 class FakeCupy:
-    """Just the CuPy calls CopyEngine makes. Copies run at once (a single-stream simulation, so
+    """Just the CuPy calls PinnedCopier makes. Copies run at once (a single-stream simulation, so
     program order is stream order); ``log`` names every call in order."""
 
     int64 = np.int64
@@ -254,8 +254,8 @@ def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
     cp = FakeCupy()
     kv = rng.integers(0, 1 << 32, size=(64, WORDS), dtype=np.uint32).view(DevArray)
     host = np.zeros((48, WORDS), dtype=np.uint32)
-    out = CopyEngine(D2H, kv, host.ctypes.data, 4 * WORDS, 3, cp=cp)
-    in_ = CopyEngine(H2D, kv, host.ctypes.data, 4 * WORDS, 3, cp=cp)
+    out = PinnedCopier(D2H, kv, host.ctypes.data, 4 * WORDS, 3, cp=cp)
+    in_ = PinnedCopier(H2D, kv, host.ctypes.data, 4 * WORDS, 3, cp=cp)
     compute = cp.cuda.Stream()
     for n in (5, 11, 2):
         ids, slots = rng.permutation(np.arange(1, 64))[:n], rng.permutation(48)[:n]
@@ -289,7 +289,7 @@ def test_a_pinned_id_buffer_is_not_reused_while_its_call_runs():
     cp = FakeCupy()
     kv = np.zeros((64, WORDS), dtype=np.uint32).view(DevArray)
     host = np.zeros((2048, WORDS), dtype=np.uint32)
-    out = CopyEngine(D2H, kv, host.ctypes.data, 4 * WORDS, 64, cp=cp)
+    out = PinnedCopier(D2H, kv, host.ctypes.data, 4 * WORDS, 64, cp=cp)
     compute = cp.cuda.Stream()
     plan = plan_copies([3, 1, 7], [0, 1, 2], "gather", 4 * WORDS, 1, 64)
     first, second = out.enqueue(plan, compute), out.enqueue(plan, compute)
@@ -311,7 +311,7 @@ def test_copy_engine_call_order():
     cp = FakeCupy()
     kv = np.zeros((8, WORDS), dtype=np.uint32).view(DevArray)
     host = np.zeros((8, WORDS), dtype=np.uint32)
-    engine = CopyEngine(H2D, kv, host.ctypes.data, 4 * WORDS, 4, cp=cp)
+    engine = PinnedCopier(H2D, kv, host.ctypes.data, 4 * WORDS, 4, cp=cp)
     compute, ticket_event = cp.cuda.Stream(), cp.cuda.Event()
     cp.log.clear()
     engine.enqueue(plan_copies([3, 1], [0, 1], "gather", 4 * WORDS, 1, 4), compute, (ticket_event,))
@@ -329,7 +329,7 @@ def test_direct_call_order_and_grid():
     cp = FakeCupy()
     kv = np.arange(8 * 4, dtype=np.uint32).reshape(8, 4).view(DevArray)     # 16-byte pages
     host = np.zeros((8, 4), dtype=np.uint32)
-    engine = CopyEngine(D2H, kv, host.ctypes.data, 16, 4, cp=cp)
+    engine = PinnedCopier(D2H, kv, host.ctypes.data, 16, 4, cp=cp)
     compute = cp.cuda.Stream()
     cp.log.clear()
     engine.enqueue(plan_copies([5, 2, 7], [1, 0, 6], "direct", 16, 1, 4), compute)
@@ -351,7 +351,7 @@ def test_direct_path_is_by_name_and_needs_whole_words():
 
 @pytest.mark.parametrize("path", ["auto", "runs", "gather", "direct"])
 def test_host_swap_cuda_branch_against_the_stand_in(path, monkeypatch):
-    """HostSwap's CUDA branch (pinned host pages, CopyEngines, plans) wired end to end, with
+    """HostSwap's CUDA branch (pinned host pages, PinnedCopiers, plans) wired end to end, with
     ``cupy`` resolving to the stand-in for this test: random cycles come back bit-exact."""
     monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
 
