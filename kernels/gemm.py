@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 
-_CUDA_TYPE = {np.dtype(np.float16): 2, np.dtype(np.float32): 0}   # cudaDataType: R_16F, R_32F
-_CUDA_R_16BF = 14
-_COMPUTE_32F = 68          # cublasComputeType_t CUBLAS_COMPUTE_32F
-_GEMM_DEFAULT = -1
-_OP_N, _OP_T = 0, 1
+# cuBLAS enum values, shared with the graph-capturable GEMM (models/cublas_graph.py)
+CUDA_TYPES = {"float16": 2, "bfloat16": 14, "float32": 0}   # cudaDataType: R_16F, R_16BF, R_32F
+COMPUTE_32F = 68           # cublasComputeType_t CUBLAS_COMPUTE_32F
+GEMM_DEFAULT = -1          # cublasGemmAlgo_t CUBLAS_GEMM_DEFAULT
+OP_N, OP_T = 0, 1          # cublasOperation_t
 
 
-def _cuda_type(dtype) -> int:
-    dtype = np.dtype(dtype)
-    return _CUDA_TYPE.get(dtype, _CUDA_R_16BF if dtype.name == "bfloat16" else None)
+def cuda_type(dtype) -> int:
+    """cudaDataType of an fp16, bf16 or fp32 dtype."""
+    name = np.dtype(dtype).name
+    if name not in CUDA_TYPES:
+        raise TypeError(f"cuBLAS GEMMs here take float16, bfloat16 or float32, got {name}")
+    return CUDA_TYPES[name]
 
 
 def matmul(xp, a, b, transpose_b: bool, stream=None):
@@ -27,7 +30,7 @@ def matmul(xp, a, b, transpose_b: bool, stream=None):
     n = b.shape[1] if transpose_b else b.shape[2]
     c = xp.empty((batch, m, n), a.dtype)
     # Row-major C = A op(B) is column-major C^T = op(B)^T A^T: swap the operands.
-    _gemm(xp, stream, _OP_T if transpose_b else _OP_N, _OP_N, n, m, k,
+    _gemm(xp, stream, OP_T if transpose_b else OP_N, OP_N, n, m, k,
           b, k if transpose_b else n, a, k, c, n, batch)
     return c
 
@@ -37,8 +40,8 @@ def _gemm(xp, stream, op_a, op_b, m, n, k, a, lda, b, ldb, c, ldc, batch) -> Non
     handle = xp.cuda.device.get_cublas_handle()
     cublas.setStream(handle, (stream or xp.cuda.get_current_stream()).ptr)
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    t = _cuda_type(a.dtype)
+    t = cuda_type(a.dtype)
     cublas.gemmStridedBatchedEx(
         handle, op_a, op_b, m, n, k, one.ctypes.data,
         a.data.ptr, t, lda, a.shape[1] * a.shape[2], b.data.ptr, t, ldb, b.shape[1] * b.shape[2],
-        zero.ctypes.data, c.data.ptr, t, ldc, c.shape[1] * c.shape[2], batch, _COMPUTE_32F, _GEMM_DEFAULT)
+        zero.ctypes.data, c.data.ptr, t, ldc, c.shape[1] * c.shape[2], batch, COMPUTE_32F, GEMM_DEFAULT)

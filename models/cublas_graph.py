@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
-import numpy as np
-
-_OP_N, _OP_T = 0, 1
-_COMPUTE_32F = 68
-_GEMM_DEFAULT = -1
-_CUDA_TYPES = {"float16": 2, "bfloat16": 14, "float32": 0}
+from pagemem.kernels.gemm import COMPUTE_32F, GEMM_DEFAULT, OP_N, OP_T, cuda_type
 
 
 def _libcublas() -> ctypes.CDLL:
@@ -59,17 +54,17 @@ class CapturableGemm:
         # Row-major y[T, n] is column-major y^T[n, T] = w @ x^T. A row-major w[n, k] read column-major
         # is w^T with ld k (so op T); an F-contiguous w (a transposed view) is w itself with ld n (op N).
         if w.flags.c_contiguous:
-            op_a, lda = _OP_T, k
+            op_a, lda = OP_T, k
         elif w.flags.f_contiguous:
-            op_a, lda = _OP_N, n
+            op_a, lda = OP_N, n
         else:
             raise ValueError("CapturableGemm: w must be C- or F-contiguous")
         y = self.cp.empty((t, n), dtype=x.dtype)
-        dt = _CUDA_TYPES[np.dtype(x.dtype).name]
+        dt = cuda_type(x.dtype)
         _check(self.lib.cublasGemmEx(
-            self.handle, op_a, _OP_N, n, t, k, ctypes.byref(self._alpha),
+            self.handle, op_a, OP_N, n, t, k, ctypes.byref(self._alpha),
             ctypes.c_void_p(w.data.ptr), dt, lda, ctypes.c_void_p(x.data.ptr), dt, k, ctypes.byref(self._beta),
-            ctypes.c_void_p(y.data.ptr), dt, n, _COMPUTE_32F, _GEMM_DEFAULT), "cublasGemmEx")
+            ctypes.c_void_p(y.data.ptr), dt, n, COMPUTE_32F, GEMM_DEFAULT), "cublasGemmEx")
         return y
 
     def __del__(self) -> None:
