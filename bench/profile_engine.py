@@ -4,8 +4,8 @@
                                    [max_num_seqs]
     (defaults: 300, random:llama-3.2-1b, then bench_e2e's ENGINE: 16384, 32, profile on, 1024)
 
-PAGEMEM_TRACE=1 times each step's parts on the host (schedule, queue the step, wait for the ids
-of the step before) and prints their means for decode-only steps and steps with prefill.
+It prints the mean host time of each step's parts (schedule, queue the step, wait for its ids),
+which the engine records in every StepRecord, for decode-only steps and steps with prefill.
 PAGEMEM_SYNC=1 turns async scheduling off (the sampled ids reach the host every step); with
 PAGEMEM_BOTH=1 the same engine serves the workload twice, async then sync, and prints both.
 
@@ -15,7 +15,6 @@ time shows up in the calls that wait for it (sampling copies the tokens to the h
 from __future__ import annotations
 
 import cProfile
-import functools
 import os
 import pstats
 import sys
@@ -29,57 +28,16 @@ from pagemem.models.engine import LLM
 from pagemem.models.summary import format_summary, summarize
 
 
-class _ModelShim:
-    def __init__(self, inner, forward) -> None:
-        self.inner, self.forward = inner, forward
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def trace(llm) -> dict:
-    """Wrap the engine's step parts with host timers; returns the per-part lists it fills."""
-    import pagemem.models.engine as eng
-    parts: dict = {"schedule": [], "launch": [], "collect": [], "kind": [], "pack": [], "forward": [], "graph": [],
-                   "sample": []}
-    sched, launch, collect = llm.scheduler.schedule, llm._launch, llm._collect
-
-    def timed(name, fn):
-        @functools.wraps(fn)
-        def run(*a, **kw):
-            t0 = time.perf_counter()
-            out = fn(*a, **kw)
-            parts[name].append(time.perf_counter() - t0)
-            return out
-        return run
-
-    def launch_kind(step, *a):
-        parts["kind"].append("decode" if step.num_tokens == len(step.requests) else "prefill")
-        return timed("launch", launch)(step, *a)
-    llm.scheduler.schedule, llm._launch, llm._collect = timed("schedule", sched), launch_kind, timed("collect", collect)
-    eng.pack_batch = timed("pack", eng.pack_batch)
-    forward = timed("forward", llm.model.forward)
-    llm.model = _ModelShim(llm.model, forward)
-    llm._sample = timed("sample", llm._sample)
-    if llm.graphs is not None:
-        llm.graphs.run = timed("graph", llm.graphs.run)
-    return parts
-
-
-def report(parts: dict) -> None:
-    kinds = parts["kind"]
+def report(steps) -> None:
+    """Mean host time of each step part (the engine's StepRecord fields), decode-only steps apart
+    from steps with prefill. ``wait`` is the wait for a step's ids: with async scheduling it comes
+    after the next step was queued, so it is the GPU time the host could not hide."""
     for kind in ("decode", "prefill"):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
-        if not idx:
-            continue
-        # collect[i] is the wait for step i's ids, done right after step i+1 was queued
-        cells = [f"{name} {1e3 * sum(parts[name][i] for i in idx if i < len(parts[name])) / len(idx):.2f} ms"
-                 for name in ("schedule", "launch", "collect")]
-        print(f"trace {kind:7s} x{len(idx)}: mean " + ", ".join(cells))
-    for name in ("pack", "forward", "graph", "sample"):
-        if parts[name]:
-            print(f"trace {name}: {len(parts[name])} calls, mean {1e3 * sum(parts[name]) / len(parts[name]):.2f} ms, "
-                  f"max {1e3 * max(parts[name]):.2f} ms")
+        rows = [s for s in steps if (s.num_prefill_tokens == 0) == (kind == "decode")]
+        if rows:
+            cells = [f"{name} {1e3 * sum(getattr(s, name + '_s') for s in rows) / len(rows):.2f} ms"
+                     for name in ("schedule", "launch", "wait")]
+            print(f"steps {kind:7s} x{len(rows)}: mean " + ", ".join(cells))
 
 
 def main() -> None:
@@ -104,7 +62,6 @@ def main() -> None:
     for mode in modes:
         llm.async_scheduling = mode
         prof = cProfile.Profile()
-        parts = trace(llm) if os.environ.get("PAGEMEM_TRACE") == "1" else None
         if profile:
             prof.enable()
         t0 = time.perf_counter()
@@ -113,14 +70,7 @@ def main() -> None:
         prof.disable()
         tokens = sum(len(o.token_ids) for o in outs)
         print(f"async_scheduling={mode}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.0f} tok/s")
-        if parts is not None:
-            report(parts)
-            import pagemem.models.engine as eng
-            del llm.scheduler.schedule, llm._launch, llm._collect, llm._sample
-            llm.model = llm.model.inner
-            eng.pack_batch = eng.pack_batch.__wrapped__ if hasattr(eng.pack_batch, "__wrapped__") else eng.pack_batch
-            if llm.graphs is not None:
-                del llm.graphs.run
+        report(llm.stats.steps)
         print(format_summary(summarize(llm, outs)))
     if llm.graphs is not None:
         g = llm.graphs

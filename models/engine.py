@@ -75,6 +75,11 @@ class StepRecord:
     pages_out: int           # cumulative pages swapped out
     pages_in: int
     num_prefill_tokens: int = 0   # tokens of rows still in their prompt (decode rows excluded)
+    # host seconds of this step's parts: scheduling it, queuing its device work, and waiting for
+    # its sampled ids (with async scheduling that wait comes after the next step is queued)
+    schedule_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -324,7 +329,11 @@ class LLM:
         if step is not None and not step.requests and prev is None:
             raise RuntimeError(f"no request could be scheduled: {self.pool.num_free_pages} free pages, "
                                f"{len(self.scheduler.waiting)} waiting, {len(self.scheduler.swapped)} swapped")
-        cur = self._launch(step, prev, t0) if step is not None and step.requests else None
+        cur = None
+        if step is not None and step.requests:
+            t1 = time.perf_counter()
+            cur = self._launch(step, prev, t0)
+            cur.schedule_s, cur.launch_s = t1 - t0, time.perf_counter() - t1
         if prev is not None:
             finished += self._collect(prev)
         self._inflight = cur
@@ -407,10 +416,12 @@ class LLM:
     def _collect(self, cur: _StepInFlight) -> int:
         """The step's sampled ids are on the host (waits for its copy alone, not the device):
         append them, retire requests that stop, record the step. Returns how many finished."""
+        t0 = time.perf_counter()
         if cur.event is not None:
             cur.event.synchronize()
         ids = cur.host_ids.tolist()
         now = time.perf_counter()
+        cur.wait_s = now - t0
         keep, dropped, finished = {}, [], 0
         for j, (req, tok) in enumerate(zip(cur.sampled, ids)):
             state = self._states.get(req)
@@ -438,7 +449,7 @@ class LLM:
         seconds = now - max(self._last_collect_t, cur.t0)
         self._last_collect_t = now
         self._measure_prefill(cur.step, seconds)
-        self._record(now, seconds, cur.step)
+        self._record(now, seconds, cur)
         return finished
 
     def _measure_prefill(self, step, seconds: float) -> None:
@@ -457,13 +468,13 @@ class LLM:
                 "prefix_query_tokens": pc.num_query_tokens if pc else 0,
                 "prefix_hit_tokens": pc.num_hit_tokens if pc else 0}
 
-    def _record(self, now: float, seconds: float, step) -> None:
-        s = self.pool.stats([r.pages for r in self.scheduler.running])
-        sw = self.swap
+    def _record(self, now: float, seconds: float, cur: _StepInFlight) -> None:
+        s, sw, step = self.pool.stats([r.pages for r in self.scheduler.running]), self.swap, cur.step
         self.stats.steps.append(StepRecord(
             now - self.stats.start_t, seconds, len(step.requests), step.num_tokens, s.num_used, s.fragmentation,
             s.num_cached, len(self.scheduler.running), len(self.scheduler.waiting), len(self.scheduler.swapped),
-            sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0, step.num_prefill_tokens))
+            sw.num_pages_out if sw else 0, sw.num_pages_in if sw else 0, step.num_prefill_tokens,
+            cur.schedule_s, cur.launch_s, cur.wait_s))
 
     def is_finished(self, req: Request) -> bool:
         """Whether ``req`` (from add_request) has stopped: by a stop rule, its length, or abort."""
@@ -503,6 +514,9 @@ class _StepInFlight:
     logprobs: tuple | None = None  # (chosen [n], top ids [n, N], top logprobs [n, N]) on the host
     event: object = None           # recorded after the copies to the host
     collect_later: bool = False    # collected after the next step is queued
+    schedule_s: float = 0.0        # host seconds (StepRecord's fields of the same names)
+    launch_s: float = 0.0
+    wait_s: float = 0.0
 
 
 class _Pinned:

@@ -139,8 +139,7 @@ def test_simulate_prints_the_summary_pagemem_run_prints(tmp_path, capsys):
         runs[cmd] = json.loads(path.read_text())
     out = capsys.readouterr().out
     assert out.count("preemptions") == 2 and out.count("output tokens/s") == 2
-    # (not prefill_tokens: the engine's StepRecord does not keep its step's count of them yet)
-    same = ["num_steps", "decode_steps", "prefill_steps", "peak_pages_used", "mean_fragmentation",
+    same = ["num_steps", "decode_steps", "prefill_steps", "prefill_tokens", "peak_pages_used", "mean_fragmentation",
             "pages_swapped_out", "pages_swapped_in", "preemptions_swap", "preemptions_recompute", "demotions",
             "prefix_hit_tokens", "output_tokens", "input_tokens"]
     assert {k: runs["simulate"][k] for k in same} == {k: runs["run"][k] for k in same}

@@ -69,12 +69,29 @@ def test_one_token_prompt_chunks_are_prefill_steps():
     assert "2 decode (2.00 s, mean batch 1), 5 with prefill (5.00 s)" in format_summary(s)
 
 
-def test_records_without_a_prefill_count_fall_back_to_their_token_count(swapping_llm):
-    """The engine's StepRecord keeps no prefill count: a step of more tokens than rows is prefill."""
-    llm, _ = swapping_llm
-    split = split_steps(llm.stats.steps)
-    assert split["prefill_steps"] == sum(1 for s in llm.stats.steps if s.num_tokens != s.num_seqs) > 0
-    assert split["decode_steps"] + split["prefill_steps"] == len(llm.stats.steps)
+def test_records_without_a_prefill_count_fall_back_to_their_token_count():
+    """A record with no ``num_prefill_tokens`` (one saved by an older run) counts a step of more
+    tokens than rows as prefill, all its tokens; a step of one token a row as decode."""
+    from collections import namedtuple
+    Old = namedtuple("Old", "seconds num_seqs num_tokens")
+    split = split_steps([Old(1.0, 2, 9), Old(0.5, 3, 3), Old(0.25, 3, 3)])
+    assert (split["prefill_steps"], split["prefill_tokens"], split["prefill_s"]) == (1, 9, 1.0)
+    assert (split["decode_steps"], split["decode_s"], split["mean_decode_batch"]) == (2, 0.75, 3.0)
+
+
+def test_engine_counts_one_token_prompt_chunks_as_prefill():
+    """Budget 1: a prompt of 5 goes in five one-token steps, each a prefill step by the engine's
+    own count (its token count alone could not tell), then two decode steps (output 3); every
+    record carries the step's host times."""
+    llm = LLM(load_model("random:tiny", device="cpu", seed=3), num_pages=16, max_num_batched_tokens=1)
+    llm.generate([[5, 6, 7, 8, 9]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    steps = llm.stats.steps
+    assert [s.num_prefill_tokens for s in steps] == [1, 1, 1, 1, 1, 0, 0]
+    s = split_steps(steps)
+    assert (s["prefill_steps"], s["prefill_tokens"], s["decode_steps"]) == (5, 5, 2)
+    assert all(0 < r.schedule_s and 0 < r.launch_s and 0 <= r.wait_s for r in steps)
+    parts = sum(r.schedule_s + r.launch_s + r.wait_s for r in steps)
+    assert parts <= llm.stats.end_t - llm.stats.start_t
 
 
 def _overlaps(a, b) -> bool:
