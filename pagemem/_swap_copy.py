@@ -2,9 +2,9 @@
 
 HostSwap (swap.py) decides who owns which page and host slot; this module only moves bytes.
 A call is prepared on the host first (path choice, merged runs, byte addresses, page ids written
-to pinned memory, buffers sized, events created), so that between recording the copy stream's
-``start`` and ``end`` events the host issues CUDA calls back to back and the device timing holds
-copies, not Python. Nothing here synchronizes: cudaMemcpyAsync on explicit streams, event
+to pinned memory, buffers sized, events created) into a list of typed steps (``Memcpy``,
+``Kernel``), so that between recording the copy stream's ``start`` and ``end`` events the host
+replays them as CUDA calls back to back and the device timing holds copies, not Python. Nothing here synchronizes: cudaMemcpyAsync on explicit streams, event
 records and waits, and kernels (take, scatter, the direct page copy) queued on the copy stream.
 
 The "direct" path is one kernel that moves scattered pages between the pool and pinned host
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 
@@ -157,6 +157,27 @@ class CopyCall:
     keep: tuple = ()         # outgrown device id buffers queued kernels may still read
 
 
+@dataclass(frozen=True, slots=True)
+class Memcpy:
+    """cudaMemcpyAsync(dst, src, nbytes, direction) on the copy stream (addresses as ints)."""
+
+    dst: int
+    src: int
+    nbytes: int
+    direction: int
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """Device work queued on the copy stream by calling ``run()`` under it (a raw kernel
+    launch, the copy kernel, or a CuPy take / indexed assignment)."""
+
+    run: Callable[[], Any]
+
+
+Step = Union[Memcpy, Kernel]
+
+
 class PinnedCopier:
     """One direction (D2H or H2D) of HostSwap's copies: its non-blocking stream, and the buffers
     only that stream touches, so stream order makes reusing them safe: the staging pages, the
@@ -187,37 +208,23 @@ class PinnedCopier:
         the ``after`` events; an H2D (or, with ``compute_waits``, a D2H whose pages were already
         handed out again) makes ``compute`` wait on them. Returns the call; give it to ``release``
         once its ``end`` event completed."""
-        direct, pinned, keep = None, None, ()
-        if plan.path == "runs":
-            dptr, pb = self.kv_words.data.ptr, self.page_bytes
-            pairs = [(dptr + d * pb, self.host_ptr + h * pb, k * pb) for d, h, k in plan.runs]
-            chunks, upload = [(None, self._oriented(pairs), None)], None
-        elif plan.path == "direct":
-            chunks, (direct, pinned, keep, upload) = [], self._prepare_direct(plan)
-        else:
-            chunks, pinned, keep, upload = self._prepare_gather(plan)
+        steps, pinned, keep = self._prepare(plan)
         start, end = self._free_events.pop() if self._free_events else (self.cp.cuda.Event(), self.cp.cuda.Event())
-        memcpy, sp, direction = self.cp.cuda.runtime.memcpyAsync, self.stream.ptr, self.direction
+        memcpy, sp = self.cp.cuda.runtime.memcpyAsync, self.stream.ptr
         # ---- the burst: CUDA calls only, from here to end.record ----
         self.ready.record(compute)   # D2H reads after the last kernel that wrote; H2D writes after the last reader
         self.stream.wait_event(self.ready)
         for ev in after:
             self.stream.wait_event(ev)
         start.record(self.stream)
-        if upload is not None:
-            memcpy(*upload, H2D, sp)
         with self.stream:
-            if direct is not None:
-                direct[0](*direct[1:])
-            for before, calls, later in chunks:
-                if before is not None:
-                    before()
-                for dst, src, nbytes in calls:
-                    memcpy(dst, src, nbytes, direction, sp)
-                if later is not None:
-                    later()
+            for step in steps:
+                if type(step) is Memcpy:
+                    memcpy(step.dst, step.src, step.nbytes, step.direction, sp)
+                else:
+                    step.run()
         end.record(self.stream)
-        if direction == H2D or compute_waits:
+        if self.direction == H2D or compute_waits:
             compute.wait_event(end)
         return CopyCall(start, end, pinned, keep)
 
@@ -239,13 +246,25 @@ class PinnedCopier:
         mem = self.cp.cuda.alloc_pinned_memory(8 * size)
         return mem, np.frombuffer(mem, dtype=np.int64, count=size)
 
-    def _oriented(self, pairs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-        """(device address, host address, nbytes) -> memcpyAsync's (dst, src, nbytes) for this direction."""
-        return pairs if self.direction == H2D else [(h, d, b) for d, h, b in pairs]
+    def _prepare(self, plan: CopyPlan) -> tuple[list[Step], Any, tuple]:
+        """The host side of a call: its steps in stream order, the pinned id buffer it uses (or
+        None) and what must stay alive until it ends (outgrown device buffers)."""
+        if plan.path == "runs":
+            dptr, pb = self.kv_words.data.ptr, self.page_bytes
+            return [self._memcpy(dptr + d * pb, self.host_ptr + h * pb, k * pb) for d, h, k in plan.runs], None, ()
+        if plan.path == "direct":
+            return self._prepare_direct(plan)
+        return self._prepare_gather(plan)
 
-    def _prepare_direct(self, plan: CopyPlan) -> tuple[tuple, Any, tuple, tuple]:
-        """Host side of a direct call: the kernel launch as (function, grid, block, args), the
-        pinned buffer, what to keep alive, and the upload of [source rows | destination rows].
+    def _memcpy(self, device: int, host: int, nbytes: int) -> Memcpy:
+        """The copy of ``nbytes`` between a device and a host address, in this copier's direction."""
+        if self.direction == H2D:
+            return Memcpy(device, host, nbytes, H2D)
+        return Memcpy(host, device, nbytes, D2H)
+
+    def _prepare_direct(self, plan: CopyPlan) -> tuple[list[Step], Any, tuple]:
+        """Host side of a direct call: the upload of [source rows | destination rows] from pinned
+        memory, then the kernel; the pinned buffer; what to keep alive.
         The grid is at most two blocks an SM, looping over the words (H100, 2026-11-27 00:03 UTC:
         capped at 16, 32 or 64 blocks it moved less and slowed a kernel beside it more)."""
         n = len(plan.ids)
@@ -262,8 +281,8 @@ class PinnedCopier:
         src_ptr, dst_ptr = (kv, host) if self.direction == D2H else (host, kv)
         blocks = max(1, min(-(-n * words // DIRECT_THREADS), DIRECT_BLOCKS_PER_SM * self._num_sms()))
         args = (np.uint64(src_ptr), np.uint64(dst_ptr), self._idx, np.int64(n), np.int64(words))
-        launch = (self._direct[vec], (blocks,), (DIRECT_THREADS,), args)
-        return launch, pinned, keep, (self._idx.data.ptr, rows.ctypes.data, 16 * n)
+        launch = functools.partial(self._direct[vec], (blocks,), (DIRECT_THREADS,), args)
+        return [Memcpy(self._idx.data.ptr, rows.ctypes.data, 16 * n, H2D), Kernel(launch)], pinned, keep
 
     def _num_sms(self) -> int:
         if self._sms is None:
@@ -281,12 +300,12 @@ class PinnedCopier:
             self._idx = self.cp.empty(max(n, 2 * capacity), self.cp.int64)
         return old
 
-    def _prepare_gather(self, plan: CopyPlan) -> tuple[list, Any, tuple, tuple | None]:
-        """Host side of a gathered call: chunks as (gather or None, memcpy args, scatter or None),
-        the pinned id buffer, what to keep alive, and the page-id upload's (dst, src, nbytes) or
-        None. The ids go through pinned memory (a pageable upload would block the host until the
-        stream drains), a buffer reused once its call is released. With a copy kernel the kernel
-        reads them there itself: no upload, no device id buffer."""
+    def _prepare_gather(self, plan: CopyPlan) -> tuple[list[Step], Any, tuple]:
+        """Host side of a gathered call: the page-id upload (unless a copy kernel reads the ids in
+        pinned memory itself), then chunk by chunk the gather and the host runs' copies (H2D: the
+        copies, then the scatter); the pinned id buffer; what to keep alive. The ids go through
+        pinned memory (a pageable upload would block the host until the stream drains), a buffer
+        reused once its call is released."""
         cp = self.cp
         n, m, pb = len(plan.ids), self.staging_pages, self.page_bytes
         pinned = self._pinned_ids(n)
@@ -294,19 +313,21 @@ class PinnedCopier:
         if self._stage is None:
             with self.stream:  # allocations from this stream's memory pool: reused in stream order
                 self._stage = cp.empty((m, self.kv_words.shape[1]), self.kv_words.dtype)
-        keep, upload = (), None
+        keep, steps = (), []
         if self.copy_kernel is None:
             keep = self._grow_idx(n)
-            upload = (self._idx.data.ptr, pinned[1].ctypes.data, 8 * n)
-        sptr, hptr, kv = self._stage.data.ptr, self.host_ptr, self.kv_words
-        chunks = []
+            steps.append(Memcpy(self._idx.data.ptr, pinned[1].ctypes.data, 8 * n, H2D))
+        sptr, hptr = self._stage.data.ptr, self.host_ptr
         for c, c0 in enumerate(range(0, n, m)):   # chunk c: positions [c0, c0 + k)
             k = min(m, n - c0)
-            pairs = [(sptr + (i - c0) * pb, hptr + h * pb, r * pb) for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]]
+            copies = [self._memcpy(sptr + (i - c0) * pb, hptr + h * pb, r * pb)
+                      for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]]
             rows = pinned[1].ctypes.data + 8 * c0          # ids[c0:], read there by a copy kernel
-            move = self._gather_op(c0, k, rows) if self.direction == D2H else self._scatter_op(c0, k, rows)
-            chunks.append((move, self._oriented(pairs), None) if self.direction == D2H else (None, self._oriented(pairs), move))
-        return chunks, pinned, keep, upload
+            if self.direction == D2H:
+                steps += [Kernel(self._gather_op(c0, k, rows)), *copies]
+            else:
+                steps += [*copies, Kernel(self._scatter_op(c0, k, rows))]
+        return steps, pinned, keep
 
     def _gather_op(self, c0: int, k: int, rows: int):
         """Pool pages ids[c0:c0 + k] (pinned at ``rows``) -> staging rows [0, k), a call for the burst."""
