@@ -2,18 +2,19 @@
 
 HostSwap (swap.py) decides who owns which page and host slot; this module only moves bytes.
 A call is prepared on the host first (path choice, merged runs, byte addresses, page ids written
-to pinned memory, buffers sized, events created) into a list of typed steps (``Memcpy``,
+to pinned memory, buffers sized, events created) into a list of typed steps (``Copies``,
 ``Kernel``), so that between recording the copy stream's ``start`` and ``end`` events the host
-replays them as CUDA calls back to back and the device timing holds copies, not Python. Nothing here synchronizes: cudaMemcpyAsync on explicit streams, event
-records and waits, and kernels (take, scatter, the direct page copy) queued on the copy stream.
+replays them as CUDA calls back to back and the device timing holds copies, not Python.
+Nothing here synchronizes: cudaMemcpyAsync on explicit streams, event records and waits, and
+kernels (take, scatter, the direct page copy) queued on the copy stream.
 
 The "direct" path is one kernel that moves scattered pages between the pool and pinned host
 memory itself: pinned memory is mapped into the device's address space (unified addressing), so
 the kernel's loads or stores cross PCIe with no staging buffer and no separate copy.
 
-    plan_copies(ids, slots, ...)  NumPy only: which path, and the runs in page units (CPU-tested)
-    copy_numpy(plan, kv, host)    the CPU HostSwap: the plan carried out with NumPy copies
-    PinnedCopier.enqueue(plan, ...) CUDA only: one direction's copies on its own stream
+    plan_copies(ids, slots, ...)     NumPy only: which path, and the runs in page units (CPU-tested)
+    copy_numpy(plan, kv, host, ...)  the CPU HostSwap: the plan carried out with NumPy copies
+    PinnedCopier.enqueue(plan, ...)  CUDA only: one direction's copies on its own stream
 """
 from __future__ import annotations
 
@@ -158,13 +159,12 @@ class CopyCall:
 
 
 @dataclass(frozen=True, slots=True)
-class Memcpy:
-    """cudaMemcpyAsync(dst, src, nbytes, direction) on the copy stream (addresses as ints)."""
+class Copies:
+    """cudaMemcpyAsync(dst, src, nbytes, direction) on the copy stream for each (dst, src,
+    nbytes) of ``calls`` (addresses as ints; plain tuples: a call may hold thousands)."""
 
-    dst: int
-    src: int
-    nbytes: int
     direction: int
+    calls: list[tuple[int, int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +175,7 @@ class Kernel:
     run: Callable[[], Any]
 
 
-Step = Union[Memcpy, Kernel]
+Step = Union[Copies, Kernel]
 
 
 class PinnedCopier:
@@ -219,8 +219,9 @@ class PinnedCopier:
         start.record(self.stream)
         with self.stream:
             for step in steps:
-                if type(step) is Memcpy:
-                    memcpy(step.dst, step.src, step.nbytes, step.direction, sp)
+                if type(step) is Copies:
+                    for dst, src, nbytes in step.calls:
+                        memcpy(dst, src, nbytes, step.direction, sp)
                 else:
                     step.run()
         end.record(self.stream)
@@ -251,16 +252,16 @@ class PinnedCopier:
         None) and what must stay alive until it ends (outgrown device buffers)."""
         if plan.path == "runs":
             dptr, pb = self.kv_words.data.ptr, self.page_bytes
-            return [self._memcpy(dptr + d * pb, self.host_ptr + h * pb, k * pb) for d, h, k in plan.runs], None, ()
+            return [self._copies([(dptr + d * pb, self.host_ptr + h * pb, k * pb) for d, h, k in plan.runs])], None, ()
         if plan.path == "direct":
             return self._prepare_direct(plan)
         return self._prepare_gather(plan)
 
-    def _memcpy(self, device: int, host: int, nbytes: int) -> Memcpy:
-        """The copy of ``nbytes`` between a device and a host address, in this copier's direction."""
+    def _copies(self, pairs: list[tuple[int, int, int]]) -> Copies:
+        """(device address, host address, nbytes) copies in this copier's direction."""
         if self.direction == H2D:
-            return Memcpy(device, host, nbytes, H2D)
-        return Memcpy(host, device, nbytes, D2H)
+            return Copies(H2D, pairs)
+        return Copies(D2H, [(h, d, b) for d, h, b in pairs])
 
     def _prepare_direct(self, plan: CopyPlan) -> tuple[list[Step], Any, tuple]:
         """Host side of a direct call: the upload of [source rows | destination rows] from pinned
@@ -282,7 +283,7 @@ class PinnedCopier:
         blocks = max(1, min(-(-n * words // DIRECT_THREADS), DIRECT_BLOCKS_PER_SM * self._num_sms()))
         args = (np.uint64(src_ptr), np.uint64(dst_ptr), self._idx, np.int64(n), np.int64(words))
         launch = functools.partial(self._direct[vec], (blocks,), (DIRECT_THREADS,), args)
-        return [Memcpy(self._idx.data.ptr, rows.ctypes.data, 16 * n, H2D), Kernel(launch)], pinned, keep
+        return [Copies(H2D, [(self._idx.data.ptr, rows.ctypes.data, 16 * n)]), Kernel(launch)], pinned, keep
 
     def _num_sms(self) -> int:
         if self._sms is None:
@@ -316,17 +317,17 @@ class PinnedCopier:
         keep, steps = (), []
         if self.copy_kernel is None:
             keep = self._grow_idx(n)
-            steps.append(Memcpy(self._idx.data.ptr, pinned[1].ctypes.data, 8 * n, H2D))
+            steps.append(Copies(H2D, [(self._idx.data.ptr, pinned[1].ctypes.data, 8 * n)]))
         sptr, hptr = self._stage.data.ptr, self.host_ptr
         for c, c0 in enumerate(range(0, n, m)):   # chunk c: positions [c0, c0 + k)
             k = min(m, n - c0)
-            copies = [self._memcpy(sptr + (i - c0) * pb, hptr + h * pb, r * pb)
-                      for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]]
+            copies = self._copies([(sptr + (i - c0) * pb, hptr + h * pb, r * pb)
+                                   for i, h, r in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]])
             rows = pinned[1].ctypes.data + 8 * c0          # ids[c0:], read there by a copy kernel
             if self.direction == D2H:
-                steps += [Kernel(self._gather_op(c0, k, rows)), *copies]
+                steps += [Kernel(self._gather_op(c0, k, rows)), copies]
             else:
-                steps += [*copies, Kernel(self._scatter_op(c0, k, rows))]
+                steps += [copies, Kernel(self._scatter_op(c0, k, rows))]
         return steps, pinned, keep
 
     def _gather_op(self, c0: int, k: int, rows: int):

@@ -237,7 +237,7 @@ class HostSwap:
             plan = self._plan(page_ids, slots)       # made before anything changes
             self.flush(stream)                       # deferred copies first: copies keep their order
             pend = _Pending(None, None, "out", n * self.page_bytes, page_ids=page_ids, priority=priority)
-            self._copy(plan, D2H, stream, (), pend)  # queued first: the bookkeeping below overlaps it
+            self._copy(plan, stream, (), pend)  # queued first: the bookkeeping below overlaps it
         self._host_free[slots] = False
         slots.flags.writeable = False
         ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self, slot_array=slots)
@@ -273,7 +273,7 @@ class HostSwap:
         else:
             pend = _Pending(None, None, "in", ticket.nbytes, host_slots=ticket.slot_array)
             after = () if ticket.is_done() else (ticket.event,)
-            self._copy(self._plan(page_ids, ticket.slot_array), H2D, stream, after, pend)
+            self._copy(self._plan(page_ids, ticket.slot_array), stream, after, pend)
             self._pending.append(pend)
         ticket.state = "in"
         self._live.discard(ticket)
@@ -294,7 +294,7 @@ class HostSwap:
             slots = _joined([t.slot_array for t, _ in staged])
             plan = self._plan(ids, slots)
             pend = _Pending(None, None, "out", len(ids) * self.page_bytes, released=True)
-            self._copy(plan, D2H, stream, (), pend)
+            self._copy(plan, stream, (), pend)
             self._staged_out = []
             for t, _ in staged:
                 t.event, t.staged = pend.event, False
@@ -306,7 +306,7 @@ class HostSwap:
             slots = _joined([t.slot_array for t, _ in staged])
             after = tuple({id(t.event): t.event for t, _ in staged if not t.is_done()}.values())
             pend = _Pending(None, None, "in", len(ids) * self.page_bytes, host_slots=slots)
-            self._copy(self._plan(ids, slots), H2D, stream, after, pend)
+            self._copy(self._plan(ids, slots), stream, after, pend)
             self._staged_in = []
             self._pending.append(pend)
             num += len(ids)
@@ -425,13 +425,15 @@ class HostSwap:
         if ticket not in self._live:  # made by hand, or its fields edited: it holds no host pages
             raise ValueError(f"{what}: ticket was not issued by this HostSwap's swap_out")
 
-    def _copy(self, plan: CopyPlan, direction: int, stream, after, pend: _Pending) -> None:
-        """Carry out ``plan`` one way (``direction``: D2H or H2D). CPU: NumPy copies, done on
-        return (timed with perf_counter). CUDA: queued in one burst on that direction's copy stream
-        after ``stream``'s work and the ``after`` events, setting pend's timing events and its call (what the copies need
-        until they end); ``stream`` waits on a swap-in, or on a swap-out of pages already given
-        back (``pend.released``); nothing blocks the host."""
-        self.num_calls["out" if direction == D2H else "in"] += 1
+    def _copy(self, plan: CopyPlan, stream, after, pend: _Pending) -> None:
+        """Carry out ``plan`` the way ``pend.direction`` says ("out": device to host, "in": host to
+        device). CPU: NumPy copies, done on return (timed with perf_counter). CUDA: queued in one
+        burst on that direction's copy stream after ``stream``'s work and the ``after`` events,
+        setting pend's timing events and its call (what the copies need until they end);
+        ``stream`` waits on a swap-in, or on a swap-out of pages already given back
+        (``pend.released``); nothing blocks the host."""
+        direction = D2H if pend.direction == "out" else H2D
+        self.num_calls[pend.direction] += 1
         if not self.cuda:
             t0 = time.perf_counter()
             copy_numpy(plan, self.pool.kv, self.host, direction)

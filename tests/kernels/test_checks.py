@@ -86,6 +86,23 @@ def test_split_rule_fills_one_wave():
     assert split_rule(8, 512, 16, 132) == (1, 512)          # short contexts never split
 
 
+def test_batched_gemm_on_numpy_and_its_cublas_types(rng):
+    """The prefill GEMM's NumPy route is a float32-accumulated batched matmul in a's dtype, both
+    layouts of b; cuda_type names fp16/bf16/fp32 and refuses any other dtype by name."""
+    import ml_dtypes
+    from pagemem.kernels import gemm
+    a = rng.standard_normal((3, 5, 8)).astype(np.float16)
+    b = rng.standard_normal((3, 7, 8)).astype(np.float16)
+    want = np.matmul(a.astype(np.float32), b.astype(np.float32).transpose(0, 2, 1))
+    got = gemm.matmul(np, a, b, transpose_b=True)
+    assert got.dtype == np.float16 and got.shape == (3, 5, 7)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(gemm.matmul(np, a, np.ascontiguousarray(b.transpose(0, 2, 1)), transpose_b=False), got)
+    assert len({gemm.cuda_type(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32)}) == 3
+    with pytest.raises(TypeError, match="float64"):
+        gemm.cuda_type(np.float64)
+
+
 def test_prefill_paths_on_numpy(rng):
     """NumPy arrays have no fused kernel: path='flash' names why, path='gemm' runs the cuBLAS
     route's kernels (simulator) and an unknown path is refused; none writes ``out`` first."""

@@ -83,24 +83,26 @@ def test_forward_rejects_mismatched_inputs(hf_checkpoints):
 
 
 def test_forward_writes_logits_into_out(hf_checkpoints):
-    """``out=`` receives the same logits forward returns, and a wrong ``out`` is refused before
-    any K/V reaches the pool."""
+    """``out=`` receives the logits forward returns (last token or, with all_logits, every
+    token), and a wrong ``out`` is refused before any K/V reaches the pool."""
     model = load_model(hf_checkpoints["llama"][0], device="cpu")
-    want = prefill_logits(model, [PROMPT[:6]])[0][-1]
-    pool = scrambled_pool(model, 4, 4, seed=3)
-    seq = SeqPages(pool)
-    seq.append(6)
-    batch = pack_batch([seq], [6], pool.xp)
-    before = pool.kv.copy()
-    for bad in (np.zeros((2, model.config.vocab_size), np.float32), np.zeros((1, model.config.vocab_size), np.float16)):
-        with pytest.raises(ValueError, match="out"):
-            model.forward(np.asarray(PROMPT[:6]), np.arange(6), batch, pool, out=bad)
-        np.testing.assert_array_equal(pool.kv, before)
-    out = np.full((3, model.config.vocab_size), np.nan, np.float32)
-    got = model.forward(np.asarray(PROMPT[:6]), np.arange(6), batch, pool, out=out[1:2])
-    assert got is out[1:2] or np.shares_memory(got, out[1:2])
-    assert scale_error(out[1], want) <= TOL
-    assert np.isnan(out[0]).all() and np.isnan(out[2]).all()
+    V, prompt = model.config.vocab_size, np.asarray(PROMPT[:6])
+    want = prefill_logits(model, [PROMPT[:6]])[0]                        # [6, V]
+    for all_logits, rows in ((False, 1), (True, 6)):
+        pool = scrambled_pool(model, 4, 4, seed=3)
+        seq = SeqPages(pool)
+        seq.append(6)
+        batch = pack_batch([seq], [6], pool.xp)
+        before = pool.kv.copy()
+        for bad in (np.zeros((rows + 1, V), np.float32), np.zeros((rows, V), np.float16)):
+            with pytest.raises(ValueError, match="out"):
+                model.forward(prompt, np.arange(6), batch, pool, all_logits=all_logits, out=bad)
+            np.testing.assert_array_equal(pool.kv, before)
+        out = np.full((rows + 2, V), np.nan, np.float32)
+        view = out[1:rows + 1]
+        assert model.forward(prompt, np.arange(6), batch, pool, all_logits=all_logits, out=view) is view
+        assert scale_error(view, want[-rows:]) <= TOL
+        assert np.isnan(out[0]).all() and np.isnan(out[-1]).all()
 
 
 @settings(max_examples=scaled(15), deadline=None)

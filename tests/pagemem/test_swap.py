@@ -345,8 +345,8 @@ class InFlightSwap(HostSwap):
         super().__init__(*args, **kw)
         self.coin, self.events = coin, []
 
-    def _copy(self, plan, kind, stream, after, pend) -> None:
-        super()._copy(plan, kind, stream, after, pend)
+    def _copy(self, plan, stream, after, pend) -> None:
+        super()._copy(plan, stream, after, pend)
         pend.event = FakeEvent(self.coin)
         self.events.append(pend.event)
 

@@ -17,11 +17,11 @@ from test_swap import random_cycles
 WORDS = 6  # uint32 words per page in these tests: 24-byte pages
 
 
-def simulate(plan, kv: np.ndarray, host: np.ndarray, kind: int) -> None:
+def simulate(plan, kv: np.ndarray, host: np.ndarray, direction: int) -> None:
     """Carry out ``plan`` with NumPy copies, chunk by chunk through a staging buffer, as the CUDA path does."""
     if plan.path == "runs":
         for d, h, k in plan.runs:
-            if kind == D2H:
+            if direction == D2H:
                 host[h:h + k] = kv[d:d + k]
             else:
                 kv[d:d + k] = host[h:h + k]
@@ -30,15 +30,15 @@ def simulate(plan, kv: np.ndarray, host: np.ndarray, kind: int) -> None:
     stage = np.full((m, kv.shape[1]), 0xDEAD, dtype=kv.dtype)
     for c, c0 in enumerate(range(0, len(plan.ids), m)):
         chunk = plan.ids[c0:c0 + m]
-        if kind == D2H:
+        if direction == D2H:
             stage[:len(chunk)] = kv[chunk]
         for i, h, k in plan.runs[plan.bounds[c]:plan.bounds[c + 1]]:
             assert c0 <= i and i + k <= c0 + len(chunk), "a run crosses a chunk edge"
-            if kind == D2H:
+            if direction == D2H:
                 host[h:h + k] = stage[i - c0:i - c0 + k]
             else:
                 stage[i - c0:i - c0 + k] = host[h:h + k]
-        if kind == H2D:
+        if direction == H2D:
             kv[chunk] = stage[:len(chunk)]
 
 
@@ -169,6 +169,7 @@ class FakeCupy:
 
     def __init__(self) -> None:
         self.log: list[str] = []
+        self.current: list[int] = []     # streams entered (``with stream:``), innermost last
         fake, ptrs = self, itertools.count(1000)
 
         class Stream:
@@ -179,9 +180,11 @@ class FakeCupy:
                 fake.log.append(f"wait {self.ptr}")
 
             def __enter__(self):
+                fake.current.append(self.ptr)
                 return self
 
             def __exit__(self, *exc):
+                fake.current.pop()
                 return False
 
         class Event:
@@ -197,7 +200,7 @@ class FakeCupy:
                 pass
 
         def memcpy(dst, src, nbytes, kind, stream):
-            fake.log.append(f"memcpy {kind}")
+            fake.log.append(f"memcpy {kind} @{stream}")
             ctypes.memmove(dst, src, nbytes)
 
         def pinned(nbytes):
@@ -218,7 +221,7 @@ class FakeCupy:
         def kernel(vec):
             def run(grid, block, args):
                 src, dst, rows, n, words = args
-                fake.log.append(f"kernel {vec}")
+                fake.log.append(f"kernel {vec} @{fake.on()}")
                 fake.launches.append((grid, block, int(n), int(words)))
                 page = int(words) * vec
                 r = np.asarray(rows)[:2 * int(n)]
@@ -227,12 +230,16 @@ class FakeCupy:
             return run
         return SimpleNamespace(get_function=lambda name: kernel(16 if name.endswith("16") else 8))
 
+    def on(self):
+        """The stream work is queued on now: the innermost entered, else the default stream."""
+        return self.current[-1] if self.current else "default"
+
     def empty(self, shape, dtype):
         self.log.append("empty")
         return np.full(shape, 0xDEAD, dtype=dtype).view(DevArray)
 
     def take(self, a, indices, axis, out):
-        self.log.append("take")
+        self.log.append(f"take @{self.on()}")
         np.take(a, indices, axis=axis, out=out)
 
 
@@ -246,7 +253,7 @@ def assert_one_burst(log: list[str]) -> None:
 
 
 @pytest.mark.parametrize("path", ["runs", "gather", "direct"])
-def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
+def test_pinned_copier_moves_pages_both_ways_in_one_burst(path):
     """Scattered pages out and back (staging of 3 pages: several chunks), bit-exact; each call
     allocates and creates events before its first CUDA call, and once earlier calls are released
     none at all (events and pinned id buffers reused); the id buffer grows, then is reused."""
@@ -271,7 +278,8 @@ def test_copy_engine_moves_pages_both_ways_in_one_burst(path):
             assert out._idx is idx_before                   # big enough: reused
         if path != "runs" and n == 11:
             assert any(k is idx_before for k in call.keep)  # outgrown: kept until this call completes
-        assert ("kernel 8" in cp.log) == (path == "direct")  # 24-byte pages: 8-byte words
+        assert (f"kernel 8 @{out.stream.ptr}" in cp.log) == (path == "direct")  # 24-byte pages: 8-byte words
+        assert (f"take @{out.stream.ptr}" in cp.log) == (path == "gather")     # on the copy stream
         np.testing.assert_array_equal(host[slots], expected)
         out.release(call)
         new_ids = np.setdiff1d(np.arange(1, 64), ids)[rng.permutation(63 - n)[:n]]
@@ -305,20 +313,20 @@ def test_a_pinned_id_buffer_is_not_reused_while_its_call_runs():
     assert len(fourth.pinned[1]) >= 1260 and fourth.pinned[1] is not second_buf
 
 
-def test_copy_engine_call_order():
+def test_pinned_copier_call_order():
     """A gathered swap-in: buffers and events first; then the copy stream waits on the compute
     stream and the ticket's event, the timed copies run, and the compute stream waits on them."""
     cp = FakeCupy()
     kv = np.zeros((8, WORDS), dtype=np.uint32).view(DevArray)
     host = np.zeros((8, WORDS), dtype=np.uint32)
-    engine = PinnedCopier(H2D, kv, host.ctypes.data, 4 * WORDS, 4, cp=cp)
+    copier = PinnedCopier(H2D, kv, host.ctypes.data, 4 * WORDS, 4, cp=cp)
     compute, ticket_event = cp.cuda.Stream(), cp.cuda.Event()
     cp.log.clear()
-    engine.enqueue(plan_copies([3, 1], [0, 1], "gather", 4 * WORDS, 1, 4), compute, (ticket_event,))
-    own, c = engine.stream.ptr, compute.ptr
+    copier.enqueue(plan_copies([3, 1], [0, 1], "gather", 4 * WORDS, 1, 4), compute, (ticket_event,))
+    own, c = copier.stream.ptr, compute.ptr
     assert cp.log == ["pinned", "empty", "empty", "new event", "new event",     # host side
                       f"record {c}", f"wait {own}", f"wait {own}",   # ready on compute; waits: ready, ticket
-                      f"record {own}", "memcpy 1", "memcpy 1",       # start; ids upload; one host run
+                      f"record {own}", f"memcpy 1 @{own}", f"memcpy 1 @{own}",   # start; ids upload; one host run
                       f"record {own}", f"wait {c}"]                  # end; compute waits on it
 
 
@@ -329,16 +337,17 @@ def test_direct_call_order_and_grid():
     cp = FakeCupy()
     kv = np.arange(8 * 4, dtype=np.uint32).reshape(8, 4).view(DevArray)     # 16-byte pages
     host = np.zeros((8, 4), dtype=np.uint32)
-    engine = PinnedCopier(D2H, kv, host.ctypes.data, 16, 4, cp=cp)
+    copier = PinnedCopier(D2H, kv, host.ctypes.data, 16, 4, cp=cp)
     compute = cp.cuda.Stream()
     cp.log.clear()
-    engine.enqueue(plan_copies([5, 2, 7], [1, 0, 6], "direct", 16, 1, 4), compute)
-    own, c = engine.stream.ptr, compute.ptr
+    copier.enqueue(plan_copies([5, 2, 7], [1, 0, 6], "direct", 16, 1, 4), compute)
+    own, c = copier.stream.ptr, compute.ptr
     assert cp.log == ["pinned", "empty", "new event", "new event",
-                      f"record {c}", f"wait {own}", f"record {own}", "memcpy 1", "kernel 16", f"record {own}"]
+                      f"record {c}", f"wait {own}", f"record {own}", f"memcpy 1 @{own}", f"kernel 16 @{own}",
+                      f"record {own}"]
     np.testing.assert_array_equal(host[[1, 0, 6]], np.asarray(kv)[[5, 2, 7]])
     assert cp.launches[-1] == ((1,), (256,), 3, 1)
-    engine.enqueue(plan_copies(list(range(1, 8)) * 300, list(range(7)) * 300, "direct", 16, 1, 4), compute)
+    copier.enqueue(plan_copies(list(range(1, 8)) * 300, list(range(7)) * 300, "direct", 16, 1, 4), compute)
     assert cp.launches[-1][0] == (4,)                               # 2100 words: capped at 2 x 2 SMs
 
 

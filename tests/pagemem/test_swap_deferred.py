@@ -11,6 +11,7 @@ from test_swap import InFlightSwap, assert_bits, assert_unchanged, check, fill_r
 from test_swap_copy import DevArray, FakeCupy
 
 from pagemem import OutOfHostPages, OutOfPages, PagePool, PoolConfig
+from pagemem._swap_copy import D2H
 
 
 def deferred_out(swap, groups, priority=0):
@@ -234,7 +235,8 @@ def test_cuda_flush_is_one_burst_a_direction_and_the_compute_stream_waits(monkey
         swap.flush(compute)
         own = [c for c in cp.log if c.startswith("record ") and c != f"record {compute.ptr}"]  # the out stream's
         assert len(own) == 2 and own[0] == own[1] and cp.log[-1] == f"wait {compute.ptr}", cp.log
-        assert ("take" in cp.log) == (not kernel) and ("memcpy 1" in cp.log) == (not kernel)
+        out = swap._copiers[D2H].stream.ptr
+        assert (f"take @{out}" in cp.log) == (not kernel) and (f"memcpy 1 @{out}" in cp.log) == (not kernel)
         assert klog == ([("kernel", 4), ("kernel", 4), ("kernel", 1)] if kernel else [])
         if round_:
             assert "new event" not in cp.log and "pinned" not in cp.log
