@@ -6,6 +6,7 @@
 #
 # Wheels carried in .whl/ (numpy 2.4.6, which numba-cuda needs, and the serve extra's packages)
 # are installed into .site/ first, then the project itself without dependencies. Stages:
+#   attention     bench_attention.py's table, then its pytest-benchmark suite (decode and prefill)
 #   matrix        bench_attention.py --matrix --quick --variants  (decode kernels against SDPA)
 #   matrix-defaults  bench_attention.py --matrix --quick             (the default launch only)
 #   matrix-full   bench_attention.py --matrix                      (every shape)
@@ -19,7 +20,9 @@
 #   serve         bench_serve.py (Poisson arrivals against pagemem serve; SERVE_ARGS: more flags)
 #   validate      validate_simulator.py (calibrate, then simulator against the engine)
 # STAGE_TIMEOUT_<name> (seconds) overrides a stage's limit. pytest runs with -o addopts=: no
-# coverage tracing in GPU runs.
+# coverage tracing in GPU runs. Every stage runs even after one failed; the exit status is 1 when
+# any stage failed. PAGEMEM_RAW_LAUNCH=0 in the environment relaunches kernels through Numba's
+# dispatcher instead (to tell a launch fault from a kernel fault).
 set -uo pipefail
 OUT=${OUT:-/tmp/pagemem-gpu}
 mkdir -p "$OUT"
@@ -33,15 +36,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 date -u +"%Y-%m-%d %H:%M UTC" | tee -a "$OUT/gpu.txt"
 git log -1 --format="commit %h" 2>/dev/null | tee -a "$OUT/gpu.txt"
 PYTEST=(python3 -m pytest -q -p no:cacheprovider -o addopts= -rfE)
-declare -A LIMIT=([matrix]=240 [matrix-defaults]=150 [matrix-full]=420 [decode-tests]=200 [gpu-tests]=420 [some-tests]=300 [sampling]=120 [e2e]=420
+declare -A LIMIT=([attention]=420 [matrix]=240 [matrix-defaults]=150 [matrix-full]=420 [decode-tests]=200 [gpu-tests]=420 [some-tests]=300 [sampling]=120 [e2e]=420
                   [pressure]=300 [swap]=150 [serve]=300 [validate]=300)
 summary=()
+failed=0
 for stage in "$@"; do
   limit_var="STAGE_TIMEOUT_${stage//-/_}"
   limit=${!limit_var:-${LIMIT[$stage]:-300}}
   log="$OUT/$stage.log"
   t0=$(date +%s)
   case $stage in
+    attention) cmd=(bash -c "python3 bench/bench_attention.py ${BENCH_ARGS:-} && ${PYTEST[*]} bench/bench_attention.py \
+                   --benchmark-only --benchmark-json=$OUT/attention.json --benchmark-columns=mean,median,rounds") ;;
     matrix) cmd=(python3 bench/bench_attention.py --matrix --quick --variants "$OUT/matrix.json") ;;
     matrix-defaults) cmd=(python3 bench/bench_attention.py --matrix --quick "$OUT/matrix_defaults.json") ;;
     matrix-full) cmd=(python3 bench/bench_attention.py --matrix "$OUT/matrix_full.json") ;;
@@ -56,13 +62,15 @@ for stage in "$@"; do
                --benchmark-json="$OUT/swap.json" --benchmark-columns=median,rounds) ;;
     serve) cmd=(python3 bench/bench_serve.py ${SERVE_ARGS:-} --no-progress --json "$OUT/serve.json") ;;
     validate) cmd=(python3 bench/validate_simulator.py --json "$OUT/validate.json") ;;
-    *) echo "unknown stage $stage"; summary+=("$stage: unknown"); continue ;;
+    *) echo "unknown stage $stage"; summary+=("$stage: unknown"); failed=1; continue ;;
   esac
   echo "### $stage (limit ${limit}s): ${cmd[*]}"
   timeout "$limit" "${cmd[@]}" > "$log" 2>&1
   rc=$?
+  (( rc == 0 )) || failed=1
   tail -n "${TAIL_LINES:-25}" "$log"
   summary+=("$(printf '%-13s rc %-3s %4ss  %s' "$stage" "$rc" "$(( $(date +%s) - t0 ))" "$log")")
 done
 echo "### stages"
 printf '%s\n' "${summary[@]}"
+exit $failed
