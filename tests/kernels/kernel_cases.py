@@ -62,3 +62,34 @@ def assert_close(out, ref, dtype) -> None:
     assert not np.isnan(out).any(), "NaN in output: padding or NULL_PAGE was read"
     rtol, atol = TOL[np.dtype(dtype)]
     np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol)
+
+
+_SPIN = r"""extern "C" __global__ void pagemem_test_spin(volatile const int* flag) {
+    while (*flag == 0) { }   // holds its stream until the host writes the flag (mapped pinned memory)
+}"""
+
+
+class StreamHold:
+    """Holds a CUDA ``stream`` with a one-thread kernel spinning on a flag in pinned host memory
+    until ``release()``. A watchdog releases it after ``timeout`` seconds, so a call that waits
+    on the stream from the host returns late instead of hanging, and ``held`` is then False."""
+
+    def __init__(self, cp, stream, timeout: float = 30.0) -> None:
+        import threading
+        self._mem = cp.cuda.alloc_pinned_memory(4)
+        self._flag = np.frombuffer(self._mem, np.int32, 1)
+        self._flag[0] = 0
+        spin = cp.RawKernel(_SPIN, "pagemem_test_spin")
+        self._watchdog = threading.Timer(timeout, self._flag.__setitem__, (0, 1))
+        self._watchdog.start()
+        with stream:                                # RawKernel launches on the current stream
+            spin((1,), (1,), (np.uint64(self._mem.ptr),))
+
+    @property
+    def held(self) -> bool:
+        """Whether the stream is still held (the watchdog has not had to release it)."""
+        return self._flag[0] == 0
+
+    def release(self) -> None:
+        self._flag[0] = 1
+        self._watchdog.cancel()

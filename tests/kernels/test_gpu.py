@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernel_cases import ATOL, DTYPES, assert_close, make_paged, queries, query_start_loc
+from kernel_cases import ATOL, DTYPES, StreamHold, assert_close, make_paged, queries, query_start_loc
 
 from pagemem import kernels
 from pagemem.kernels.reference import ref_paged_decode, ref_paged_prefill, ref_store_kv
@@ -270,18 +270,12 @@ def test_store_kv_skips_null_page_and_out_of_pool_slots(rng, dtype):
     np.testing.assert_array_equal(dev.get().view(np.uint8), want.view(np.uint8))   # NULL_PAGE's NaNs too
 
 
-_SPIN = r"""extern "C" __global__ void pagemem_test_spin(volatile const int* flag) {
-    while (*flag == 0) { }   // holds its stream until the host writes the flag (mapped pinned memory)
-}"""
-
-
 def test_decode_runs_on_the_given_stream(rng):
     """The launch is queued on ``stream`` and only there: with that stream held by a kernel
     spinning on a host flag, the legacy default stream drains, a copy of ``out`` made on a third
     stream still sees the NaN it was filled with, and the stream's event is not done; released,
     the stream finishes the decode with the reference result. Neither call blocks the host (a
     hidden synchronize would wait on the spinning kernel: a watchdog releases it and the test fails)."""
-    import threading
     import cupy as cp
     p = make_paged(rng, LENS, num_kv_heads=2, head_dim=128, page_size=16)
     q = queries(rng, len(LENS), 8, 128, np.float16)
@@ -290,16 +284,9 @@ def test_decode_runs_on_the_given_stream(rng):
         args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
         out = cp.full(q.shape, cp.nan, cp.float16)
     kernels.paged_decode(*args, out=out.copy(), stream=stream)        # compile outside the test
-    spin = cp.RawKernel(_SPIN, "pagemem_test_spin")
-    flag_mem = cp.cuda.alloc_pinned_memory(4)
-    flag = np.frombuffer(flag_mem, np.int32, 1)
-    flag[0] = 0
     stream.synchronize()
-    watchdog = threading.Timer(30.0, flag.__setitem__, (0, 1))
-    watchdog.start()
+    hold = StreamHold(cp, stream)
     try:
-        with stream:                                # RawKernel launches on the current stream
-            spin((1,), (1,), (np.uint64(flag_mem.ptr),))
         kernels.paged_decode(*args, out=out, stream=stream)
         done = cp.cuda.Event()
         done.record(stream)
@@ -308,10 +295,9 @@ def test_decode_runs_on_the_given_stream(rng):
             probe = out.copy()
         seen = probe.get(stream=other)
         other.synchronize()                         # get(stream=...) only queues the copy
-        held = flag[0] == 0 and not done.done
+        held = hold.held and not done.done
     finally:
-        flag[0] = 1
-        watchdog.cancel()
+        hold.release()
     stream.synchronize()
     assert held, "the host was blocked until the stream drained, or the decode ran on another stream"
     assert np.isnan(seen).all(), "out was written while the given stream was held"

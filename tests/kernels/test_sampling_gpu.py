@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernel_cases import StreamHold
 from sampling_stats import assert_matches
 
 from pagemem import kernels
@@ -94,20 +95,30 @@ def test_logprobs_match_the_reference(rng, num_top):
 
 
 def test_runs_on_the_given_stream(rng):
-    """Enqueued on the caller's stream without synchronizing: queued behind a long kernel on that
-    stream, the ids are not ready until the stream is."""
+    """Queued on ``stream`` and only there, without blocking the host: with that stream held by
+    a kernel spinning on a host flag, ``out`` copied on another stream still holds its -1 fill
+    and the stream's event is not done; released, the ids equal an unheld call's."""
     cp = _cp()
     logits = cp.asarray(_logits(rng, 64, "float32"))
     params = cp.asarray(pack_params([1.0] * 64, [50] * 64, [0.9] * 64, [0.0] * 64, range(64), range(64)))
-    want = kernels.sample(logits, params).get()
-    stream = cp.cuda.Stream(non_blocking=True)
+    want = kernels.sample(logits, params).get()             # also compiles outside the hold
+    stream, other = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
     with stream:
-        busy = cp.ones((8192, 8192), cp.float32)
-        for _ in range(20):
-            busy = busy @ busy * np.float32(1e-4)           # some tens of ms of work first
-        out = kernels.sample(logits, params, stream=stream)
-    done = cp.cuda.Event()
-    done.record(stream)
-    assert not done.done                                    # nothing forced the stream to finish
+        out = cp.full(64, -1, cp.int32)
     stream.synchronize()
+    hold = StreamHold(cp, stream)
+    try:
+        kernels.sample(logits, params, out=out, stream=stream)
+        done = cp.cuda.Event()
+        done.record(stream)
+        with other:
+            probe = out.copy()
+        seen = probe.get(stream=other)
+        other.synchronize()                                 # get(stream=...) only queues the copy
+        held = hold.held and not done.done
+    finally:
+        hold.release()
+    stream.synchronize()
+    assert held, "the host was blocked until the stream drained, or the sampler ran on another stream"
+    assert (seen == -1).all(), "out was written while the given stream was held"
     assert (out.get() == want).all()

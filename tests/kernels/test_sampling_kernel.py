@@ -95,8 +95,11 @@ def test_draws_depend_only_on_seed_and_position(rng):
     batch = ref_sample(logits, params)
     alone = [int(ref_sample(logits[i:i + 1], params[:, i:i + 1])[0]) for i in range(5)]
     assert batch[:5].tolist() == alone
-    moved = ref_sample(np.tile(logits[:1], (64, 1)), rows(64, temperature=1.0, top_p=0.95, seed=11))
+    same = np.tile(logits[:1], (64, 1))
+    moved = ref_sample(same, rows(64, temperature=1.0, top_p=0.95, seed=11))
     assert len(set(moved.tolist())) > 1          # positions give fresh draws
+    seeds = pack_params([1.0] * 64, [0] * 64, [0.95] * 64, [0.0] * 64, range(64), [0] * 64)
+    assert len(set(ref_sample(same, seeds).tolist())) > 1    # so do seeds, at one position
 
 
 def test_logprobs_reference_by_hand():

@@ -2,6 +2,8 @@
 seeded draws whatever the batch, the target distribution end to end, log-probabilities."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -74,7 +76,8 @@ SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234, max_t
 
 def test_seeded_request_draws_the_same_alone_and_in_batches_of_7_and_300(tiny):
     """A seeded request's tokens depend only on its seed and positions: alone, among 6 others
-    and among 299 others (mixed settings, chunked prefill, preemption), and on a second run."""
+    and among 299 others (mixed settings, chunked prefill, the request itself preempted by swap
+    and by recompute: pools of 4-token pages too small to hold the batch), and on a second run."""
     prompt = [11, 22, 33, 44, 55]
     rng = np.random.default_rng(0)
     others = [(rng.integers(0, 250, rng.integers(1, 12)).tolist(),
@@ -83,12 +86,14 @@ def test_seeded_request_draws_the_same_alone_and_in_batches_of_7_and_300(tiny):
               for _ in range(299)]
     alone = LLM(tiny, num_pages=64).generate([prompt], SAMPLED)[0].token_ids
     assert len(set(alone)) > 1                               # really sampled, not a fixed point
-    for batch in (others[:6], others):
-        llm = LLM(tiny, num_pages=48, max_num_batched_tokens=64, preemption="swap", seed=5)
-        prompts = [p for p, _ in batch[:len(batch) // 2]] + [prompt] + [p for p, _ in batch[len(batch) // 2:]]
-        params = [sp for _, sp in batch[:len(batch) // 2]] + [SAMPLED] + [sp for _, sp in batch[len(batch) // 2:]]
+    for (batch, num_pages), mode in itertools.product(((others[:6], 12), (others, 10)), ("swap", "recompute")):
+        llm = LLM(tiny, num_pages=num_pages, page_size=4, max_num_batched_tokens=64, preemption=mode, seed=5)
+        mid = len(batch) // 2
+        prompts = [p for p, _ in batch[:mid]] + [prompt] + [p for p, _ in batch[mid:]]
+        params = [sp for _, sp in batch[:mid]] + [SAMPLED] + [sp for _, sp in batch[mid:]]
         outs = llm.generate(prompts, params)
-        assert outs[len(batch) // 2].token_ids == alone
+        assert outs[mid].num_preemptions > 0 and llm.scheduler.num_preemptions[mode] > 0, (len(batch), mode)
+        assert outs[mid].token_ids == alone, (len(batch), mode)
     again = LLM(tiny, num_pages=64).generate([prompt], SAMPLED)[0].token_ids
     assert again == alone
 

@@ -56,7 +56,10 @@ def test_random_weights_are_seeded_and_sane():
 
 
 def test_tiny_generates_deterministically_with_bounded_activations():
-    """random:tiny generates max_tokens tokens, the same ones for the same seed, with finite logits."""
+    """random:tiny generates max_tokens tokens, the same ones for the same seed, and its logits
+    are finite and of unit scale at every position (neither blown up nor collapsed, so that
+    sampling with a temperature really draws among several tokens)."""
+    from _helpers import prefill_logits
     m = load_model("random:tiny", device="cpu")
     assert set(PRESETS) >= {"tiny", *PARAMS}
     prompts = [m.tokenizer.encode("hello"), m.tokenizer.encode("a longer prompt, to page")]
@@ -64,6 +67,9 @@ def test_tiny_generates_deterministically_with_bounded_activations():
     first, again = generate(m, prompts, params), generate(m, prompts, params)
     assert first == again and [len(o) for o in first] == [12, 12]
     assert all(0 <= t < m.config.vocab_size for o in first for t in o)
+    for logits in prefill_logits(m, prompts):                        # [len(prompt), V]
+        assert np.isfinite(logits).all() and np.abs(logits).max() < 20
+        assert 0.3 < logits.std(axis=-1).min() and logits.std(axis=-1).max() < 3
 
 
 def test_generate_stops_on_eos_and_frees_a_given_pool():

@@ -67,9 +67,15 @@ def test_gpt2_conv1d_transposed_and_prefix_optional(hf_checkpoints, tmp_path):
 
 
 def test_gpt2_causal_mask_buffers_are_ignored(hf_checkpoints, tmp_path):
+    """An old GPT-2 file's causal-mask buffer (attn.bias) loads as nothing: the weights are the
+    ones a file without it gives, the layer's real biases and weights untouched."""
     path = _copy(hf_checkpoints, "gpt2", tmp_path)
+    plain = load_weights(path, ModelConfig.from_hf(path), np.float32)
     _rewrite(path / "model.safetensors", lambda t: t.update({"transformer.h.0.attn.bias": np.ones((1, 1, 4, 4), np.float32)}))
-    load_weights(path, ModelConfig.from_hf(path), np.float32)
+    w = load_weights(path, ModelConfig.from_hf(path), np.float32)
+    assert w.keys() == plain.keys()
+    for name in ("layers.0.qkv.weight", "layers.0.qkv.bias", "layers.0.o.bias"):
+        np.testing.assert_array_equal(w[name], plain[name])
 
 
 @pytest.mark.parametrize("arch, edit, match", [
