@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 from hypothesis_budget import scaled
 
 from _oracle import assert_same_greedy, ours
@@ -173,8 +173,7 @@ def test_generate_accepts_or_refuses_and_the_engine_survives(engine_under_fuzz, 
 @given(call=fields({"prompt": VALID_PROMPT, "params": VALID_PARAMS, "priority": st.integers(-2, 2)}))
 def test_add_request_accepts_or_refuses_and_the_engine_survives(engine_under_fuzz, call):
     llm = engine_under_fuzz
-    if not {"prompt", "params"} <= call.keys():
-        return
+    assume({"prompt", "params"} <= call.keys())    # both are required arguments: drawn again, not passed
     try:
         req = llm.add_request(**call)
     except REFUSED as e:

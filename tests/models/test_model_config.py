@@ -102,11 +102,11 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-    ({"rope_scaling": {"rope_type": "linear"}}, "factor"),
-    ({"num_key_value_heads": 5}, "num_kv_heads"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"torch_dtype": "int8"}, "dtype"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is unsupported; supported: default"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope type 'linear' needs a 'factor'"),
+    ({"num_key_value_heads": 5}, "num_heads=32 must be a multiple of num_kv_heads=5"),
+    ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is unsupported \(only silu\)"),
+    ({"torch_dtype": "int8"}, r"dtype must be one of .*, got 'int8'"),
     ({"num_hidden_layers": 0}, "'num_hidden_layers' must be >= 1"),
     ({"rope_theta": float("nan")}, "'rope_theta' must be finite"),
     ({"sliding_window": 0, "architectures": ["MistralForCausalLM"]}, "'sliding_window' must be >= 1"),
@@ -131,7 +131,7 @@ def test_missing_gpt2_field_and_missing_file(tmp_path):
     gpt2 = {"architectures": ["GPT2LMHeadModel"], "vocab_size": 300, "n_embd": 64, "n_layer": 2, "n_head": 4}
     with pytest.raises(ValueError, match="missing field 'n_positions'"):
         ModelConfig.from_dict(gpt2)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json at .*nowhere"):
         ModelConfig.from_hf(tmp_path / "nowhere")
 
 

@@ -4,7 +4,8 @@ mid-stream. Every client that stays gets the greedy tokens of an offline LLM.gen
 request; every page is free at the end and both integrity checks pass; /metrics shows the swaps
 and preemptions the engine counted. And a request that arrives while another runs joins the
 running batch; a client that leaves has its request aborted. A failed engine step fails the
-calls it was serving and no other; an engine whose steps keep failing stops taking calls."""
+call it was serving, and the next call is served as if nothing had happened; an engine whose
+steps keep failing stops taking calls."""
 from __future__ import annotations
 
 import asyncio
@@ -160,7 +161,7 @@ def test_greedy_streams_on_a_gpu_equal_the_offline_engine(tmp_path):
     assert report["num_used"] == 0 and report["counters"]["pages_out"] > 0
 
 
-def test_a_failed_step_fails_its_calls_only_and_a_broken_engine_stops():
+def test_a_failed_step_fails_its_call_not_the_next_and_a_broken_engine_stops():
     """The engine loop in this process, on an engine whose step raises when told to."""
     from pagemem.models.server_engine import MAX_FAILED_STEPS, ChoiceSpec, EngineFailure, EngineLoop, Job
 
