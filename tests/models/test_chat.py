@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import gguf
 import pytest
 import torch
 import transformers as tf
@@ -104,12 +105,22 @@ def test_failing_templates_name_their_origin(toks):
         render_chat(ours, CONV, chat_template=3)
 
 
+def _vocab_with_own_eos(w: gguf.GGUFWriter) -> None:
+    """The tiny byte-level vocabulary with a ChatML template, but EOS is <|endoftext|> (0), not the
+    template's end-of-turn <|im_end|> (2), so the two stops stay apart."""
+    _add_tiny_vocab(w)
+    w.kv_data[0]["tokenizer.ggml.eos_token_id"] = gguf.GGUFValue(0, gguf.GGUFValueType.UINT32)
+
+
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    """A random tiny Llama in a GGUF file with a byte-level vocabulary and a ChatML template."""
+    """A random tiny Llama in a GGUF file with a byte-level vocabulary and a ChatML template, whose
+    EOS (<|endoftext|>, 0) differs from the end-of-turn token (<|im_end|>, 2)."""
     path = write_gguf(tmp_path_factory.mktemp("chat") / "tiny.gguf", random_hf("llama"), "F32", "llama",
-                      tokenizer=_add_tiny_vocab)
-    return LLM(path, device="cpu", num_pages=64, page_size=4)
+                      tokenizer=_vocab_with_own_eos)
+    llm = LLM(path, device="cpu", num_pages=64, page_size=4)
+    assert llm.model.eos_token_ids == (0,) and end_of_turn_ids(llm.model.tokenizer, None) == (2,)
+    return llm
 
 
 def test_gguf_template_error_names_the_file_and_field(tiny_llm, tmp_path):
@@ -127,16 +138,20 @@ def test_gguf_template_error_names_the_file_and_field(tiny_llm, tmp_path):
 
 def test_chat_renders_each_conversation_and_adds_stops(tiny_llm):
     """One conversation or several; prompts are the rendered template tokenized without specials
-    added; stops gain the end-of-turn token and EOS; ignore_eos adds none."""
+    added; each conversation's stops are its own, then the end-of-turn token (<|im_end|>, 2), then
+    EOS (<|endoftext|>, 0), without repeats; ignore_eos adds none."""
     seen = {}
     fake = SimpleNamespace(model=tiny_llm.model, generate=lambda p, sp, use_tqdm: seen.update(p=p, sp=sp) or "out")
     convs = [[{"role": "user", "content": "the cat"}], [{"role": "user", "content": "in"}]]
     assert chat(fake, convs[0], SamplingParams(stop_token_ids=(7,))) == "out"
     tok = tiny_llm.model.tokenizer
     assert seen["p"] == [tok.encode(render_chat(tok, convs[0]), add_special_tokens=False)]
-    assert seen["p"][0][0] == 1 and seen["sp"][0].stop_token_ids == (7, 2)     # <|im_start|> ... ; <|im_end|>
-    chat(fake, convs, [SamplingParams(), SamplingParams(ignore_eos=True)])
-    assert len(seen["p"]) == 2 and [p.stop_token_ids for p in seen["sp"]] == [(2,), ()]
+    assert seen["p"][0][0] == 1 and seen["sp"][0].stop_token_ids == (7, 2, 0)     # <|im_start|> ... ; <|im_end|>, EOS
+    chat(fake, convs, [SamplingParams(), SamplingParams(stop_token_ids=(0, 9))])
+    assert seen["p"] == [tok.encode(render_chat(tok, c), add_special_tokens=False) for c in convs]
+    assert [p.stop_token_ids for p in seen["sp"]] == [(2, 0), (0, 9, 2)]
+    chat(fake, convs, [SamplingParams(ignore_eos=True), SamplingParams(ignore_eos=True, stop_token_ids=(9,))])
+    assert [p.stop_token_ids for p in seen["sp"]] == [(), (9,)]
 
 
 def test_chat_through_the_engine_in_order(tiny_llm):

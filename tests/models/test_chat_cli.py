@@ -64,11 +64,16 @@ def test_stdin_turns_keep_the_conversation(tiny_gguf):
 
 
 def test_chat_template_file_serves_a_model_without_one(tmp_path):
+    """--chat-template FILE renders the prompt of a model that has no template: the reply is
+    LLM.chat's greedy reply with that template to the same conversation."""
     template = tmp_path / "chatml.jinja"
     template.write_text(CHATML)
-    replies, _ = _run(["chat", "--model", "random:tiny", "--device", "cpu", "--prompt", "hi", "--max-tokens", "3",
-                       "--chat-template", str(template)])
-    assert len(replies) == 1
+    replies, text = _run(["chat", "--model", "random:tiny", "--device", "cpu", "--prompt", "the cat sat",
+                          "--max-tokens", "8", "--chat-template", str(template)])
+    want = LLM("random:tiny", device="cpu", num_pages=32).chat(      # a prompt whose greedy reply the template sways
+        [{"role": "user", "content": "the cat sat"}], SamplingParams(temperature=0.0, max_tokens=8),
+        chat_template=CHATML)[0]
+    assert len(want.token_ids) == 8 and replies == [want.text] and text == want.text + "\n"
 
 
 @pytest.mark.parametrize("argv, message", [
