@@ -23,17 +23,25 @@ def add_parser(subparsers) -> None:
     cmd = subparsers.add_parser("chat", help="reply to a chat message (or to each line of stdin), streaming tokens")
     cmd.set_defaults(func=run_chat)
     cmd.add_argument("--model", required=True, help="a .gguf file, a checkpoint folder, or random:<preset>")
-    cmd.add_argument("--prompt", default=None, help="the user message; without it, each stdin line is a turn")
-    cmd.add_argument("--system", default=None, help="a system message to start the conversation with")
-    cmd.add_argument("--chat-template", type=Path, default=None, help="a Jinja file used instead of the model's template")
-    cmd.add_argument("--max-tokens", type=_positive(int), default=256)
+    cmd.add_argument("--prompt", default=None,
+                     help="the user message (default: none; each line of stdin is a turn)")
+    cmd.add_argument("--system", default=None, help="a system message to start the conversation with (default: none)")
+    cmd.add_argument("--chat-template", type=Path, default=None,
+                     help="a Jinja file used instead of the model's template (default: the model's)")
+    cmd.add_argument("--max-tokens", type=_positive(int), default=256, help="most tokens a reply")
     cmd.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    cmd.add_argument("--top-p", type=float, default=1.0)
-    cmd.add_argument("--top-k", type=int, default=0)
-    cmd.add_argument("--seed", type=int, default=None)
-    cmd.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
-    cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    cmd.add_argument("--num-pages", type=_positive(int), default=None, help="pool pages (default: from memory)")
+    cmd.add_argument("--top-p", type=float, default=1.0,
+                     help="sample from the likeliest tokens whose probabilities add up to this, in (0, 1]; 1: all")
+    cmd.add_argument("--top-k", type=int, default=0, help="sample from this many likeliest tokens; 0: all")
+    cmd.add_argument("--seed", type=int, default=None,
+                     help="the sampling's seed (default: none; each reply gets one from the engine's seed 0 and "
+                          "the reply's number, the same on every run)")
+    cmd.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                     help="weights and pool (default: float16 on CUDA, float32 on the CPU; bfloat16 on CUDA only)")
+    cmd.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when usable")
+    cmd.add_argument("--num-pages", type=_positive(int), default=None,
+                     help="pool pages, NULL_PAGE included (default: from memory: 0.9 of the free CUDA memory "
+                          "on CUDA, 1 GiB on the CPU)")
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> list[str]:

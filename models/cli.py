@@ -36,11 +36,12 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's help ends with its default, unless the help states it already."""
+    """Each flag's help ends with its default, unless the help states it already or the flag is
+    required (it has none). A default of None is for the help to say in words."""
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
+        return text if "default" in text or action.required else super()._get_help_string(action)
 
 
 def _subparser(**kwargs) -> Parser:

@@ -31,12 +31,10 @@ SYNTHETIC = ("sharegpt", "alpaca")                   # pagemem.traces.DATASETS
 
 def add_parser(subparsers) -> None:
     """Register ``simulate`` and ``calibrate`` on the ``pagemem`` parser's subcommands."""
-    shows = _Defaults
-    cmd = subparsers.add_parser("simulate", help="replay a trace through the scheduler on the CPU, timed by a step model",
-                                formatter_class=shows)
+    cmd = subparsers.add_parser("simulate", help="replay a trace through the scheduler on the CPU, timed by a step model")
     cmd.set_defaults(func=simulate)
     src = cmd.add_argument_group("trace")
-    src.add_argument("--trace", type=Path, default=None, help="JSONL trace (overrides --dataset)")
+    src.add_argument("--trace", type=Path, default=None, help="JSONL trace (overrides --dataset; default: none)")
     src.add_argument("--dataset", choices=RUN_DATASETS + SYNTHETIC, default="random",
                      help="pagemem run's workloads, or lengths like the paper's ShareGPT / Alpaca")
     src.add_argument("--num-prompts", type=_positive(int), default=128, help="requests")
@@ -49,44 +47,41 @@ def add_parser(subparsers) -> None:
     src.add_argument("--prefix-share", type=_ranged(float, 0, 1), default=0.0, help="sharegpt / alpaca: share of requests with a shared prefix")
     src.add_argument("--num-prefix-groups", type=_positive(int), default=4, help="sharegpt / alpaca")
     src.add_argument("--prefix-len", type=_positive(int), default=64, help="sharegpt / alpaca: shared tokens")
-    src.add_argument("--save-trace", type=Path, default=None, help="write the trace replayed as JSONL")
+    src.add_argument("--save-trace", type=Path, default=None, help="write the trace replayed as JSONL (default: none)")
     src.add_argument("--model", default=DEFAULT_MODEL, help="its vocabulary and context limit (weights not loaded)")
     _engine_flags(cmd)
     cmd.add_argument("--step-model", type=Path, default=None, help="JSON from pagemem calibrate (default: an estimate)")
     cmd.add_argument("--reservations", action="store_true", help="also the memory-waste table of reservation allocators")
     cmd.add_argument("--max-model-len", type=_positive(int), default=2048, help="the 'max' reservation")
     cmd.add_argument("--seed", type=SEED, default=0, help="of the trace and its prompts")
-    cmd.add_argument("--json", type=Path, default=None, help="write every summary figure here")
-    cmd.add_argument("--plot", type=Path, default=None, help="PNG of pool occupancy, swap traffic and queues")
+    cmd.add_argument("--json", type=Path, default=None, help="write every summary figure here (default: none)")
+    cmd.add_argument("--plot", type=Path, default=None,
+                     help="image of pool occupancy, swap traffic and queues, e.g. sim.png (default: none; "
+                          "needs matplotlib)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cal = subparsers.add_parser("calibrate", help="measure the step-time model of a model on this device (a GPU)",
-                                formatter_class=shows)
+    cal = subparsers.add_parser("calibrate", help="measure the step-time model of a model on this device (a GPU)")
     cal.set_defaults(func=calibrate)
     cal.add_argument("--model", default="random:llama-3.2-1b", help="checkpoint folder or random:<preset>")
     cal.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                     help="float16 on CUDA, float32 on the CPU when not given")
-    cal.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the engine runs")
+                     help="weights and pool (default: float16 on CUDA, float32 on the CPU; bfloat16 on CUDA only)")
+    cal.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                     help="where the engine runs; auto: CUDA when usable")
     cal.add_argument("--page-size", type=_power_of_two, default=16, help="tokens a page")
-    cal.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32, 64, 128, 256), help="decode grid rows")
-    cal.add_argument("--context-lens", type=_int_list, default=(128, 512, 1024, 2048), help="prompt tokens a sequence")
+    cal.add_argument("--batch-sizes", type=_int_list, default=(1, 8, 32, 64, 128, 256),
+                     help="decode grid rows, comma-separated, increasing (default: 1,8,32,64,128,256)")
+    cal.add_argument("--context-lens", type=_int_list, default=(128, 512, 1024, 2048),
+                     help="decode grid columns: prompt tokens a sequence, comma-separated "
+                          "(default: 128,512,1024,2048)")
     cal.add_argument("--decode-steps", type=_ranged(int, 1, 10_000), default=16,
                      help="decode steps timed at each grid point (1 to 10000)")
-    cal.add_argument("--prefill-tokens", type=_int_list, default=(2048, 8192, 16384), help="tokens of each prefill step")
+    cal.add_argument("--prefill-tokens", type=_int_list, default=(2048, 8192, 16384),
+                     help="tokens of each prefill step timed, comma-separated (default: 2048,8192,16384)")
     cal.add_argument("--prefill-prompt-len", type=_positive(int), default=512, help="prompts the prefill steps are made of")
     cal.add_argument("--swap-pages", type=_positive(int), default=256, help="scattered pages of each timed swap")
     cal.add_argument("--repeats", type=_ranged(int, 1, 1000), default=3,
                      help="of each prefill and swap timing (median; 1 to 1000)")
     cal.add_argument("--seed", type=SEED, default=0, help="of the prompts")
     cal.add_argument("--out", type=Path, required=True, help="where the step model JSON goes")
-
-
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Help with each default shown, except for flags that have none."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -103,9 +98,10 @@ def _engine_flags(cmd) -> None:
     cmd.add_argument("--page-size", type=_power_of_two, default=16, help="tokens a page")
     pool = cmd.add_mutually_exclusive_group()
     pool.add_argument("--num-pages", type=_ranged(int, 2), default=None,
-                      help=f"pool pages, NULL_PAGE included (without it: {DEMO_NUM_PAGES} for the tiny model)")
+                      help=f"pool pages, NULL_PAGE included (default: {DEMO_NUM_PAGES} for the tiny model; "
+                           f"another model needs it or --kv-memory-gib)")
     pool.add_argument("--kv-memory-gib", type=_positive(float), default=None,
-                      help="pool size in GiB at the step model's bytes a token")
+                      help="pool size in GiB at the step model's bytes a token, instead of --num-pages (default: none)")
     cmd.add_argument("--swap-space", type=_ranged(float, 0), default=1.0, help="GiB of host memory for swapped pages")
     cmd.add_argument("--max-num-seqs", type=_positive(int), default=256, help="sequences a step")
     cmd.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048, help="tokens a step")
@@ -113,7 +109,8 @@ def _engine_flags(cmd) -> None:
     cmd.add_argument("--preemption", choices=["swap", "recompute", "auto"], default="swap", help="as pagemem run's")
     cmd.add_argument("--eviction", choices=["lru", "fifo", "priority"], default="lru", help="prefix-cache victims")
     cmd.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                     help="default: on for prefix-repetition or a --prefix-share")
+                     help="share the pages of common prompt prefixes (default: on for --dataset prefix-repetition, "
+                          "or sharegpt / alpaca with --prefix-share > 0, unless --trace; else off)")
     cmd.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                      help="take sampled ids in a step late, as the engine does")
 

@@ -1,17 +1,21 @@
-"""The CLI never answers a user's mistake with a traceback: every flag of run, chat, simulate and
-calibrate with bad values (negative, zero, NaN, infinities, text, empty, huge, folders, missing
-files, unwritable places) exits with 2 and one line on stderr, or runs (exit 0) where the value
-is a valid one; paths and optional dependencies are checked before the run; an internal error
-keeps its traceback. ``pagemem serve`` is tested with the server."""
+"""The CLI never answers a user's mistake with a traceback: every flag of run, chat, simulate,
+calibrate and serve with bad values (negative, zero, NaN, infinities, text, empty, huge, folders,
+missing files, unwritable places) exits with 2 and one line on stderr, or runs (exit 0) where the
+value is a valid one; paths and optional dependencies are checked before the run, and before
+``pagemem serve`` listens (it never listens here: the socket it would bind is refused); an
+internal error keeps its traceback. Every flag's help shows its default. The server's HTTP side is
+tested with the server."""
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
+import uvicorn
 
 from pagemem.models import engine
 from pagemem.models import cli
@@ -21,7 +25,7 @@ from test_chat import CHATML
 HUGE = "1" + "0" * 30
 NUMBERS = ["-1", "0", "nan", "inf", "abc", "", HUGE]
 STRICT = {"-1", "nan", "abc", ""}           # never a valid value of a numeric flag
-COMMANDS = ("run", "chat", "simulate", "calibrate")
+COMMANDS = ("run", "chat", "simulate", "calibrate", "serve")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,30 @@ def _base(command: str, root) -> list[str]:
             "calibrate": ["calibrate", "--device", "cpu", "--model", "random:tiny", "--batch-sizes", "1",
                           "--context-lens", "8", "--decode-steps", "2", "--prefill-tokens", "16",
                           "--prefill-prompt-len", "8", "--swap-pages", "2", "--repeats", "1",
-                          "--out", str(root / "step.json")]}[command]
+                          "--out", str(root / "step.json")],
+            "serve": ["serve", "--port", "0"]}[command]
+
+
+class Listening(Exception):
+    """Where ``pagemem serve`` would bind its socket: every check of its flags has passed."""
+
+
+@pytest.fixture
+def no_listening(monkeypatch):
+    """``pagemem serve`` stops where it would bind a socket or serve, raising Listening: a test
+    cannot leave a server running (nor wait on one)."""
+    def refuse(*args, **kwargs):
+        raise Listening
+    monkeypatch.setattr(socket, "create_server", refuse)
+    monkeypatch.setattr(uvicorn.Server, "run", refuse)
+
+
+def _main(argv: list[str]) -> int:
+    """main(argv), 0 where ``pagemem serve`` got as far as listening (see no_listening)."""
+    try:
+        return main(argv)
+    except Listening:
+        return 0
 
 
 def _flags():
@@ -75,10 +102,10 @@ def _one_line_or_success(rc: int, err: str) -> None:
 
 
 @pytest.mark.parametrize("command, flag, kind", [pytest.param(*f, id=f"{f[0]} {f[1]}") for f in _flags()])
-def test_every_flag_with_bad_values(places, capsys, monkeypatch, command, flag, kind):
+def test_every_flag_with_bad_values(places, capsys, monkeypatch, no_listening, command, flag, kind):
     monkeypatch.delenv("PAGEMEM_DEBUG", raising=False)
     for value in _values(kind, places):
-        rc = main(_base(command, places) + [flag, value])
+        rc = _main(_base(command, places) + [flag, value])
         out, err = capsys.readouterr()
         _one_line_or_success(rc, err)
         if kind in ("number", "choice") and value in STRICT:
@@ -108,6 +135,26 @@ def test_messages_name_the_flags_as_typed(capsys, argv, message):
     assert main(["run", "--no-progress", "--num-prompts", "2", *argv]) == 2
     err = capsys.readouterr().err
     assert re.fullmatch(f"pagemem( run)?: error: .*{message}.*\n", err), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "-1"], "argument --port: must be in \\[0, 65535\\], got -1"),
+    (["--port", "65536"], "argument --port: must be in \\[0, 65535\\], got 65536"),
+    (["--max-waiting", "0"], "argument --max-waiting: must be > 0, got 0"),
+    (["--num-pages", "abc"], "argument --num-pages: expected an int, got 'abc'"),
+    (["--max-model-len", "-1"], "argument --max-model-len: must be > 0, got -1"),
+    (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    (["--chat-template", "/no/such/file"], "--chat-template: no file at /no/such/file"),
+])
+def test_serve_refuses_bad_flags_before_it_loads_or_listens(capsys, monkeypatch, no_engine, no_listening, argv,
+                                                            message):
+    """A bad flag of pagemem serve is one line naming it, before the model loads (no_engine) and
+    long before a socket is bound (no_listening): nothing is left to wait on."""
+    monkeypatch.delenv("PAGEMEM_DEBUG", raising=False)
+    assert main(["serve", "--port", "0", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert re.fullmatch(f"pagemem( serve)?: error: {message}.*\n", err), err
+    assert out == ""
 
 
 def test_cuda_asked_for_where_there_is_none(capsys, monkeypatch):
@@ -171,23 +218,40 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch, capsys):
 
 
 def test_help_shows_every_default_and_no_markup():
+    """Every flag of every subcommand says its default; one of None says in words what happens
+    without the flag, and a required flag, which has none, shows none."""
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(COMMANDS) == set(sub.choices)
     texts = [parser.format_help()]
     texts += [sub.choices[c].format_help() for c in COMMANDS]
-    for command in ("run",):
+    helps = {}
+    for command in COMMANDS:
         p = sub.choices[command]
         for action in p._actions:
-            if action.option_strings and action.dest != "help":
-                shown = p._get_formatter()._expand_help(action) if action.help else ""
-                assert "default" in shown, f"{command} {action.option_strings[0]}: {shown!r}"
+            if action.option_strings and action.dest != "help" and action.help != argparse.SUPPRESS:
+                shown = helps[command, action.option_strings[0]] = \
+                    p._get_formatter()._expand_help(action) if action.help else ""
+                where = f"{command} {action.option_strings[0]}: {shown!r}"
+                if action.required:
+                    assert shown and "default" not in shown, where
+                else:
+                    assert "default" in shown and "default: None" not in shown, where
     assert not any("``" in t for t in texts)
     assert "(default: 16)" in sub.choices["run"].format_help()            # --page-size
+    assert helps["chat", "--max-tokens"].endswith("(default: 256)")
+    assert helps["simulate", "--seed"].endswith("(default: 0)")            # a falsy default shown too
+    assert helps["calibrate", "--batch-sizes"].endswith("(default: 1,8,32,64,128,256)")   # as it is typed
 
 
 @pytest.mark.parametrize("argv", [["run", "--swap-space", "inf"], ["run", "--json", "/"], ["simulate", "--trace", "/"],
-                                  ["calibrate", "--out", "/", "--device", "cpu"], ["run", "--model", "random:nope"]])
+                                  ["calibrate", "--out", "/", "--device", "cpu"], ["run", "--model", "random:nope"],
+                                  ["serve", "--port", "-1"],
+                                  ["serve", "--port", "0", "--chat-template", "/no/such/file"]])
 def test_a_real_process_prints_one_line(argv):
-    proc = subprocess.run([sys.executable, "-m", "pagemem.models.cli", *argv], capture_output=True, text=True, timeout=120)
+    """(A serve that got past its checks would listen until its timeout, killed, and fail, not hang.)"""
+    timeout = 30 if argv[0] == "serve" else 120
+    proc = subprocess.run([sys.executable, "-m", "pagemem.models.cli", *argv], capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stdout == ""
