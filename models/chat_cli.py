@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pagemem.models.chat import chat_prompt
-from pagemem.models.cli import _positive, check_device, named_for_flags
+from pagemem.models.cli import _positive, check_device, named_for_flags, read_chat_template
 
 
 def add_parser(subparsers) -> None:
@@ -50,7 +50,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
     from pagemem.models.sampling import SamplingParams
 
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    template = _read_template(args.chat_template)
+    template = read_chat_template(args.chat_template)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
     check_device(args.device)
@@ -113,11 +113,3 @@ def _lines(stdin: TextIO, out: TextIO):
             return
         if line.strip():
             yield line.rstrip("\n")
-
-
-def _read_template(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise FileNotFoundError(f"--chat-template: no file at {path}")
-    return path.read_text()

@@ -202,6 +202,19 @@ def check_device(device: str) -> str | None:
     return reason
 
 
+def read_chat_template(path: Path | None) -> str | None:
+    """The text of the --chat-template file (None: the model's own template). FileNotFoundError
+    or ValueError naming the flag when there is no such file or it is not UTF-8 text."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"--chat-template: no file at {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--chat-template: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def check_engine_flags(args) -> None:
     """What the parser cannot see in the engine flags, checked before the model loads: CUDA asked
     for and missing, --gpu-memory-utilization off CUDA, --swap-space beyond the machine's memory

@@ -14,7 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pagemem.models.cli import SEED, _positive, _ranged, add_engine_args, build_llm
+from pagemem.models.cli import SEED, _positive, _ranged, add_engine_args, build_llm, read_chat_template
 
 LISTENING = "listening on http://"
 
@@ -49,7 +49,7 @@ def run_serve(args: argparse.Namespace) -> None:
         from pagemem.models.server_protocol import Limits
     except ImportError as e:
         raise ImportError(f"pagemem serve needs the serve extra (pip install 'pagemem[serve]'): {e}") from None
-    template = _read_template(args.chat_template)
+    template = read_chat_template(args.chat_template)
     llm = build_llm(args)
     context = llm.model.config.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > context:
@@ -67,14 +67,6 @@ def run_serve(args: argparse.Namespace) -> None:
                             timeout_graceful_shutdown=5)
     print(f"pagemem serve: {name} {LISTENING}{host}:{port}", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
-
-
-def _read_template(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise FileNotFoundError(f"--chat-template: no file at {path}")
-    return path.read_text()
 
 
 if __name__ == "__main__":

@@ -157,6 +157,20 @@ def test_serve_refuses_bad_flags_before_it_loads_or_listens(capsys, monkeypatch,
     assert out == ""
 
 
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_a_chat_template_that_is_not_utf8_is_named(capsys, monkeypatch, no_engine, no_listening, tmp_path, command):
+    """--chat-template pointing at bytes that are not UTF-8 text: one line naming the flag and the
+    file, before the model loads."""
+    monkeypatch.delenv("PAGEMEM_DEBUG", raising=False)
+    bad = tmp_path / "t.jinja"
+    bad.write_bytes(b"{{ messages }}\xff\xfe")
+    extra = ["--port", "0"] if command == "serve" else ["--model", "random:tiny", "--device", "cpu"]
+    assert main([command, *extra, "--chat-template", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"pagemem( {command})?: error: --chat-template: {re.escape(str(bad))} is not UTF-8 text "
+                        r"\(invalid start byte at byte 14\)\n", err), err
+
+
 def test_cuda_asked_for_where_there_is_none(capsys, monkeypatch):
     monkeypatch.setattr("pagemem.backend.cuda_unavailable_reason", lambda: "no CUDA device is visible")
     assert main(["run", "--device", "cuda"]) == 2
