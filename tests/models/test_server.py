@@ -5,6 +5,7 @@ and every bad-input case: OpenAI's error body, the right status, and a server th
 from __future__ import annotations
 
 import functools
+import itertools
 
 import httpx2
 import numpy as np
@@ -106,7 +107,9 @@ def test_models_and_health(tiny_server, client):
     assert httpx2.get(tiny_server.url + "/health").json() == {"status": "ok"}
 
 
-def test_greedy_stream_equals_plain_and_the_offline_engine(client):
+def test_stream_equals_plain_and_the_offline_engine_greedy_or_seeded(client):
+    """Greedy on three prompts, and sampled with a seed (a text of mostly printable characters, where
+    greedy's is all U+FFFD): plain and streamed calls give the offline engine's token ids and text."""
     prompts = [PROMPT, "abc", "Zebra crossing at noon"]
     ref = offline_tiny().generate(prompts, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
     for prompt, want in zip(prompts, ref):
@@ -114,6 +117,11 @@ def test_greedy_stream_equals_plain_and_the_offline_engine(client):
         streamed = completion(client, prompt, stream=True, temperature=0.0, extra_body={"ignore_eos": True})
         assert plain == streamed
         assert plain[1] == want.token_ids and plain[0] == want.text and plain[2] == "length"
+    want = offline_tiny().generate([PROMPT], SamplingParams(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True))[0]
+    assert sum(ch != "\ufffd" for ch in want.text) >= 12
+    for stream in (False, True):
+        got = completion(client, stream=stream, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+        assert got == (want.text, want.token_ids, "length")
 
 
 def test_n_choices_and_seeds(client):
@@ -157,22 +165,38 @@ def test_stop_token_ids_end_before_the_token(client):
     assert text == ByteTokenizer().decode(ids[:cut])
 
 
+LOGPROB_FIELDS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
 def test_completion_logprobs(client):
-    r = client.completions.create(model="random:tiny", prompt=PROMPT, max_tokens=8, temperature=0.0, logprobs=3,
-                                  extra_body={"ignore_eos": True, "return_token_ids": True,
-                                              "return_tokens_as_token_ids": True})
-    c = r.choices[0]
+    """Sampled with a seed, logprobs=3: the offline engine's tokens, logprobs and top 3 (tokens as
+    "token_id:N", so no two share a key), each logprob <= 0 and at most the best of its top, the top
+    sorted best first; text_offset is where each token's text starts (the lengths of the tokens'
+    decoded texts before it); tokens as text are each token's decoded text. A stream carries the same
+    logprobs object (the pieces of its chunks joined)."""
+    kw = dict(model="random:tiny", prompt=PROMPT, max_tokens=16, temperature=1.0, seed=7, logprobs=3,
+              extra_body={"ignore_eos": True, "return_token_ids": True, "return_tokens_as_token_ids": True})
+    want = offline_tiny().generate([PROMPT], SamplingParams(temperature=1.0, seed=7, max_tokens=16, ignore_eos=True,
+                                                            logprobs=3))[0]
+    c = client.completions.create(**kw).choices[0]
     lp = c.logprobs
-    assert lp.tokens == [f"token_id:{t}" for t in c.token_ids]
-    for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-        assert len(top) == 3 and chosen <= 0.0
-        best = max(top, key=top.get)
-        assert best == tok and top[best] == pytest.approx(chosen)    # greedy picks the most likely
-        assert list(top.values()) == sorted(top.values(), reverse=True)
-    streamed = [ch.choices[0].logprobs for ch in client.completions.create(
-        model="random:tiny", prompt=PROMPT, max_tokens=8, temperature=0.0, logprobs=3, stream=True,
-        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}) if ch.choices[0].logprobs]
-    assert [x.tokens for x in streamed] == [lp.tokens]             # all on the choice's last chunk
+    assert c.token_ids == want.token_ids and len(set(c.token_ids)) > 8
+    assert lp.tokens == [f"token_id:{t}" for t in want.token_ids]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs])
+    assert lp.top_logprobs == [pytest.approx({f"token_id:{i}": v for i, v in t.top}) for t in want.logprobs]
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        values = list(top.values())
+        assert len(top) == 3 and values == sorted(values, reverse=True)
+        assert chosen <= values[0] <= 0.0
+    assert any(chosen < top[0] for chosen, top in zip(lp.token_logprobs, (list(t.values()) for t in lp.top_logprobs)))
+    decoded = [ByteTokenizer().decode([t]) for t in c.token_ids]
+    assert lp.text_offset == list(itertools.accumulate(map(len, decoded[:-1]), initial=0))
+    as_text = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True}}).choices[0].logprobs
+    assert as_text.tokens == decoded and as_text.token_logprobs == lp.token_logprobs
+    assert as_text.text_offset == lp.text_offset
+    parts = [ch.choices[0].logprobs for ch in client.completions.create(stream=True, **kw) if ch.choices[0].logprobs]
+    assert {f: sum((getattr(p, f) for p in parts), []) for f in LOGPROB_FIELDS} == \
+        {f: getattr(lp, f) for f in LOGPROB_FIELDS}
 
 
 def test_chat_through_a_given_template_streamed_or_not_with_n_and_usage(client):
@@ -230,13 +254,23 @@ def test_chat_matches_the_offline_engine_streamed_or_not(smol_client):
 
 
 def test_chat_logprobs_and_n(smol_client):
+    """n=2 with logprobs and top_logprobs=2: two choices, each with an entry per token, whose texts
+    join into the reply; every logprob <= 0, the chosen one at most the best of its top, the top sorted
+    best first, and each entry's bytes the UTF-8 of its token."""
     client, _ = smol_client
     r = client.chat.completions.create(model=client.models.list().data[0].id, messages=CHAT, max_tokens=4,
                                        temperature=0.8, seed=3, n=2, logprobs=True, top_logprobs=2)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert sum(len(c.logprobs.content) for c in r.choices) == r.usage.completion_tokens
     for c in r.choices:
         entries = c.logprobs.content
-        assert len(entries) == r.usage.completion_tokens // 2 and all(len(e.top_logprobs) == 2 for e in entries)
         assert "".join(e.token for e in entries).startswith(c.message.content)
+        for e in entries:
+            top = [t.logprob for t in e.top_logprobs]
+            assert len(top) == 2 and top == sorted(top, reverse=True)
+            assert e.logprob <= top[0] <= 0.0
+            for x in (e, *e.top_logprobs):
+                assert x.bytes == list(x.token.encode("utf-8"))
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -263,9 +297,9 @@ def assert_error(r, status: int, param=None):
 
 
 def test_bad_requests_get_openai_errors_and_touch_no_other_request(tiny_server, client):
-    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    want = offline_tiny().generate([PROMPT], params)[0].token_ids
-    stream = client.completions.create(model="random:tiny", prompt=PROMPT, max_tokens=48, temperature=0.0,
+    """Every bad body gets OpenAI's error while a long seeded stream runs: the stream is still live
+    after them (/debug/pool), and the tokens it made meanwhile are the offline engine's."""
+    stream = client.completions.create(model="random:tiny", prompt=PROMPT, max_tokens=3000, temperature=1.0, seed=7,
                                        stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
     chunks = iter(stream)
     got = next(chunks).choices[0].token_ids                 # running while the bad requests come
@@ -286,10 +320,17 @@ def test_bad_requests_get_openai_errors_and_touch_no_other_request(tiny_server, 
         nulls = http.post("/v1/completions", json={"prompt": "ab", "max_tokens": None, "temperature": None,
                                                    "stop": None, "ignore_eos": True})
         assert nulls.status_code == 200 and nulls.json()["usage"]["completion_tokens"] == 16   # null: the default
-    for chunk in chunks:
-        got += chunk.choices[0].token_ids
-    assert got == want
-    assert completion(client, temperature=0.0, max_tokens=48, extra_body={"ignore_eos": True})[1] == want
+        pool = http.get("/debug/pool").json()
+    assert (pool["num_live_choices"], pool["num_running"], pool["num_waiting"]) == (1, 1, 0)
+    made = pool["num_used"] * 16 - (len(PROMPT) + 1)    # at most this many tokens by now (16-token pages)
+    assert 0 < made < 3000
+    while len(got) < made:                              # read on past every token made during the bad requests
+        got += next(chunks).choices[0].token_ids
+    stream.close()
+    want = offline_tiny().generate([PROMPT], SamplingParams(temperature=1.0, seed=7, max_tokens=len(got),
+                                                            ignore_eos=True))
+    assert got == want[0].token_ids
+    assert completion(client, temperature=1.0, seed=7, max_tokens=48, extra_body={"ignore_eos": True})[1] == got[:48]
 
 
 def test_a_full_waiting_queue_gets_503_with_retry_after(tmp_path):
