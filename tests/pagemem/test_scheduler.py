@@ -40,7 +40,8 @@ def toy_forward(pool: PagePool, step) -> dict:
 
 
 def run(prompts, max_tokens, num_pages, preemption="recompute", prefix=False, host_pages=64,
-        max_batched=16, priorities=None, checks=True):
+        max_batched=16, priorities=None, checks=True, on_step=None):
+    """Run ``prompts`` to completion; ``on_step(sched, step)`` sees each step once it is scheduled."""
     pool = PagePool(PoolConfig(num_pages, PAGE_SIZE, 1, 1, 1, "float32", "cpu"))
     swap = HostSwap(pool, host_pages) if preemption != "recompute" else None
     cache = PrefixCache(pool) if prefix else None
@@ -57,6 +58,8 @@ def run(prompts, max_tokens, num_pages, preemption="recompute", prefix=False, ho
         step = sched.schedule()
         assert step.requests, "nothing scheduled while requests remain: deadlock"
         sched.preempt_log += step.preempted
+        if on_step is not None:
+            on_step(sched, step)
         sched.update(step, toy_forward(pool, step))
         for r in list(sched.running):
             if r.num_output_tokens >= r.max_tokens:
@@ -117,11 +120,16 @@ def test_swap_falls_back_to_recompute_when_host_is_full():
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_prefix_cache_hits_shorten_prefill_and_keep_outputs(mode):
+    """Five prompts sharing 3 full pages need 13 pages in all, the pool has 9: requests are
+    preempted in ``mode`` while they share cached pages; the outputs stay the rule's and, at the
+    end, every page is free or only cached."""
     shared = list(range(1, 13))                      # 3 full pages shared by every prompt
     prompts = [shared + [20 + i, 30 + i] for i in range(5)]
     # A budget of 14 tokens computes the first prompt (14) alone, so later ones find its pages.
-    outs, sched, pool = run(prompts, 6, num_pages=24, preemption=mode, prefix=True, max_batched=14)
+    outs, sched, pool = run(prompts, 6, num_pages=10, preemption=mode, prefix=True, max_batched=14)
     assert outs == expected(prompts, 6)
+    assert sched.num_preemptions[mode] > 0
+    assert pool.stats().num_used == 0, "pages leaked"
     hits = sched.prefix_cache.stats()
     assert hits.num_hit_tokens >= 4 * 12              # every prompt after the first reuses 3 pages
 

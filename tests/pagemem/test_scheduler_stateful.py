@@ -19,7 +19,7 @@ import sys
 from collections import Counter
 
 import numpy as np
-from hypothesis import settings
+from hypothesis import currently_in_test_context, settings, target
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from hypothesis_budget import scaled
@@ -377,6 +377,27 @@ class SharedPrefixSwapMachine(SchedulerMachine):
         """Every prompt starts with SHARED: pages shared by most requests."""
         for stop, tail, max_tokens, priority in requests:
             self._add(SHARED[:stop] + tail, max_tokens, priority)
+
+    def teardown(self):
+        """Drain as every machine does; under hypothesis, steer the search towards runs with many
+        demotions."""
+        super().teardown()
+        if self.sched is not None and sys.exc_info()[0] is None and currently_in_test_context():
+            target(self.sched.num_demotions, label="demotions")
+
+
+def test_shared_prefix_swaps_drain_by_demoting_to_recompute():
+    """The machine above, on a run it found: five prompts starting with SHARED[:4] or SHARED[:8] in
+    12 usable 2-token pages, under each eviction policy. Draining it demotes a swapped request to
+    recompute; every check of the machine holds after every step and the outputs are the rule's."""
+    for eviction in ("lru", "fifo", "priority"):
+        machine = SharedPrefixSwapMachine()
+        machine.setup(page_size=2, spare=-1, budget=3, max_num_seqs=3, eviction=eviction)
+        machine.add([(4, [0], 1, 0), (4, [0, 0, 0, 0, 0], 8, 0), (4, [0], 7, 0)])
+        machine.add([(4, [0], 1, 0), (8, [0], 1, 0)])
+        machine.teardown()
+        assert machine.sched.num_demotions > 0, f"{eviction}: no swapped request was demoted"
+        assert machine.sched.num_preemptions["recompute"] >= machine.sched.num_demotions
 
 
 _SETTINGS = settings(max_examples=scaled(100), stateful_step_count=40, deadline=None)
