@@ -117,8 +117,10 @@ class Reply:
                              "top_logprobs": [self._entry(i, lp) for i, lp in t.top]} for t in lps]}
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
-        text = self._token(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        """A chat logprob entry; ``bytes`` are the token's own (a token that is part of a
+        character decodes to U+FFFD, and its bytes are how a client puts the character together)."""
+        return {"token": self._token(token_id), "logprob": logprob,
+                "bytes": list(self.tokenizer.token_bytes(token_id))}
 
 
 def sse(obj: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ pre-tokenizer that ``tokenizer.ggml.pre`` names (the splits llama.cpp applies fo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -56,6 +57,22 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """char -> byte of the byte-level BPE alphabet (GPT-2's): the printable Latin-1 bytes stand
+    for themselves, the other 68 bytes, in order, for the code points from 256 up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = {chr(b): b for b in keep}
+    others = (b for b in range(256) if chr(b) not in chars)
+    chars.update((chr(256 + i), b) for i, b in enumerate(others))
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_chars()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")     # SentencePiece's byte fallback
+
 
 class HFTokenizer:
     """A ``tokenizers.Tokenizer`` (or the tokenizer.json it is read from). Special tokens (BOS) are
@@ -91,6 +108,20 @@ class HFTokenizer:
     def token_text(self, token_id: int) -> str | None:
         return self._tok.id_to_token(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (b"" for a special token), also when they are only
+        part of a character, which ``decode`` turns into U+FFFD: a byte-level BPE token mapped
+        back through its alphabet, or a SentencePiece byte piece ``<0xNN>``."""
+        text = self.decode([token_id])
+        piece = self._tok.id_to_token(int(token_id))
+        if "\ufffd" not in text or piece is None:
+            return text.encode("utf-8")
+        if (m := _BYTE_PIECE.fullmatch(piece)) is not None:
+            return bytes([int(m.group(1), 16)])
+        if all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        return text.encode("utf-8")
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, then BOS = 256, EOS = 257, PAD = 258.
@@ -121,6 +152,10 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         data = bytes(i % 256 for i in map(int, ids) if not self.BOS <= i < self.NUM_IDS)
         return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The byte one token stands for (b"" for BOS, EOS and PAD)."""
+        return b"" if self.BOS <= token_id < self.NUM_IDS else bytes([token_id % 256])
 
 
 # ---- a checkpoint folder ------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def test_chat_matches_the_offline_engine_streamed_or_not(smol_client):
 def test_chat_logprobs_and_n(smol_client):
     """n=2 with logprobs and top_logprobs=2: two choices, each with an entry per token, whose texts
     join into the reply; every logprob <= 0, the chosen one at most the best of its top, the top sorted
-    best first, and each entry's bytes the UTF-8 of its token."""
+    best first, and each entry's bytes the UTF-8 of its token (whole characters here)."""
     client, _ = smol_client
     r = client.chat.completions.create(model=client.models.list().data[0].id, messages=CHAT, max_tokens=4,
                                        temperature=0.8, seed=3, n=2, logprobs=True, top_logprobs=2)
@@ -270,7 +270,23 @@ def test_chat_logprobs_and_n(smol_client):
             assert len(top) == 2 and top == sorted(top, reverse=True)
             assert e.logprob <= top[0] <= 0.0
             for x in (e, *e.top_logprobs):
-                assert x.bytes == list(x.token.encode("utf-8"))
+                assert "\ufffd" not in x.token and x.bytes == list(x.token.encode("utf-8"))
+
+
+def test_chat_logprob_bytes_are_the_tokens_own(client):
+    """random:tiny's greedy tokens are single bytes of multi-byte characters (each decodes to
+    U+FFFD): every chat logprob entry, chosen or top, carries its token's own byte, so a client
+    can put the characters together; the ids are the offline engine's."""
+    messages = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="random:tiny", messages=messages, max_tokens=8, temperature=0.0,
+                                       logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    want = offline_tiny().chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3),
+                               chat_template=TEMPLATE)[0]
+    entries = r.choices[0].logprobs.content
+    own = lambda t: [t] if t < 256 else []                  # noqa: E731 -- ids 256.. are BOS, EOS, PAD
+    assert [e.bytes for e in entries] == [own(t) for t in want.token_ids]
+    assert [[x.bytes for x in e.top_logprobs] for e in entries] == [[own(i) for i, _ in lp.top] for lp in want.logprobs]
+    assert any(e.token == "\ufffd" and e.bytes != list("\ufffd".encode("utf-8")) for e in entries)
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -24,6 +24,37 @@ def test_byte_tokenizer_round_trip():
     assert ByteTokenizer(1000).decode([256 + 104, 105]) == "hi"   # large random vocab: id % 256
 
 
+TEXT = "héllo 世界 🙂"
+
+
+def test_byte_tokenizer_token_bytes():
+    tok = ByteTokenizer(1000)
+    assert b"".join(tok.token_bytes(i) for i in tok.encode(TEXT)) == TEXT.encode("utf-8")   # BOS: b""
+    assert (tok.token_bytes(256 + 0xE4), tok.token_bytes(ByteTokenizer.EOS)) == (b"\xe4", b"")
+
+
+def test_token_bytes_of_partial_characters():
+    """Tokens that are only part of a character decode to U+FFFD alone; their bytes are their
+    own, so joined they give the text's UTF-8: a byte-level BPE (a merged token of two of a
+    character's three bytes among single bytes) and a SentencePiece vocabulary's byte fallback."""
+    from tokenizers import decoders
+    spell = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    shi = "".join(p for p, _ in spell.pre_tokenize_str("世"))
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab[shi[:2]] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab, [(shi[0], shi[1])]))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    sp_vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "\u2581": 257}
+    sp = Tokenizer(models.BPE(sp_vocab, [], unk_token="<unk>", byte_fallback=True))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")   # no leading space to compare
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    for raw, merged in ((bpe, vocab[shi[:2]]), (sp, None)):
+        tok = HFTokenizer(raw)
+        ids = tok.encode(TEXT, add_special_tokens=False)
+        assert sum(tok.decode([i]) == "\ufffd" for i in ids) >= 6 and (merged is None or merged in ids)
+        assert b"".join(tok.token_bytes(i) for i in ids) == TEXT.encode("utf-8")
+
+
 def test_hf_tokenizer_json(tmp_path):
     vocab = {"[UNK]": 0, "hello": 1, "world": 2}
     ref = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
