@@ -109,6 +109,9 @@ class _Pending:
     call: Any = None               # the PinnedCopier call, released (events, pinned ids) once done
 
 
+_MEMCPY_KIND = {"out": D2H, "in": H2D}   # a pending copy's direction -> its cudaMemcpyKind
+
+
 def _joined(arrays: list[np.ndarray]) -> np.ndarray:
     """One [n] int64 array of the tickets' slot arrays, in order (the array itself when one)."""
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
@@ -237,7 +240,7 @@ class HostSwap:
             plan = self._plan(page_ids, slots)       # made before anything changes
             self.flush(stream)                       # deferred copies first: copies keep their order
             pend = _Pending(None, None, "out", n * self.page_bytes, page_ids=page_ids, priority=priority)
-            self._copy(plan, stream, (), pend)  # queued first: the bookkeeping below overlaps it
+            self._copy(plan, stream, (), pend)       # queued first: the bookkeeping below overlaps it
         self._host_free[slots] = False
         slots.flags.writeable = False
         ticket = SwapTicket(slots.tolist(), n * self.page_bytes, owner=self, slot_array=slots)
@@ -377,7 +380,7 @@ class HostSwap:
                 import cupy as cp
                 seconds = cp.cuda.get_elapsed_time(p.start, p.event) * 1e-3
             if p.call is not None:        # its events and pinned ids serve later calls
-                self._copiers[D2H if p.direction == "out" else H2D].release(p.call)
+                self._copiers[_MEMCPY_KIND[p.direction]].release(p.call)
                 p.call = None
             self.last_copy_s[p.direction] = seconds
             self.copy_s[p.direction] += seconds
@@ -432,7 +435,7 @@ class HostSwap:
         setting pend's timing events and its call (what the copies need until they end);
         ``stream`` waits on a swap-in, or on a swap-out of pages already given back
         (``pend.released``); nothing blocks the host."""
-        direction = D2H if pend.direction == "out" else H2D
+        direction = _MEMCPY_KIND[pend.direction]
         self.num_calls[pend.direction] += 1
         if not self.cuda:
             t0 = time.perf_counter()

@@ -69,27 +69,35 @@ _SPIN = r"""extern "C" __global__ void pagemem_test_spin(volatile const int* fla
 }"""
 
 
-class StreamHold:
-    """Holds a CUDA ``stream`` with a one-thread kernel spinning on a flag in pinned host memory
-    until ``release()``. A watchdog releases it after ``timeout`` seconds, so a call that waits
-    on the stream from the host returns late instead of hanging, and ``held`` is then False."""
-
-    def __init__(self, cp, stream, timeout: float = 30.0) -> None:
-        import threading
-        self._mem = cp.cuda.alloc_pinned_memory(4)
-        self._flag = np.frombuffer(self._mem, np.int32, 1)
-        self._flag[0] = 0
-        spin = cp.RawKernel(_SPIN, "pagemem_test_spin")
-        self._watchdog = threading.Timer(timeout, self._flag.__setitem__, (0, 1))
-        self._watchdog.start()
+def run_while_held(cp, stream, launch, out, timeout: float = 30.0):
+    """(held, seen): call ``launch()``, which is to queue its work on ``stream``, while a
+    one-thread kernel spinning on a flag in pinned host memory holds that stream. ``held``: the
+    host came back with the stream's event not done and without the watchdog having to release
+    the stream after ``timeout`` s (a call that waits on the stream from the host would need it).
+    ``seen``: ``out`` as a copy made on a third stream saw it, after the legacy default stream
+    drained (a launch there would have written it). The stream is released and drained after."""
+    import threading
+    other = cp.cuda.Stream(non_blocking=True)
+    mem = cp.cuda.alloc_pinned_memory(4)
+    flag = np.frombuffer(mem, np.int32, 1)
+    flag[0] = 0
+    spin = cp.RawKernel(_SPIN, "pagemem_test_spin")
+    watchdog = threading.Timer(timeout, flag.__setitem__, (0, 1))
+    watchdog.start()
+    try:
         with stream:                                # RawKernel launches on the current stream
-            spin((1,), (1,), (np.uint64(self._mem.ptr),))
-
-    @property
-    def held(self) -> bool:
-        """Whether the stream is still held (the watchdog has not had to release it)."""
-        return self._flag[0] == 0
-
-    def release(self) -> None:
-        self._flag[0] = 1
-        self._watchdog.cancel()
+            spin((1,), (1,), (np.uint64(mem.ptr),))
+        launch()
+        done = cp.cuda.Event()
+        done.record(stream)
+        cp.cuda.Stream.null.synchronize()
+        with other:
+            probe = out.copy()
+        seen = probe.get(stream=other)
+        other.synchronize()                         # get(stream=...) only queues the copy
+        held = flag[0] == 0 and not done.done
+    finally:
+        flag[0] = 1
+        watchdog.cancel()
+    stream.synchronize()
+    return held, seen

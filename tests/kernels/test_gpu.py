@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernel_cases import ATOL, DTYPES, StreamHold, assert_close, make_paged, queries, query_start_loc
+from kernel_cases import ATOL, DTYPES, assert_close, make_paged, queries, query_start_loc, run_while_held
 
 from pagemem import kernels
 from pagemem.kernels.reference import ref_paged_decode, ref_paged_prefill, ref_store_kv
@@ -279,26 +279,13 @@ def test_decode_runs_on_the_given_stream(rng):
     import cupy as cp
     p = make_paged(rng, LENS, num_kv_heads=2, head_dim=128, page_size=16)
     q = queries(rng, len(LENS), 8, 128, np.float16)
-    stream, other = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         args = _to_gpu(q, p.k, p.v, p.page_tables, p.context_lens)
         out = cp.full(q.shape, cp.nan, cp.float16)
     kernels.paged_decode(*args, out=out.copy(), stream=stream)        # compile outside the test
     stream.synchronize()
-    hold = StreamHold(cp, stream)
-    try:
-        kernels.paged_decode(*args, out=out, stream=stream)
-        done = cp.cuda.Event()
-        done.record(stream)
-        cp.cuda.Stream.null.synchronize()           # a launch on the default stream would be done now
-        with other:
-            probe = out.copy()
-        seen = probe.get(stream=other)
-        other.synchronize()                         # get(stream=...) only queues the copy
-        held = hold.held and not done.done
-    finally:
-        hold.release()
-    stream.synchronize()
+    held, seen = run_while_held(cp, stream, lambda: kernels.paged_decode(*args, out=out, stream=stream), out)
     assert held, "the host was blocked until the stream drained, or the decode ran on another stream"
     assert np.isnan(seen).all(), "out was written while the given stream was held"
     assert_close(out.get(), ref_paged_decode(q, p.k, p.v, p.page_tables, p.context_lens), np.float16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kernel_cases import StreamHold
+from kernel_cases import run_while_held
 from sampling_stats import assert_matches
 
 from pagemem import kernels
@@ -102,23 +102,11 @@ def test_runs_on_the_given_stream(rng):
     logits = cp.asarray(_logits(rng, 64, "float32"))
     params = cp.asarray(pack_params([1.0] * 64, [50] * 64, [0.9] * 64, [0.0] * 64, range(64), range(64)))
     want = kernels.sample(logits, params).get()             # also compiles outside the hold
-    stream, other = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         out = cp.full(64, -1, cp.int32)
     stream.synchronize()
-    hold = StreamHold(cp, stream)
-    try:
-        kernels.sample(logits, params, out=out, stream=stream)
-        done = cp.cuda.Event()
-        done.record(stream)
-        with other:
-            probe = out.copy()
-        seen = probe.get(stream=other)
-        other.synchronize()                                 # get(stream=...) only queues the copy
-        held = hold.held and not done.done
-    finally:
-        hold.release()
-    stream.synchronize()
+    held, seen = run_while_held(cp, stream, lambda: kernels.sample(logits, params, out=out, stream=stream), out)
     assert held, "the host was blocked until the stream drained, or the sampler ran on another stream"
     assert (seen == -1).all(), "out was written while the given stream was held"
     assert (out.get() == want).all()
